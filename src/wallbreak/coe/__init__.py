@@ -1,0 +1,1 @@
+"""Composition of Experts serving: bundle -> router -> tiers -> engine -> server."""

@@ -1,0 +1,180 @@
+"""Device tier: model slots allocated once, each a flat buffer that its module's parameters view.
+
+A slot is built for one byte layout (architecture config + tensor table). Every parameter of its
+module skeleton is a view into the slot's flat buffer at the offset the bundle's blob uses, so the
+blob's bytes and the slot's bytes line up one to one: switching an expert in is one large copy
+from the host arena, and no module is ever constructed after start-up.
+
+When the device *is* host memory (CPU), copying buys nothing: an "alias" slot has no buffer of its
+own and its parameters view the expert's extent in the host arena directly, so a switch re-points
+a few hundred views instead of moving bytes. The host extent stays pinned while a slot aliases it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
+from wallbreak.errors import BundleError, CapacityError
+from wallbreak.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random init of weights we are about to overwrite (a 10x faster skeleton build)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x kept it here
+        try:
+            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            yield
+            return
+    with no_init_weights():
+        yield
+
+
+def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
+    """The transformers module for an expert's architecture, on `device`, weights uninitialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(entry.config)
+    cfg.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(entry.model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise BundleError(
+            f"expert {entry.name!r}: architecture {entry.model_type!r} is unknown to this transformers: {e}"
+        ) from None
+    dtype = torch.float32 if entry.dtype not in ("float16", "bfloat16") else getattr(torch, entry.dtype)
+    with _no_init(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def bind_to_flat(model: nn.Module, flat: torch.Tensor, entry: ExpertEntry) -> None:
+    """Point every parameter (and stored buffer) of `model` at its bytes inside `flat`."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    bound: set[str] = set()
+    for name, view in iter_blob_tensors(flat, entry):
+        target = params.get(name)
+        if target is None and name in buffers:
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            if tuple(mod._buffers[attr].shape) != tuple(view.shape):  # type: ignore[union-attr]
+                raise BundleError(f"expert {entry.name!r}: buffer {name!r} has shape {list(view.shape)}")
+            mod._buffers[attr] = view
+            bound.add(name)
+            continue
+        if target is None:
+            continue  # e.g. a tied weight stored under its other name, or a buffer this version drops
+        if tuple(target.shape) != tuple(view.shape):
+            raise BundleError(
+                f"expert {entry.name!r}: tensor {name!r} has shape {list(view.shape)}, "
+                f"the {entry.model_type} skeleton wants {list(target.shape)}"
+            )
+        target.data = view
+        bound.add(name)
+    missing = sorted(set(params) - bound)
+    if missing:
+        raise BundleError(
+            f"expert {entry.name!r}: the bundle has no weights for {len(missing)} parameter(s) of its "
+            f"architecture, e.g. {missing[:3]}"
+        )
+
+
+@dataclass(eq=False)
+class Slot:
+    index: int
+    layout: str
+    flat: torch.Tensor | None  # None: an alias slot, viewing the host arena
+    model: nn.Module
+    expert: str | None = None
+    loading: bool = False
+    refs: int = 0
+    pending: int = 0  # acquirers waiting for this slot's load; they hold it like a reference
+    meta: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def busy(self) -> bool:
+        return self.loading or self.refs > 0 or self.pending > 0
+
+
+def plan_slots(bundle: Bundle, budget: int, max_slots: int | None = None) -> list[tuple[str, ExpertEntry]]:
+    """How many slots of each layout fit the budget: one per layout first, then by demand."""
+    layouts: dict[str, list[ExpertEntry]] = {}
+    for e in bundle.experts.values():
+        layouts.setdefault(e.layout_key, []).append(e)
+    if not layouts:
+        raise BundleError(f"bundle {bundle.root} has no experts")
+    first = sorted(layouts.items(), key=lambda kv: -kv[1][0].total_bytes)
+    need = sum(es[0].total_bytes for _, es in first)
+    if need > budget:
+        sizes = ", ".join(f"{es[0].name}: {format_bytes(es[0].total_bytes)}" for _, es in first)
+        raise CapacityError(
+            f"device budget {format_bytes(budget)} cannot hold one slot per architecture "
+            f"(needs {format_bytes(need)}: {sizes}); raise --device-budget"
+        )
+    chosen = [(k, es[0]) for k, es in first]
+    counts = {k: 1 for k in layouts}
+    used = need
+    limit = max_slots if max_slots is not None else sum(len(es) for es in layouts.values())
+    while len(chosen) < limit:
+        # Give the next slot to the layout with the most experts per slot that still fits.
+        fits = [k for k, es in layouts.items() if counts[k] < len(es) and used + es[0].total_bytes <= budget]
+        if not fits:
+            break
+        k = max(fits, key=lambda k: (len(layouts[k]) / counts[k], -layouts[k][0].total_bytes))
+        counts[k] += 1
+        used += layouts[k][0].total_bytes
+        chosen.append((k, layouts[k][0]))
+    return chosen
+
+
+class DevicePool:
+    """The fixed set of slots on one device."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        budget: int,
+        device: torch.device,
+        max_slots: int | None = None,
+        alias: bool = False,
+    ) -> None:
+        self.device = device
+        self.budget = budget
+        self.alias = alias
+        self.slots: list[Slot] = []
+        for i, (layout, entry) in enumerate(plan_slots(bundle, budget, max_slots)):
+            # Alias slots keep the skeleton's own (never touched, so never resident) storage until
+            # the first switch re-points the parameters.
+            model = build_skeleton(entry, device)
+            flat = None
+            if not alias:
+                flat = torch.zeros(entry.total_bytes, dtype=torch.uint8, device=device)  # zeros: pre-touched
+                bind_to_flat(model, flat, entry)
+            self.slots.append(Slot(index=i, layout=layout, flat=flat, model=model))
+        self.bytes = sum(0 if s.flat is None else s.flat.numel() for s in self.slots)
+        log.info(
+            "device pool: %d %sslot(s), %s on %s",
+            len(self.slots),
+            "alias " if alias else "",
+            format_bytes(self.bytes),
+            device,
+        )
+
+    def slots_for(self, layout: str) -> list[Slot]:
+        return [s for s in self.slots if s.layout == layout]

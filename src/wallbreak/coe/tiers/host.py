@@ -1,0 +1,96 @@
+"""Host tier: one arena of host memory, allocated once at its exact budget and pre-touched.
+
+Allocating per expert would pay page faults on every load and, on CUDA, `pin_memory()` rounds
+each allocation up to a power of two. One anonymous mapping of exactly the budget, registered with
+CUDA as pinned when a GPU is present, avoids both; experts get 4 KiB-aligned extents of it through
+a first-fit allocator, so disk reads can land in it with O_DIRECT.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wallbreak.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    nbytes: int
+
+
+class HostArena:
+    def __init__(self, budget: int, pin: bool = False, pretouch: bool = True) -> None:
+        if budget < PAGE:
+            raise ConfigError(f"host budget must be at least {PAGE} bytes, got {budget}")
+        self.budget = budget // PAGE * PAGE
+        self._mm = mmap.mmap(-1, self.budget, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.buffer = torch.frombuffer(self._mm, dtype=torch.uint8)
+        if pretouch:
+            # Fault every page in now, so a load later is a pure copy.
+            np.frombuffer(self._mm, dtype=np.uint8)[::PAGE] = 0
+        self.pinned = False
+        if pin:
+            self.pinned = _register_pinned(self.buffer)
+        self._free: list[tuple[int, int]] = [(0, self.budget)]  # sorted (offset, nbytes)
+        self.used = 0
+
+    def view(self, ext: Extent) -> torch.Tensor:
+        return self.buffer[ext.offset : ext.offset + ext.nbytes]
+
+    def memoryview(self, ext: Extent) -> memoryview:
+        return memoryview(self._mm)[ext.offset : ext.offset + ext.nbytes]
+
+    def largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def alloc(self, nbytes: int) -> Extent | None:
+        """First fit; None when no free run is large enough (the caller evicts and retries)."""
+        need = (nbytes + PAGE - 1) // PAGE * PAGE
+        for i, (off, n) in enumerate(self._free):
+            if n >= need:
+                if n == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + need, n - need)
+                self.used += need
+                return Extent(off, need)
+        return None
+
+    def free(self, ext: Extent) -> None:
+        i = bisect.bisect_left(self._free, (ext.offset, 0))
+        self._free.insert(i, (ext.offset, ext.nbytes))
+        self.used -= ext.nbytes
+        # Merge with neighbours so large experts still find a run after churn.
+        if i + 1 < len(self._free) and self._free[i][0] + self._free[i][1] == self._free[i + 1][0]:
+            self._free[i] = (self._free[i][0], self._free[i][1] + self._free[i + 1][1])
+            del self._free[i + 1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == self._free[i][0]:
+            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
+            del self._free[i]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
+
+
+def _register_pinned(buf: torch.Tensor) -> bool:
+    if not torch.cuda.is_available():
+        log.info("no CUDA device: host arena stays pageable")
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    code = int(err.value if hasattr(err, "value") else err)
+    if code != 0:
+        log.warning("cudaHostRegister failed (error %s); host->device copies will be pageable", code)
+        return False
+    return True

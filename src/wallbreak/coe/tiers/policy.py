@@ -1,0 +1,97 @@
+"""Eviction policies, one instance per tier. The manager asks only for a victim among candidates
+that nobody is using; a policy never sees (and so can never evict) an expert in use."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import ClassVar
+
+from wallbreak.errors import ConfigError
+
+
+class EvictionPolicy:
+    name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self._clock = itertools.count()
+        self.last: dict[str, int] = {}
+
+    def on_access(self, expert: str) -> None:
+        self.last[expert] = next(self._clock)
+
+    def on_insert(self, expert: str, load_s: float, nbytes: int) -> None:
+        self.on_access(expert)
+
+    def on_evict(self, expert: str) -> None:
+        self.last.pop(expert, None)
+
+    def victim(self, candidates: Sequence[str], upcoming: Sequence[str] = ()) -> str:
+        raise NotImplementedError
+
+
+class LRU(EvictionPolicy):
+    """The baseline: evict the least recently used (Samba-CoE keeps HBM as an LRU of experts)."""
+
+    name = "lru"
+
+    def victim(self, candidates: Sequence[str], upcoming: Sequence[str] = ()) -> str:
+        return min(candidates, key=lambda e: self.last.get(e, -1))
+
+
+class CostAware(EvictionPolicy):
+    """GreedyDual-Size-Frequency plus lookahead over requests already known to be coming.
+
+    Known future uses come first (Belady: keep what is needed soonest, evict what is not needed at
+    all). Among the rest, priority = clock + frequency x load cost / size, so popular experts and
+    those that are slow to bring back stay, and the clock ages out experts that were popular once.
+    """
+
+    name = "cost"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freq: dict[str, int] = {}
+        self.cost: dict[str, float] = {}
+        self.size: dict[str, int] = {}
+        self.prio: dict[str, float] = {}
+        self.age = 0.0
+
+    def _reprioritise(self, expert: str) -> None:
+        per_byte = self.cost.get(expert, 1.0) / max(self.size.get(expert, 1), 1)
+        self.prio[expert] = self.age + self.freq.get(expert, 0) * per_byte * 1e9
+
+    def on_access(self, expert: str) -> None:
+        super().on_access(expert)
+        self.freq[expert] = self.freq.get(expert, 0) + 1
+        self._reprioritise(expert)
+
+    def on_insert(self, expert: str, load_s: float, nbytes: int) -> None:
+        self.cost[expert] = max(load_s, 1e-6)
+        self.size[expert] = nbytes
+        self.on_access(expert)
+
+    def on_evict(self, expert: str) -> None:
+        self.age = max(self.age, self.prio.pop(expert, self.age))
+        self.last.pop(expert, None)
+
+    def victim(self, candidates: Sequence[str], upcoming: Sequence[str] = ()) -> str:
+        if upcoming:
+            first_use: dict[str, int] = {}
+            for i, e in enumerate(upcoming):
+                first_use.setdefault(e, i)
+            unneeded = [c for c in candidates if c not in first_use]
+            if not unneeded:
+                return max(candidates, key=lambda c: first_use[c])
+            candidates = unneeded
+        return min(candidates, key=lambda e: (self.prio.get(e, self.age), self.last.get(e, -1)))
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "cost": CostAware}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ConfigError(f"unknown eviction policy {name!r}; choose one of: {', '.join(POLICIES)}") from None

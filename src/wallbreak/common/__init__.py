@@ -1,0 +1,1 @@
+"""What both halves of wallbreak really share."""

@@ -1,0 +1,19 @@
+"""User-facing errors. The CLI prints these as one line and exits non-zero; anything else is a bug."""
+
+from __future__ import annotations
+
+
+class WallbreakError(Exception):
+    """A problem with the user's input, files or environment, stated so they can fix it."""
+
+
+class ConfigError(WallbreakError):
+    """A bad option, size, name or configuration value."""
+
+
+class BundleError(WallbreakError):
+    """A bundle that is missing, malformed, truncated or corrupt."""
+
+
+class CapacityError(WallbreakError):
+    """A request that cannot be met within the configured memory budgets."""

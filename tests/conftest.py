@@ -1,0 +1,27 @@
+"""Fixtures: tiny models and bundles built by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import make_tiny_llama_folder
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def synth_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four identical-shape synthetic experts of ~0.3M parameters."""
+    from wallbreak.coe.importers import synth_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "synth4"
+    synth_bundle(out, experts=4, params=300_000, seed=7)
+    return out
