@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--bundle", required=True, type=Path)
     sw.add_argument("--experts", type=_names, default=None, help="comma-separated (default: first two)")
     sw.add_argument("--cache", default="both", help="warm, cold or both (default)")
-    sw.add_argument("--repeats", type=int, default=3)
+    sw.add_argument("--repeats", type=int, default=5)
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--json", action="store_true")
     return p

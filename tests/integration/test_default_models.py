@@ -23,10 +23,15 @@ def test_smollm2_through_the_tiers_matches_transformers(tmp_path: Path) -> None:
     bundle.verify()
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path(smol.name)))
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     size = bundle.expert(smol.name).total_bytes
-    with TierManager(bundle, TierConfig(host_budget=size, device_budget=size)) as mgr, mgr.acquire(smol.name) as lease:
+    with (
+        TierManager(bundle, TierConfig(host_budget=size, device_budget=size)) as mgr,
+        mgr.acquire(smol.name) as lease,
+    ):
         with torch.no_grad():
             assert torch.equal(lease.model(ids).logits, ref(ids).logits)
         out = lease.model.generate(ids, max_new_tokens=12, do_sample=False)

@@ -293,3 +293,14 @@ def test_host_arena_allocates_merges_and_never_overcommits() -> None:
     arena.free(c)
     arena.free(big)
     assert arena.used == 0 and arena.largest_free() == 10 * 4096
+
+
+def test_manager_serves_only_its_experts(synth_bundle_dir: Path) -> None:
+    bundle = Bundle.open(synth_bundle_dir)
+    a, b = bundle.names[:2]
+    s = _size(bundle)
+    with TierManager(bundle, TierConfig(host_budget=s, device_budget=s), [a]) as mgr:
+        with mgr.acquire(a):
+            pass
+        with pytest.raises(ConfigError, match="not served"):
+            mgr.acquire(b)

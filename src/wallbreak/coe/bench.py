@@ -40,7 +40,7 @@ class BenchSwitchArgs:
     bundle: Path
     experts: list[str] | None = None
     cache: str = "both"
-    repeats: int = 3
+    repeats: int = 5
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -245,10 +245,10 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
     results = []
     # On CPU the default device tier aliases the host arena; a copying manager runs beside it so
     # the report also shows what one flat copy per switch costs.
-    copy_mgr = TierManager(bundle, replace(config, alias_slots=False)) if config.alias else None
+    copy_mgr = TierManager(bundle, replace(config, alias_slots=False), names) if config.alias else None
     with (
         tempfile.TemporaryDirectory(prefix=".bench-", dir=bundle.root) as tmp,
-        TierManager(bundle, config) as mgr,
+        TierManager(bundle, config, names) as mgr,
     ):
         steps = len(entries) * len(conditions) * args.repeats * (4 + (copy_mgr is not None))
         bar = tqdm(total=steps, desc="bench switch", unit="run", leave=False)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
+from wallbreak.coe.bundle import ExpertEntry, iter_blob_tensors
 from wallbreak.errors import BundleError, CapacityError
 from wallbreak.units import format_bytes
 
@@ -112,13 +112,15 @@ class Slot:
         return self.loading or self.refs > 0 or self.pending > 0
 
 
-def plan_slots(bundle: Bundle, budget: int, max_slots: int | None = None) -> list[tuple[str, ExpertEntry]]:
+def plan_slots(
+    experts: Sequence[ExpertEntry], budget: int, max_slots: int | None = None
+) -> list[tuple[str, ExpertEntry]]:
     """How many slots of each layout fit the budget: one per layout first, then by demand."""
     layouts: dict[str, list[ExpertEntry]] = {}
-    for e in bundle.experts.values():
+    for e in experts:
         layouts.setdefault(e.layout_key, []).append(e)
     if not layouts:
-        raise BundleError(f"bundle {bundle.root} has no experts")
+        raise BundleError("there are no experts to plan device slots for")
     first = sorted(layouts.items(), key=lambda kv: -kv[1][0].total_bytes)
     need = sum(es[0].total_bytes for _, es in first)
     if need > budget:
@@ -148,7 +150,7 @@ class DevicePool:
 
     def __init__(
         self,
-        bundle: Bundle,
+        experts: Sequence[ExpertEntry],
         budget: int,
         device: torch.device,
         max_slots: int | None = None,
@@ -158,7 +160,7 @@ class DevicePool:
         self.budget = budget
         self.alias = alias
         self.slots: list[Slot] = []
-        for i, (layout, entry) in enumerate(plan_slots(bundle, budget, max_slots)):
+        for i, (layout, entry) in enumerate(plan_slots(experts, budget, max_slots)):
             # Alias slots keep the skeleton's own (never touched, so never resident) storage until
             # the first switch re-points the parameters.
             model = build_skeleton(entry, device)

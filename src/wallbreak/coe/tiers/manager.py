@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -149,11 +150,15 @@ class Lease:
 
 
 class TierManager:
-    def __init__(self, bundle: Bundle, config: TierConfig) -> None:
+    def __init__(self, bundle: Bundle, config: TierConfig, experts: Sequence[str] | None = None) -> None:
+        """Serve `experts` (default: every expert in the bundle) within the configured budgets."""
         self.bundle = bundle
         self.config = config
         self.device = torch.device(config.device)
-        biggest = max(bundle.experts.values(), key=lambda e: e.total_bytes)
+        self.entries = [bundle.expert(n) for n in (experts if experts is not None else bundle.names)]
+        if not self.entries:
+            raise ConfigError("a tier manager needs at least one expert to serve")
+        biggest = max(self.entries, key=lambda e: e.total_bytes)
         if biggest.total_bytes > config.host_budget:
             raise CapacityError(
                 f"host budget {format_bytes(config.host_budget)} is smaller than expert {biggest.name!r} "
@@ -163,7 +168,7 @@ class TierManager:
         self.alias = config.alias
         # An alias slot holds its expert's host extent, so the host budget also bounds the slots.
         budget = min(config.device_budget, self.arena.budget) if self.alias else config.device_budget
-        self.pool = DevicePool(bundle, budget, self.device, config.max_slots, alias=self.alias)
+        self.pool = DevicePool(self.entries, budget, self.device, config.max_slots, alias=self.alias)
         self.reader = DiskReader(config.reader_threads, config.chunk_bytes, config.direct)
         self.host_policy = make_policy(config.policy)
         self.device_policy = make_policy(config.policy)
@@ -179,7 +184,7 @@ class TierManager:
 
     def acquire(self, expert: str, timeout: float | None = None) -> Lease:
         """Block until `expert` is ready on the device and return a lease on it."""
-        entry = self.bundle.expert(expert)
+        entry = self._entry(expert)
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.wait_timeout_s)
         slot = self._get_slot(entry, deadline, prefetch=False)
         return Lease(self, expert, slot)
@@ -189,7 +194,7 @@ class TierManager:
 
         The future says whether the expert ended up there (False when every candidate was busy).
         """
-        entry = self.bundle.expert(expert)
+        entry = self._entry(expert)
         if tier not in ("host", "device"):
             raise ConfigError(f"prefetch tier must be 'host' or 'device', got {tier!r}")
         return self._executor.submit(self._prefetch_job, entry, tier)
@@ -252,6 +257,13 @@ class TierManager:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _entry(self, expert: str) -> ExpertEntry:
+        entry = self.bundle.expert(expert)
+        if entry not in self.entries:
+            served = ", ".join(e.name for e in self.entries)
+            raise ConfigError(f"expert {expert!r} is not served by this tier manager; it serves: {served}")
+        return entry
 
     # -- device tier ----------------------------------------------------------------------------
 
