@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache", default="both", help="warm, cold or both (default)")
     sw.add_argument("--repeats", type=int, default=5)
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sw.add_argument("--reader-threads", type=int, default=4, help="parallel disk reads (default 4)")
     sw.add_argument("--json", action="store_true")
     return p
 
@@ -83,7 +84,9 @@ def _run(args: argparse.Namespace) -> int:
         from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
 
         out = run_bench_switch(
-            BenchSwitchArgs(args.bundle, args.experts, args.cache, args.repeats, args.device)
+            BenchSwitchArgs(
+                args.bundle, args.experts, args.cache, args.repeats, args.device, args.reader_threads
+            )
         )
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0

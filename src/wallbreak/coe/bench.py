@@ -42,6 +42,7 @@ class BenchSwitchArgs:
     cache: str = "both"
     repeats: int = 5
     device: str = "cpu"
+    reader_threads: int = 4
 
     def __post_init__(self) -> None:
         if self.cache not in ("warm", "cold", "both"):
@@ -241,6 +242,7 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
         device_budget=sum(e.total_bytes for e in entries) + (1 << 20),
         device=args.device,
         max_slots=len(entries),
+        reader_threads=args.reader_threads,
     )
     results = []
     # On CPU the default device tier aliases the host arena; a copying manager runs beside it so
@@ -332,7 +334,13 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
         bar.close()
     if copy_mgr is not None:
         copy_mgr.close()
-    out = {"ceilings": ceilings, "results": results, "device": str(device), "repeats": args.repeats}
+    out = {
+        "ceilings": ceilings,
+        "results": results,
+        "device": str(device),
+        "repeats": args.repeats,
+        "reader_threads": args.reader_threads,
+    }
     out["checks"] = _checks(out)
     return out
 
