@@ -1,0 +1,1 @@
+"""Holmes: train one model across clusters whose NICs differ. Only the cluster spec exists so far."""
