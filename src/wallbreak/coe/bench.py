@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry
+from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
 from wallbreak.coe.tiers import Lease, TierConfig, TierManager
 from wallbreak.coe.tiers.device import build_skeleton
 from wallbreak.coe.tiers.disk import drop_file_cache, resident_fraction
@@ -62,10 +62,6 @@ def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def _can_drop(path: Path) -> bool:
-    return drop_file_cache(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def sequential_read_gbps(path: Path, cold: bool) -> tuple[float, bool]:
     best = 0.0
     for flags in (os.O_RDONLY, os.O_RDONLY | getattr(os, "O_DIRECT", 0)):
         if cold:
-            really_cold = _can_drop(path) and really_cold
+            really_cold = drop_file_cache(path) and really_cold
         try:
             fd = os.open(path, flags)
         except OSError:
@@ -145,9 +141,7 @@ def export_hf_folder(bundle: Bundle, entry: ExpertEntry, out: Path) -> Path:
     AutoConfig.for_model(entry.model_type, **cfg).save_pretrained(str(out))
     raw = np.fromfile(bundle.blob_path(entry.name), dtype=np.uint8)
     buf = torch.from_numpy(raw)
-    sd = {}
-    for t in entry.tensors:
-        sd[t.name] = buf[t.offset : t.offset + t.nbytes].view(t.torch_dtype).view(t.shape).clone()
+    sd = {name: t.clone() for name, t in iter_blob_tensors(buf, entry)}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -216,13 +210,11 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bundle = Bundle.open(args.bundle)
     names = args.experts or bundle.names[:2]
-    for n in names:
-        bundle.expert(n)
     device = torch.device(args.device)
     entries = [bundle.expert(n) for n in names]
     biggest = max(e.total_bytes for e in entries)
     conditions: list[Cache] = ["warm", "cold"] if args.cache == "both" else [args.cache]  # type: ignore[list-item]
-    if "cold" in conditions and not _can_drop(bundle.blob_path(names[0])):
+    if "cold" in conditions and not drop_file_cache(bundle.blob_path(names[0])):
         tqdm.write("note: the page cache cannot be dropped here; cold figures are skipped")
         conditions = [c for c in conditions if c != "cold"]
         if not conditions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -150,7 +151,7 @@ class ExpertEntry:
     examples: tuple[str, ...] = ()
     source: str = ""
 
-    @property
+    @functools.cached_property
     def layout_key(self) -> str:
         """Experts with equal keys can share one device slot: same skeleton, same byte layout."""
         h = hashlib.sha256()

@@ -158,6 +158,7 @@ class TierManager:
         self.entries = [bundle.expert(n) for n in (experts if experts is not None else bundle.names)]
         if not self.entries:
             raise ConfigError("a tier manager needs at least one expert to serve")
+        self._served = {e.name for e in self.entries}
         biggest = max(self.entries, key=lambda e: e.total_bytes)
         if biggest.total_bytes > config.host_budget:
             raise CapacityError(
@@ -260,7 +261,7 @@ class TierManager:
 
     def _entry(self, expert: str) -> ExpertEntry:
         entry = self.bundle.expert(expert)
-        if entry not in self.entries:
+        if expert not in self._served:
             served = ", ".join(e.name for e in self.entries)
             raise ConfigError(f"expert {expert!r} is not served by this tier manager; it serves: {served}")
         return entry
