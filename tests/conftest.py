@@ -25,3 +25,21 @@ def synth_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "synth4"
     synth_bundle(out, experts=4, params=300_000, seed=7)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers import make_tiny_bert_folder
+
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("hf") / "tiny-bert")
+
+
+@pytest.fixture()
+def router_bundle(tmp_path: Path) -> Path:
+    """Three tiny experts named after the router test topics, no router yet."""
+    from helpers import ROUTER_TOPICS
+    from wallbreak.coe.importers import synth_bundle
+
+    out = tmp_path / "rb"
+    synth_bundle(out, experts=3, params=50_000, names=list(ROUTER_TOPICS), seed=1)
+    return out

@@ -28,3 +28,54 @@ def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
     model.save_pretrained(str(out))
     byte_tokenizer_dir(out)
     return out
+
+
+ROUTER_TOPICS = {
+    "alpha": "apple banana cherry grape lemon mango melon peach pear plum",
+    "beta": "car truck bus train plane boat bike tram taxi ferry",
+    "gamma": "red blue green yellow purple orange pink brown black white",
+}
+SHARED_WORDS = ["the", "a", "of", "and", "to", "in", "is", "it"]
+
+
+def make_tiny_bert_folder(out: Path, seed: int = 0, max_positions: int = 64) -> Path:
+    """A random-init BERT encoder with a word-level vocabulary covering ROUTER_TOPICS."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w for v in ROUTER_TOPICS.values() for w in v.split()} | set(SHARED_WORDS))
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+    )
+    BertModel(cfg).save_pretrained(str(out))
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(str(out))
+    return out
+
+
+def router_prompts(n_per_expert: int, seed: int) -> list[tuple[str, str]]:
+    """Labelled prompts: a few of the expert's topic words mixed with shared filler words."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    for name, vocab in ROUTER_TOPICS.items():
+        topic = vocab.split()
+        for _ in range(n_per_expert):
+            words = rnd.sample(topic, 3) + rnd.sample(SHARED_WORDS, 3)
+            rnd.shuffle(words)
+            out.append((" ".join(words), name))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "expert": e}) + "\n" for p, e in rows))
+    return path

@@ -1,4 +1,4 @@
-"""One entry point, one verb per job: `wallbreak bundle|bench ...`.
+"""One entry point, one verb per job: `wallbreak bundle|router|route|bench ...`.
 
 User mistakes (WallbreakError) become one line on stderr and exit status 2; anything else is a bug
 and keeps its traceback.
@@ -64,6 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
 
+    r = verbs.add_parser("router", help="fit and evaluate the prompt -> expert router of a bundle")
+    rv = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    fit = rv.add_parser("fit", help="fit a router on labelled prompts and store it in the bundle")
+    fit.add_argument("--bundle", required=True, type=Path)
+    fit.add_argument(
+        "--examples", type=Path, help='JSON lines of {"prompt", "expert"} (default: the manifest\'s examples)'
+    )
+    fit.add_argument("--generalist", help="expert that answers when the router is unsure")
+    fit.add_argument("--threshold", type=float, help="confidence below which the generalist answers (0-1)")
+    fit.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help="candidates to cross-validate: knn,centroid,logreg,tuned (default: all)",
+    )
+    fit.add_argument("--tune-steps", type=int, help="contrastive tuning steps (default: scaled to the data)")
+    fit.add_argument("--encoder", type=Path, help="Hugging Face encoder folder (default: all-MiniLM-L6-v2)")
+    fit.add_argument("--folds", type=int, help="cross-validation folds (default: up to 4)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--json", action="store_true", help="print the fit report as JSON")
+    ev = rv.add_parser("eval", help="accuracy, fallbacks and latency on labelled prompts")
+    ev.add_argument("--bundle", required=True, type=Path)
+    ev.add_argument("--examples", required=True, type=Path)
+    ev.add_argument("--confusion", type=Path, help="draw the confusion matrix into this PNG")
+    ev.add_argument("--encoder", type=Path, help="encoder folder, if not the one recorded")
+    ev.add_argument("--json", action="store_true")
+    rt = verbs.add_parser("route", help="which expert a prompt goes to, and how sure the router is")
+    rt.add_argument("prompt")
+    rt.add_argument("--bundle", required=True, type=Path)
+    rt.add_argument("--top-k", type=int, default=3)
+    rt.add_argument("--encoder", type=Path, help="encoder folder, if not the one recorded")
+    rt.add_argument("--json", action="store_true")
+
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
     sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
@@ -80,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "bundle":
         return _bundle(args)
+    if args.verb in ("router", "route"):
+        return _router(args)
     if args.verb == "bench":
         from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
 
@@ -91,6 +126,59 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0
     raise AssertionError(args.verb)
+
+
+def _router(args: argparse.Namespace) -> int:
+    from wallbreak.coe.router import FitOptions, Router, fit_router, read_examples
+
+    if args.verb == "route":
+        router = Router.load(args.bundle, encoder=args.encoder)
+        d = router.route([args.prompt], top_k=args.top_k)[0]
+        if args.json:
+            print(json.dumps(d.to_json() | {"method": router.method}))
+        else:
+            note = " (fell back: the router was unsure)" if d.fallback else ""
+            print(f"{d.expert}  confidence {d.confidence:.3f}{note}")
+            for name, score in d.top_k:
+                print(f"  {name:<28}{score:.3f}")
+            if d.truncated:
+                print("  (the prompt was truncated to the encoder's window)")
+        return 0
+    if args.action == "fit":
+        opts = FitOptions(
+            examples=args.examples,
+            generalist=args.generalist,
+            threshold=args.threshold,
+            methods=tuple(args.methods) if args.methods else FitOptions.methods,
+            tune_steps=args.tune_steps,
+            encoder=args.encoder,
+            folds=args.folds,
+            seed=args.seed,
+        )
+        report = fit_router(args.bundle, opts, progress=not args.json)
+        if report is None:
+            print(f"{args.bundle} has a single expert: it needs no router, and none was written")
+        else:
+            print(json.dumps(report.to_json()) if args.json else report.summary())
+        return 0
+    from wallbreak.coe.router.evaluate import evaluate
+
+    router = Router.load(args.bundle, encoder=args.encoder)
+    out = evaluate(router, read_examples(args.examples, router.experts), args.confusion)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"accuracy {out['accuracy']:.3f} on {out['n']} prompts ({out['method']}), "
+            f"fallback rate {out['fallback_rate']:.3f}, "
+            f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms, "
+            f"{out['batch32_prompts_per_s']:.0f} prompts/s at batch 32"
+        )
+        for name, pr in out["per_expert"].items():
+            print(
+                f"  {name:<28}precision {pr['precision']:.3f}  recall {pr['recall']:.3f}  ({pr['support']})"
+            )
+    return 0
 
 
 def _bundle(args: argparse.Namespace) -> int:

@@ -483,8 +483,15 @@ class BundleWriter:
         self._created.append(self.root / rel)
         return rel, files
 
+    def new_router_dir(self) -> Path:
+        """A fresh directory for router files; it is referenced (and so live) only after commit."""
+        path = self.root / "router" / uuid.uuid4().hex[:12]
+        path.mkdir(parents=True)
+        self._created.append(path)
+        return path
+
     def set_router(self, router: dict[str, Any] | None) -> None:
-        """Stage router state to be written with the manifest (the router issue fills it in)."""
+        """Stage router state (its `dir` from new_router_dir) to be written with the manifest."""
         self._router = router
         self._router_set = True
 
@@ -507,6 +514,9 @@ class BundleWriter:
                 (self.root / d["blob"]).unlink()
             if d.get("tokenizer"):
                 shutil.rmtree(self.root / d["tokenizer"]["dir"], ignore_errors=True)
+        old_router = (base.get("router") or {}).get("dir")
+        if self._router_set and old_router and old_router != (self._router or {}).get("dir"):
+            shutil.rmtree(self.root / old_router, ignore_errors=True)
         self._created.clear()
 
     def _rollback(self) -> None:

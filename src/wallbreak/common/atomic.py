@@ -48,3 +48,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (written by libraries that do not fsync) before it goes live."""
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(Path(root))
