@@ -31,7 +31,10 @@ def test_transport_rule() -> None:
         "clusters: [{name: e, nodes: 2, gpus_per_node: 8, nic: {kind: ethernet, gbps: 25, count: 2}, "
         "gpu: {name: g, peak_tflops: 100, memory_gib: 40}}]"
     )
-    assert eth.between("e", "e").kind == "ethernet" and eth.between("e", "e").gbps == 50
+    assert eth.between("e", "e").kind == "ethernet" and eth.between("e", "e").total_gbps == 50
+    # NCCL told once to stay off RDMA: inside a cluster too, bytes go over the Ethernet NIC.
+    assert t.between("ib", "ib", rdma=False).kind == "ethernet"
+    assert t.between("ib", "ib", rdma=False).total_gbps == 25
 
 
 BASE = """\

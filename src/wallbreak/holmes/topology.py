@@ -25,6 +25,7 @@ class GPU:
     name: str
     peak_tflops: float
     memory_gib: float
+    efficiency: float | None = None  # achieved share of peak in matmuls; None: the training default
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class Link:
     gbps: float
     latency_us: float = 0.0
     count: int = 1
+
+    @property
+    def total_gbps(self) -> float:
+        """All ports together (per node for a NIC)."""
+        return self.gbps * self.count
 
     @property
     def rdma(self) -> bool:
@@ -55,6 +61,7 @@ class Cluster:
     intra_node: Link
     gpu: GPU
     hosts: tuple[Host, ...] = ()
+    ethernet: Link | None = None  # the nodes' TCP NIC; None: the inter-cluster Ethernet rate
 
     @property
     def gpus(self) -> int:
@@ -78,14 +85,30 @@ class Topology:
                 return c
         raise ConfigError(f"no cluster {name!r}; clusters are: {', '.join(c.name for c in self.clusters)}")
 
-    def between(self, a: str, b: str) -> Link:
-        """The transport two nodes use: their RDMA NICs inside one cluster, else TCP over Ethernet."""
+    def tcp(self, name: str) -> Link:
+        """What a node of this cluster gets over sockets: its Ethernet NIC (an Ethernet 'nic' is one)."""
+        c = self.cluster(name)
+        if c.ethernet is not None:
+            return c.ethernet
+        if c.nic.kind == "ethernet":
+            return c.nic
+        return Link(
+            "ethernet", self.inter_cluster.gbps, self.inter_cluster.latency_us, self.inter_cluster.count
+        )
+
+    def between(self, a: str, b: str, rdma: bool = True) -> Link:
+        """The transport two nodes use: their RDMA NICs inside one cluster, else TCP over Ethernet.
+
+        `rdma=False` models a job whose NCCL was told once, process-wide, to stay off RDMA
+        (NCCL_IB_DISABLE=1): every inter-node byte then goes over sockets.
+        """
         ca = self.cluster(a)
         self.cluster(b)  # an unknown name is an error, not a silent Ethernet link
         if a == b:
-            return ca.nic if ca.nic.rdma else Link("ethernet", ca.nic.gbps * ca.nic.count, ca.nic.latency_us)
+            return ca.nic if ca.nic.rdma and rdma else self.tcp(a)
         link = self.links.get(frozenset((a, b)), self.inter_cluster)
-        return Link("ethernet", link.gbps, link.latency_us, link.count)
+        slow = min((self.tcp(a), self.tcp(b), link), key=lambda x: x.total_gbps)
+        return Link("ethernet", slow.gbps, max(link.latency_us, slow.latency_us), slow.count)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +197,14 @@ def _link(doc: _Doc, obj: Any, path: str, kinds: tuple[str, ...], with_count: bo
 def _gpu(doc: _Doc, obj: Any, path: str) -> GPU:
     if not isinstance(obj, dict):
         raise doc.err(path, "must be a mapping like {name: A100-80GB, peak_tflops: 312, memory_gib: 80}")
+    for k in obj:
+        if k not in {"name", "peak_tflops", "memory_gib", "efficiency"}:
+            raise doc.err(f"{path}.{k}", "unknown key; allowed: efficiency, memory_gib, name, peak_tflops")
+    eff = _get(doc, obj, path, "efficiency", float, None)
+    if eff is not None and not 0 < eff <= 1:
+        raise doc.err(f"{path}.efficiency", f"must be a share of peak in (0, 1], got {eff}")
     return GPU(
+        efficiency=eff,
         name=_get(doc, obj, path, "name", str),
         peak_tflops=_positive(
             doc, f"{path}.peak_tflops", _get(doc, obj, path, "peak_tflops", float), "peak_tflops"
@@ -185,7 +215,7 @@ def _gpu(doc: _Doc, obj: Any, path: str) -> GPU:
     )
 
 
-_CLUSTER_KEYS = {"name", "nodes", "gpus_per_node", "nic", "intra_node", "gpu", "hosts"}
+_CLUSTER_KEYS = {"name", "nodes", "gpus_per_node", "nic", "intra_node", "gpu", "hosts", "ethernet"}
 _TOP_KEYS = {"name", "gpu", "clusters", "inter_cluster", "links"}
 
 
@@ -244,7 +274,12 @@ def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
             )
         if hosts and len(hosts) != nodes:
             raise doc.err(f"{path}.hosts", f"lists {len(hosts)} host(s) but nodes is {nodes}")
-        clusters.append(Cluster(name, nodes, gpn, nic, intra, gpu, tuple(hosts)))
+        eth = (
+            _link(doc, c["ethernet"], f"{path}.ethernet", ("ethernet",), with_count=True)
+            if "ethernet" in c
+            else None
+        )
+        clusters.append(Cluster(name, nodes, gpn, nic, intra, gpu, tuple(hosts), eth))
     names = {c.name for c in clusters}
     inter = (
         _link(doc, top["inter_cluster"], "inter_cluster", NIC_KINDS, with_count=True)
