@@ -1,4 +1,4 @@
-"""One entry point, one verb per job: `wallbreak bundle|router|route|bench ...`.
+"""One entry point, one verb per job: `wallbreak bundle|router|route|plan|bench ...`.
 
 User mistakes (WallbreakError) become one line on stderr and exit status 2; anything else is a bug
 and keeps its traceback.
@@ -97,6 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--encoder", type=Path, help="encoder folder, if not the one recorded")
     rt.add_argument("--json", action="store_true")
 
+    pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
+    pl.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
+    pl.add_argument("--model", help="gpt-1.7b, gpt-3.6b, gpt-7.5b, gpt-18.4b, gpt-39.1b, gpt-76.1b")
+    for flag in ("--layers", "--hidden", "--heads"):
+        pl.add_argument(flag, type=int, help="custom shape (all three, instead of --model)")
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--vocab", type=int, default=51200)
+    pl.add_argument("--global-batch", type=int, required=True)
+    pl.add_argument("--micro-batch", type=int, default=1)
+    pl.add_argument("--recompute", default="none", help="none or full")
+    pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    pl.add_argument(
+        "--efficiency", type=float, default=0.70, help="achieved share of peak FLOPs (default 0.70)"
+    )
+    pl.add_argument("--placement", default="holmes", help="holmes (default) or megatron")
+    for flag in ("--tp", "--pp", "--dp"):
+        pl.add_argument(flag, type=int, help="force this degree")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--plot", type=Path, help="draw one iteration per stage into this PNG")
+    pl.add_argument(
+        "--emit-launch", type=Path, help="write plan.json, per-node torchrun scripts, Megatron args"
+    )
+    pl.add_argument("--master-port", type=int, default=29500, help="rendezvous port in the launch scripts")
+
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
     sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
@@ -113,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "bundle":
         return _bundle(args)
+    if args.verb == "plan":
+        return _plan(args)
     if args.verb in ("router", "route"):
         return _router(args)
     if args.verb == "bench":
@@ -126,6 +152,41 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0
     raise AssertionError(args.verb)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from wallbreak.errors import ConfigError
+    from wallbreak.holmes.launch import emit_launch
+    from wallbreak.holmes.report import format_report, make_report, plot_report
+    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+    from wallbreak.holmes.topology import load_topology
+
+    custom = [args.layers, args.hidden, args.heads]
+    if args.model and any(v is not None for v in custom):
+        raise ConfigError("give either --model or --layers/--hidden/--heads, not both")
+    if args.model:
+        model = ModelSpec.preset(args.model)
+        model = ModelSpec(model.name, model.layers, model.hidden, model.heads, args.seq_len, args.vocab)
+    elif all(v is not None for v in custom):
+        name = f"gpt-custom-{args.layers}x{args.hidden}"
+        model = ModelSpec(name, args.layers, args.hidden, args.heads, args.seq_len, args.vocab)
+    else:
+        raise ConfigError("name a model: --model gpt-7.5b (or all of --layers, --hidden, --heads)")
+    training = TrainingSpec(
+        args.global_batch, args.micro_batch, args.recompute, args.dtype, efficiency=args.efficiency
+    )
+    if not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port must be 1-65535, got {args.master_port}")
+    report = make_report(
+        load_topology(args.cluster), model, training, args.placement, args.tp, args.pp, args.dp
+    )
+    if args.plot:
+        plot_report(report, args.plot)
+    if args.emit_launch:
+        files = emit_launch(report, args.emit_launch, args.master_port)
+        print(f"wrote {len(files)} launch file(s) to {args.emit_launch}", file=sys.stderr)
+    print(json.dumps(report.to_json()) if args.json else format_report(report))
+    return 0
 
 
 def _router(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ def memory_bytes(
     if t.distributed_optimizer:
         opt /= dp
     s, b, h, a = m.seq_len, t.micro_batch, m.hidden, m.heads
+    per_layer: float
     if t.recompute == "full":
         # Only each layer's input is kept; one layer's full activations live during its recompute.
         per_layer = 2 * s * b * h
@@ -99,7 +100,13 @@ def memory_bytes(
     acts = per_layer * layers * inflight + working
     if last:
         acts += 4 * b * s * m.vocab / tp  # fp32 logits for the loss
-    out = {"weights": weights, "grads": grads, "optimizer": opt, "activations": acts, "reserve": t.reserve_gib * GIB}
+    out = {
+        "weights": weights,
+        "grads": grads,
+        "optimizer": opt,
+        "activations": acts,
+        "reserve": t.reserve_gib * GIB,
+    }
     out["total"] = sum(out.values())
     return out
 

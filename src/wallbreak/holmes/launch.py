@@ -1,0 +1,177 @@
+"""`wallbreak plan --emit-launch DIR`: the plan file the runtime reads, one torchrun script per node,
+and the matching Megatron-LM arguments.
+
+The NCCL variables per transport follow what Holmes does per process group: InfiniBand and RoCE
+groups use NCCL's IB transport (RoCE with GID index 3), mixed or cross-cluster groups use sockets.
+NCCL reads them when a communicator is created, so the runtime sets a group's variables just before
+creating it; the node scripts only set the job-wide defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from wallbreak.common.atomic import atomic_open
+from wallbreak.holmes.planner import Plan
+from wallbreak.holmes.report import PlanReport
+from wallbreak.holmes.topology import Topology
+
+PLAN_FORMAT = "wallbreak-plan"
+PLAN_VERSION = 1
+
+NCCL_ENV = {
+    "infiniband": {"NCCL_NET": "IB", "NCCL_IB_DISABLE": "0"},
+    "roce": {"NCCL_NET": "IB", "NCCL_IB_DISABLE": "0", "NCCL_IB_GID_INDEX": "3"},
+    "tcp": {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"},
+}
+
+
+def nodes_in_rank_order(plan: Plan, topo: Topology) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    first = 0
+    for node in sorted({s.node for s in plan.slots}):
+        gpus = [i for i, s in enumerate(plan.slots) if s.node == node]
+        cluster = topo.cluster(plan.slots[gpus[0]].cluster)
+        j = seen.get(cluster.name, 0)
+        seen[cluster.name] = j + 1
+        host = cluster.hosts[j] if cluster.hosts else None
+        out.append(
+            {
+                "node_rank": len(out),
+                "cluster": cluster.name,
+                "host": host.name if host else f"{cluster.name}-{j}",
+                "address": host.address if host else None,
+                "ifname": host.ifname if host else None,
+                "tcp_ifname": (host.tcp_ifname or host.ifname) if host else None,
+                "nproc": len(gpus),
+                "first_rank": first,
+            }
+        )
+        first += len(gpus)
+    return out
+
+
+def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The environment and interface a group's communicator is built with."""
+    node_of = {}
+    for n in nodes:
+        for r in range(n["first_rank"], n["first_rank"] + n["nproc"]):
+            node_of[r] = n
+    env = dict(NCCL_ENV.get(kind, {}))
+    key = "tcp_ifname" if kind == "tcp" else "ifname"
+    ifnames = sorted({str(node_of[r][key]) for r in ranks if node_of[r][key]})
+    return {"env": env, "ifname": ifnames[0] if len(ifnames) == 1 else None, "ifnames": ifnames}
+
+
+def plan_file(report: PlanReport) -> dict[str, Any]:
+    p, topo = report.plan, report.topology
+    nodes = nodes_in_rank_order(p, topo)
+    groups = p.groups()
+    for gs in groups.values():
+        for g in gs:
+            g.update(_group_nic(g["transport"], g["ranks"], p, nodes))
+    if p.placement == "megatron":  # one transport for the job, whatever the group
+        job = "tcp" if any(s.dp_transport == "tcp" or s.p2p_transport == "tcp" for s in p.stages) else None
+        for gs in groups.values():
+            for g in gs:
+                if job:
+                    g["env"] = dict(NCCL_ENV["tcp"])
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "placement": p.placement,
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": p.dp,
+        "world_size": p.world_size,
+        "microbatches": p.microbatches,
+        "model": dict(p.model.__dict__),
+        "training": dict(p.training.__dict__),
+        "stages": [s.to_json() for s in p.stages],
+        "groups": groups,
+        "nodes": nodes,
+        "predicted": p.predicted.to_json(),
+        "topology": topo.name,
+    }
+
+
+def megatron_args(p: Plan) -> str:
+    m, t = p.model, p.training
+    args = [
+        f"--tensor-model-parallel-size {p.tp}",
+        f"--pipeline-model-parallel-size {p.pp}",
+        f"--num-layers {m.layers}",
+        f"--hidden-size {m.hidden}",
+        f"--num-attention-heads {m.heads}",
+        f"--seq-length {m.seq_len}",
+        f"--max-position-embeddings {m.seq_len}",
+        f"--micro-batch-size {t.micro_batch}",
+        f"--global-batch-size {t.global_batch}",
+        f"--{t.dtype}" if t.dtype != "fp32" else "",
+        "--recompute-granularity full --recompute-method uniform" if t.recompute == "full" else "",
+        "--use-distributed-optimizer --overlap-grad-reduce" if t.distributed_optimizer else "",
+    ]
+    layers = [s.layers for s in p.stages]
+    note = ""
+    if len(set(layers)) > 1:
+        mid = layers[1:-1]
+        if (p.pp > 2 and len(set(mid)) == 1) or p.pp == 2:
+            args.append(f"--decoder-first-pipeline-num-layers {layers[0]}")
+            args.append(f"--decoder-last-pipeline-num-layers {layers[-1]}")
+        else:
+            note = (
+                f"# stock Megatron-LM cannot express this split ({', '.join(map(str, layers))}): "
+                "it only varies the first and last stage; use the wallbreak runtime or a fork that "
+                "takes per-stage layer counts\n"
+            )
+    return note + " \\\n  ".join(a for a in args if a) + "\n"
+
+
+def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    pf = plan_file(report)
+    written = []
+    with atomic_open(out / "plan.json", "w") as f:
+        json.dump(pf, f, indent=1)
+        f.write("\n")
+    written.append(out / "plan.json")
+    nodes = pf["nodes"]
+    master = nodes[0]["address"] or nodes[0]["host"]
+    job_env: dict[str, str] = {}
+    if report.plan.placement == "megatron" and any(
+        g["transport"] == "tcp" for gs in pf["groups"].values() for g in gs
+    ):
+        job_env = dict(NCCL_ENV["tcp"])
+    for n in nodes:
+        env = dict(job_env)
+        if n["tcp_ifname"]:
+            env.update(GLOO_SOCKET_IFNAME=n["tcp_ifname"], NCCL_SOCKET_IFNAME=n["tcp_ifname"])
+        lines = [
+            "#!/bin/sh",
+            f"# node {n['node_rank']} of {len(nodes)}: {n['host']} in cluster {n['cluster']}, "
+            f"ranks {n['first_rank']}-{n['first_rank'] + n['nproc'] - 1}",
+            "# Per-group NIC variables are set by the runtime from plan.json when each group is created.",
+            "set -e",
+            'HERE=$(cd "$(dirname "$0")" && pwd)',
+        ]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+        lines.append(
+            f"exec torchrun --nnodes {len(nodes)} --nproc-per-node {n['nproc']} --node-rank {n['node_rank']} "
+            f"--master-addr {shlex.quote(str(master))} --master-port {master_port} "
+            '-m wallbreak.holmes.train --plan "$HERE/plan.json" "$@"'
+        )
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(n["host"]))
+        path = out / f"node-{n['node_rank']:03d}-{safe}.sh"
+        with atomic_open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        path.chmod(0o755)
+        written.append(path)
+    with atomic_open(out / "megatron-args.txt", "w") as f:
+        f.write(megatron_args(report.plan))
+    written.append(out / "megatron-args.txt")
+    return written

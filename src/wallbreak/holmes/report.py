@@ -1,0 +1,175 @@
+"""A plan beside its megatron baseline and the all-RDMA / all-Ethernet references: JSON, table, plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wallbreak.errors import ConfigError
+from wallbreak.holmes.planner import Plan, Prediction, plan, references
+from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.topology import Topology
+
+
+@dataclass
+class PlanReport:
+    topology: Topology
+    plan: Plan
+    baseline: Plan
+    references: dict[str, Prediction]
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.predicted.iteration_s / self.plan.predicted.iteration_s
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.plan.to_json()
+        out.update(
+            {
+                "baseline": {"placement": "megatron", "predicted": self.baseline.predicted.to_json()},
+                "references": {k: v.to_json() for k, v in self.references.items()},
+                "speedup_vs_baseline": self.speedup,
+                "cluster_order": self.plan.cluster_order,
+                "world_size": self.plan.world_size,
+                "model": self.plan.model.__dict__ | {"params": self.plan.model.params},
+                "per_stage": [
+                    {
+                        "index": s.index,
+                        "dp_transport": s.dp_transport,
+                        "p2p_transport": s.p2p_transport,
+                    }
+                    | (s.cost.__dict__ if s.cost else {})
+                    for s in self.plan.stages
+                ],
+            }
+        )
+        return out
+
+
+def make_report(
+    topo: Topology,
+    model: ModelSpec,
+    training: TrainingSpec,
+    placement: str = "holmes",
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+) -> PlanReport:
+    main = plan(topo, model, training, placement, tp, pp, dp)
+    base = (
+        main
+        if placement == "megatron"
+        else plan(topo, model, training, "megatron", main.tp, main.pp, main.dp)
+    )
+    return PlanReport(topo, main, base, references(topo, model, training, main))
+
+
+def _ranks(r: list[int]) -> str:
+    return f"{r[0]}-{r[-1]}" if len(r) > 1 and r[-1] - r[0] == len(r) - 1 else ",".join(map(str, r))
+
+
+def _line(p: Prediction) -> str:
+    b = p.breakdown
+    return (
+        f"{p.iteration_s:.3f} s/iteration = compute {b['compute_s']:.3f} + tp {b['tp_comm_s']:.3f} + "
+        f"pp p2p {b['pp_p2p_s']:.3f} + bubble {b['bubble_s']:.3f} + exposed dp sync {b['dp_sync_s']:.3f}; "
+        f"{p.tflops_per_gpu:.1f} TFLOPS/GPU, {p.samples_per_s:.1f} samples/s"
+        + ("" if p.fits else f"  [DOES NOT FIT: {p.reason}]")
+    )
+
+
+def format_report(r: PlanReport) -> str:
+    p, m, t = r.plan, r.plan.model, r.plan.training
+    lines = [
+        f"{r.topology.name}: {p.world_size} GPUs in {len(r.topology.clusters)} cluster(s); {m.name} "
+        f"({m.params / 1e9:.1f}B params), global batch {t.global_batch}, micro-batch {t.micro_batch} "
+        f"-> {p.microbatches} micro-batches per pipeline",
+        f"placement {p.placement}: tp={p.tp} pp={p.pp} dp={p.dp}, "
+        f"clusters in order {' -> '.join(p.cluster_order)}",
+        "",
+        f"{'stage':>5}  {'cluster':<12}{'layers':>6}  {'ranks':<12}{'DP group NIC':<14}{'to next':<12}"
+        f"{'compute/mb':>11}{'DP sync':>9}{'exposed':>9}{'memory':>10}",
+    ]
+    for s in p.stages:
+        c = s.cost
+        assert c is not None
+        lines.append(
+            f"{s.index:>5}  {s.cluster:<12}{s.layers:>6}  {_ranks(s.ranks):<12}{s.dp_transport:<14}"
+            f"{s.p2p_transport:<12}{c.compute_mb:>10.3f}s{c.dp_sync:>8.3f}s{c.dp_exposed:>8.3f}s"
+            f"{c.memory_gib:>7.1f}GiB"
+        )
+    lines += [
+        "",
+        f"predicted ({p.placement}):  {_line(p.predicted)}",
+        f"megatron baseline:   {_line(r.baseline.predicted)}",
+        f"  (same degrees, GPUs in file order, even split, no overlap of the gradient sync, one NCCL "
+        f"transport for the job: {'RDMA' if r.baseline.stages[0].dp_transport not in ('tcp',) else 'TCP'})",
+        f"all-RDMA reference:  {_line(r.references['all_rdma'])}",
+        f"all-Ethernet ref.:   {_line(r.references['all_ethernet'])}",
+        f"speedup over megatron: {r.speedup:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
+def plot_report(r: PlanReport, out: Path) -> None:
+    """One iteration per stage, for the plan and its baseline: compute, communication, bubble, sync."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = [r.plan] if r.plan is r.baseline else [r.plan, r.baseline]
+    fig, axes = plt.subplots(
+        len(plans), 1, figsize=(11, 1.2 + 0.45 * sum(p.pp for p in plans) + 0.8 * len(plans))
+    )
+    axes = [axes] if len(plans) == 1 else list(axes)
+    colours = {
+        "compute": "#4878d0",
+        "tp comm": "#6acc64",
+        "pp p2p": "#ee854a",
+        "bubble": "#d5d5d5",
+        "dp sync": "#d65f5f",
+    }
+    xmax = max(p.predicted.iteration_s for p in plans)
+    for ax, p in zip(axes, plans, strict=True):
+        per = [(c.compute_mb + c.tp_mb + c.p2p_mb) for c in (s.cost for s in p.stages) if c is not None]
+        pipe = p.microbatches * max(per) + sum(per) - max(per)
+        lead = 0.0
+        for s in p.stages:
+            c = s.cost
+            assert c is not None
+            y = p.pp - 1 - s.index
+            x = 0.0
+            for name, width in (
+                ("compute", p.microbatches * c.compute_mb),
+                ("tp comm", p.microbatches * c.tp_mb),
+                ("pp p2p", p.microbatches * c.p2p_mb),
+            ):
+                ax.barh(y, width, left=x, color=colours[name], label=name if s.index == 0 else None)
+                x += width
+            end = pipe - lead
+            ax.barh(
+                y, max(end - x, 0), left=x, color=colours["bubble"], label="bubble" if s.index == 0 else None
+            )
+            ax.barh(
+                y, c.dp_exposed, left=end, color=colours["dp sync"], label="dp sync" if s.index == 0 else None
+            )
+            lead += (c.compute_mb + c.tp_mb) * (
+                0.75 if p.training.recompute == "full" else 2 / 3
+            ) + c.p2p_mb / 2
+        ax.set_yticks(range(p.pp), [f"{s.index}: {s.cluster} ({s.layers} L)" for s in reversed(p.stages)])
+        ax.set_xlim(0, xmax * 1.02)
+        ax.set_title(
+            f"{p.placement}: tp={p.tp} pp={p.pp} dp={p.dp}, {p.predicted.iteration_s:.2f} s/iteration, "
+            f"{p.predicted.tflops_per_gpu:.0f} TFLOPS/GPU"
+        )
+        ax.legend(loc="lower right", fontsize=7, ncol=5)
+    axes[-1].set_xlabel("seconds into the iteration (blocks are totals over all micro-batches)")
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise ConfigError(f"cannot write the plot to {out}: {e}") from None
+    finally:
+        plt.close(fig)
