@@ -1,0 +1,257 @@
+"""What one pipeline stage costs, given where its GPUs sit, and how stages add up to an iteration.
+
+A stage's geometry (its clusters, the links its data-parallel group and its pipeline neighbours
+use) is fixed once the ranks are laid out; only its layer count varies while partitioning, so
+`StageModel.costs(layers)` is cheap and pure.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wallbreak.holmes import cost
+from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.topology import Cluster, Link, Topology
+
+BUCKET_BYTES = 40 * 2**20  # Megatron's default gradient bucket
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One GPU in rank order."""
+
+    cluster: str
+    node: int  # global node index in rank order
+    local: int
+
+
+@dataclass
+class StageCost:
+    compute_mb: float  # forward + backward compute of one micro-batch
+    tp_mb: float
+    p2p_mb: float
+    dp_sync: float  # full gradient all-reduce of the stage
+    dp_exposed: float  # what is left after overlapping with the last backward
+    memory_gib: float
+    fits: bool
+
+
+@dataclass
+class Prediction:
+    iteration_s: float
+    tflops_per_gpu: float
+    samples_per_s: float
+    breakdown: dict[str, float]
+    fits: bool = True
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "iteration_s": self.iteration_s,
+            "tflops_per_gpu": self.tflops_per_gpu,
+            "samples_per_s": self.samples_per_s,
+            "breakdown": self.breakdown,
+        }
+        if not self.fits:
+            out.update(fits=False, reason=self.reason)
+        return out
+
+
+TRANSPORT_ORDER = ("tcp", "roce", "infiniband", "intra-node", "local", "none")
+
+
+def slowest(kinds: Sequence[str]) -> str:
+    return min(kinds, key=TRANSPORT_ORDER.index) if kinds else "none"
+
+
+class Network:
+    """Which link two clusters' nodes use under a given way of choosing transports."""
+
+    def __init__(self, topo: Topology, mode: str) -> None:
+        self.topo = topo
+        self.mode = mode
+        self.rdma_job = len(topo.clusters) == 1 and topo.clusters[0].nic.rdma
+        nics = [c.nic for c in topo.clusters]
+        rdma = [n for n in nics if n.rdma] or nics
+        best = max(rdma, key=lambda n: n.total_gbps)
+        self.best = Link("infiniband", best.gbps, min(n.latency_us for n in rdma), best.count)
+        self._cache: dict[tuple[str, str], tuple[str, Link]] = {}
+
+    def link(self, a: str, b: str) -> tuple[str, Link]:
+        key = (a, b) if a <= b else (b, a)
+        if key not in self._cache:
+            self._cache[key] = self._link(a, b)
+        return self._cache[key]
+
+    def _link(self, a: str, b: str) -> tuple[str, Link]:
+        if self.mode == "all_rdma":
+            return "infiniband", self.best
+        rdma = {"holmes": True, "megatron": self.rdma_job, "all_ethernet": False}[self.mode]
+        ln = self.topo.between(a, b, rdma=rdma)
+        if self.mode == "holmes" and ln.rdma:
+            # Per-group choice: should a cluster's Ethernet outrun its RDMA NIC, use sockets there.
+            tcp = self.topo.between(a, b, rdma=False)
+            ln = tcp if tcp.total_gbps > ln.total_gbps else ln
+        return (ln.kind if ln.rdma else "tcp"), ln
+
+
+def layout(topo: Topology, order: Sequence[str]) -> list[Slot]:
+    slots: list[Slot] = []
+    node = 0
+    for name in order:
+        c = topo.cluster(name)
+        for _ in range(c.nodes):
+            slots.extend(Slot(name, node, k) for k in range(c.gpus_per_node))
+            node += 1
+    return slots
+
+
+class StageModel:
+    """Everything about one stage that does not depend on its layer count, and f(layers)."""
+
+    def __init__(
+        self,
+        idx: int,
+        slots: list[Slot],
+        tp: int,
+        dp: int,
+        pp: int,
+        micro: int,
+        m: ModelSpec,
+        t: TrainingSpec,
+        topo: Topology,
+        net: Network,
+        overlap: bool = True,
+    ) -> None:
+        self.overlap = (
+            overlap  # gradient sync bucketed and overlapped with backward (Holmes); stock: after it
+        )
+        s_size = tp * dp
+        base = idx * s_size
+        mine = slots[base : base + s_size]
+        self.idx, self.first, self.last = idx, idx == 0, idx == pp - 1
+        self.m, self.t, self.tp, self.dp, self.micro = m, t, tp, dp, micro
+        self.inflight = min(pp - idx, micro)
+        names = list(dict.fromkeys(s.cluster for s in mine))
+        self.cluster = "+".join(names)
+        clusters = [topo.cluster(n) for n in names]
+        self.rate = min(c.gpu.peak_tflops * (c.gpu.efficiency or t.efficiency) for c in clusters)
+        self.mem_gib = min(c.gpu.memory_gib for c in clusters)
+        intra = min((c.intra_node for c in clusters), key=lambda ln: ln.gbps)
+        self.tp_layer = cost.tp_seconds_per_layer(m, t, tp, intra.gbps, intra.latency_us) if tp > 1 else 0.0
+        # Data-parallel group of tensor rank 0; the others are the same shape on the same nodes.
+        members = [mine[d * tp] for d in range(dp)]
+        self.dp_transport, self.dp_gbps, self.dp_lat = self._group_link(members, clusters, intra, topo, net)
+        # Point-to-point with the neighbours: every GPU of the stage sends its 1/tp share at once.
+        act = cost.activation_bytes(m, t) / tp
+        self.p2p_mb = 0.0
+        self.p2p_transport = "none"
+        for other, towards_next in ((base + s_size, True), (base - s_size, False)):
+            if not 0 <= other < len(slots):
+                continue
+            a, b = slots[base], slots[other]
+            if a.node == b.node:
+                kind, gbps, lat = "intra-node", intra.gbps, intra.latency_us
+            else:
+                kind, ln = net.link(a.cluster, b.cluster)
+                share = min(topo.cluster(a.cluster).gpus_per_node, s_size)
+                gbps, lat = ln.total_gbps / share, ln.latency_us
+            self.p2p_mb += cost.p2p_seconds(act, gbps, lat)
+            if towards_next:
+                self.p2p_transport = kind
+        self.layer_flops = cost.layer_flops(m, t.micro_batch, t.recompute)
+        self.head_flops = cost.head_flops(m, t.micro_batch, t.recompute) if self.last else 0.0
+        self.bwd_share = cost.backward_share(t.recompute)
+
+    @staticmethod
+    def _group_link(
+        members: list[Slot], clusters: list[Cluster], intra: Link, topo: Topology, net: Network
+    ) -> tuple[str, float, float]:
+        if len(members) <= 1:
+            return "local", intra.gbps, 0.0
+        nodes: dict[int, int] = {}
+        for s in members:
+            nodes[s.node] = nodes.get(s.node, 0) + 1
+        if len(nodes) == 1:
+            return "intra-node", intra.gbps, intra.latency_us
+        names = sorted({s.cluster for s in members})
+        pairs = [net.link(a, b) for a, b in itertools.combinations_with_replacement(names, 2)]
+        kind, ln = min(pairs, key=lambda kl: kl[1].total_gbps)
+        if len(names) > 1:
+            kind = "tcp"
+        # A ring crosses each node's NIC once in and once out per group; the node's GPUs split the NIC
+        # between the groups that cross it, so a group gets total x (members on the node / GPUs on it).
+        gpn = min(c.gpus_per_node for c in clusters)
+        per_node = min(nodes.values())
+        return kind, min(intra.gbps, ln.total_gbps * per_node / gpn), ln.latency_us
+
+    def compute(self, layers: int) -> float:
+        return cost.compute_seconds(layers * self.layer_flops + self.head_flops, self.rate, 1.0, self.tp)
+
+    def costs(self, layers: int) -> StageCost:
+        comp = self.compute(layers)
+        tp_mb = layers * self.tp_layer
+        grad_bytes = cost.stage_params(self.m, layers, self.first, self.last) / self.tp * self.t.act_bytes
+        sync = cost.ring_allreduce_seconds(grad_bytes, self.dp, self.dp_gbps, self.dp_lat)
+        bucket = cost.ring_allreduce_seconds(
+            min(grad_bytes, BUCKET_BYTES), self.dp, self.dp_gbps, self.dp_lat
+        )
+        window = (comp + tp_mb) * self.bwd_share
+        exposed = cost.exposed_sync_seconds(sync, window, bucket) if self.overlap else sync
+        mem = (
+            cost.memory_bytes(self.m, self.t, layers, self.tp, self.dp, self.inflight, self.first, self.last)[
+                "total"
+            ]
+            / cost.GIB
+        )
+        return StageCost(comp, tp_mb, self.p2p_mb, sync, exposed, mem, mem <= self.mem_gib)
+
+    def busy(self, layers: int) -> float:
+        """What the partition balances: all micro-batches through this stage plus its exposed sync."""
+        c = self.costs(layers)
+        return self.micro * (c.compute_mb + c.tp_mb + c.p2p_mb) + c.dp_exposed
+
+
+def predict(
+    stages: list[StageModel], layers: Sequence[int], m: ModelSpec, t: TrainingSpec, n_gpus: int
+) -> tuple[Prediction, list[StageCost]]:
+    costs = [s.costs(n) for s, n in zip(stages, layers, strict=True)]
+    micro = stages[0].micro
+    per_mb = [c.compute_mb + c.tp_mb + c.p2p_mb for c in costs]
+    pipe = cost.pipeline_seconds(per_mb, micro)
+    # Stage 0 finishes its last backward at `pipe`; stage i finished earlier by the backward passes
+    # still to run on stages before it. Its gradient sync can run in that slack.
+    ends, lead = [], 0.0
+    for s, c in zip(stages, costs, strict=True):
+        ends.append(pipe - lead)
+        lead += (c.compute_mb + c.tp_mb) * s.bwd_share + c.p2p_mb / 2
+    iteration = max(e + c.dp_exposed for e, c in zip(ends, costs, strict=True))
+    k = max(range(len(per_mb)), key=per_mb.__getitem__)
+    breakdown = {
+        "compute_s": micro * costs[k].compute_mb,
+        "tp_comm_s": micro * costs[k].tp_mb,
+        "pp_p2p_s": micro * costs[k].p2p_mb,
+        "bubble_s": pipe - micro * per_mb[k],
+        "dp_sync_s": iteration - pipe,
+    }
+    flops = cost.iteration_flops(m, t.global_batch, t.recompute)
+    bad = [i for i, c in enumerate(costs) if not c.fits]
+    reason = ""
+    if bad:
+        i = bad[0]
+        reason = (
+            f"stage {i} ({layers[i]} layers) needs {costs[i].memory_gib:.1f} GiB per GPU, "
+            f"more than the {stages[i].mem_gib:g} GiB it has"
+        )
+    pred = Prediction(
+        iteration_s=iteration,
+        tflops_per_gpu=flops / (iteration * n_gpus * 1e12),
+        samples_per_s=t.global_batch / iteration,
+        breakdown=breakdown,
+        fits=not bad,
+        reason=reason,
+    )
+    return pred, costs
