@@ -126,6 +126,7 @@ class StageModel:
         net: Network,
         overlap: bool = True,
     ) -> None:
+        self._memo: dict[int, StageCost] = {}
         self.overlap = (
             overlap  # gradient sync bucketed and overlapped with backward (Holmes); stock: after it
         )
@@ -192,6 +193,13 @@ class StageModel:
         return cost.compute_seconds(layers * self.layer_flops + self.head_flops, self.rate, 1.0, self.tp)
 
     def costs(self, layers: int) -> StageCost:
+        """Memoised: partitioning asks for the same layer counts over and over."""
+        got = self._memo.get(layers)
+        if got is None:
+            got = self._memo[layers] = self._costs(layers)
+        return got
+
+    def _costs(self, layers: int) -> StageCost:
         comp = self.compute(layers)
         tp_mb = layers * self.tp_layer
         grad_bytes = cost.stage_params(self.m, layers, self.first, self.last) / self.tp * self.t.act_bytes
