@@ -79,3 +79,68 @@ def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
 
     path.write_text("".join(json.dumps({"prompt": p, "expert": e}) + "\n" for p, e in rows))
     return path
+
+
+class ServerThread:
+    """`wallbreak serve`'s app on a free port in a background thread, for tests."""
+
+    def __init__(self, opts: object) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from wallbreak.coe.server.serve import make_app
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        opts.port = self.port  # type: ignore[attr-defined]
+        self.app = make_app(opts)  # type: ignore[arg-type]
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return self.app.state.engine
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def http(
+    method: str, url: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict, str]:
+    """(status, headers, text) without raising on 4xx/5xx."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()

@@ -1,4 +1,4 @@
-"""One entry point, one verb per job: `wallbreak bundle|router|route|plan|bench ...`.
+"""One entry point, one verb per job: `wallbreak bundle|router|route|serve|plan|bench ...`.
 
 User mistakes (WallbreakError) become one line on stderr and exit status 2; anything else is a bug
 and keeps its traceback.
@@ -97,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--encoder", type=Path, help="encoder folder, if not the one recorded")
     rt.add_argument("--json", action="store_true")
 
+    sv = verbs.add_parser("serve", help="OpenAI-compatible server over a bundle of experts")
+    sv.add_argument("--bundle", type=Path, help="bundle directory (default: build the default bundle once)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--device-budget", help="memory for experts on the device, e.g. 2GiB (default: the host budget)"
+    )
+    sv.add_argument(
+        "--host-budget", help="pinned host arena, e.g. 8GiB (default: the bundle, up to half of free RAM)"
+    )
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WALLBREAK_API_KEY)")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sv.add_argument(
+        "--policy", default="ours", help="ours (batch by expert, prefetch) or fcfs-lru (baseline)"
+    )
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per expert")
+    sv.add_argument("--max-wait", type=float, default=2.0, help="seconds before a waiting expert preempts")
+
     pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
     pl.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
     pl.add_argument("--model", help="gpt-1.7b, gpt-3.6b, gpt-7.5b, gpt-18.4b, gpt-39.1b, gpt-76.1b")
@@ -139,6 +158,28 @@ def _run(args: argparse.Namespace) -> int:
         return _bundle(args)
     if args.verb == "plan":
         return _plan(args)
+    if args.verb == "serve":
+        from wallbreak.coe.server.serve import ServeOptions, serve
+        from wallbreak.units import parse_size
+
+        serve(
+            ServeOptions(
+                bundle=args.bundle,
+                host=args.host,
+                port=args.port,
+                device_budget=parse_size(args.device_budget, "--device-budget")
+                if args.device_budget
+                else None,
+                host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
+                max_queue=args.max_queue,
+                api_key=args.api_key,
+                device=args.device,
+                policy=args.policy,
+                max_batch=args.max_batch,
+                max_wait_s=args.max_wait,
+            )
+        )
+        return 0
     if args.verb in ("router", "route"):
         return _router(args)
     if args.verb == "bench":

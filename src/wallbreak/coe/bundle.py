@@ -214,6 +214,8 @@ class Bundle:
     root: Path
     experts: dict[str, ExpertEntry]
     router: dict[str, Any] | None = None
+    # Experts whose files failed the structural checks; only filled when opened with lenient=True.
+    damaged: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -236,7 +238,9 @@ class Bundle:
         return None if e.tokenizer_dir is None else self.root / e.tokenizer_dir
 
     @staticmethod
-    def open(root: str | Path) -> Bundle:
+    def open(root: str | Path, lenient: bool = False) -> Bundle:
+        """Open and check a bundle; `lenient` records experts with bad files in `damaged` instead of
+        failing, so a server can keep serving the others."""
         root = Path(root)
         mpath = root / MANIFEST
         if not root.is_dir():
@@ -251,13 +255,19 @@ class Bundle:
             ) from None
         _validate_schema(raw, mpath)
         experts: dict[str, ExpertEntry] = {}
+        damaged: dict[str, str] = {}
         for d in raw["experts"]:
             entry = ExpertEntry.from_json(d)
             if entry.name in experts:
                 raise BundleError(f"{mpath}: expert {entry.name!r} appears twice")
-            _check_expert_files(root, entry)
+            try:
+                _check_expert_files(root, entry)
+            except BundleError as e:
+                if not lenient:
+                    raise
+                damaged[entry.name] = str(e)
             experts[entry.name] = entry
-        return Bundle(root=root, experts=experts, router=raw.get("router"), raw=raw)
+        return Bundle(root=root, experts=experts, router=raw.get("router"), raw=raw, damaged=damaged)
 
     def verify(self, names: Sequence[str] | None = None) -> None:
         """Check every tensor checksum; raise BundleError naming the first bad expert and tensor."""

@@ -1,0 +1,120 @@
+"""Which expert's batch runs next.
+
+`ours`: stay on the expert that is loaded while it has work (a switch costs a weight move), batch
+every request for it, and when nothing is left pick the expert with the most work (preferring one
+already resident). Fairness: once any request, or a paused batch, has waited longer than
+`max_wait_s`, the oldest such expert runs next, preempting the current batch between steps; its KV
+cache is kept, so nothing is recomputed. A request therefore waits at most about max_wait_s plus
+one switch plus one decode step per expert ahead of it in the overdue line.
+
+`fcfs-lru`: the Samba-CoE-style baseline: the oldest request runs alone to completion, then the next.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from wallbreak.coe.engine.request import Request
+
+POLICIES = ("ours", "fcfs-lru")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        policy: str = "ours",
+        max_batch: int = 16,
+        max_wait_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.max_batch = 1 if policy == "fcfs-lru" else max_batch
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.waiting: dict[str, deque[Request]] = {}
+        self.paused: dict[str, float] = {}  # expert -> when its unfinished batch was set aside
+        self.lock = threading.Lock()
+
+    def submit(self, req: Request) -> None:
+        with self.lock:
+            self.waiting.setdefault(req.expert, deque()).append(req)
+
+    def pending(self) -> int:
+        with self.lock:
+            return sum(len(q) for q in self.waiting.values())
+
+    def _oldest(self, expert: str) -> float | None:
+        q = self.waiting.get(expert)
+        t = q[0].arrived if q else None
+        p = self.paused.get(expert)
+        if p is not None:
+            t = p if t is None else min(t, p)
+        return t
+
+    def choose(self, current: str | None, active: dict[str, int], resident: set[str]) -> str | None:
+        """The expert to run now. `active`: live sequences per expert; `resident`: on the device."""
+        with self.lock:
+            work = {e for e, q in self.waiting.items() if q} | {e for e, n in active.items() if n}
+            if not work:
+                return None
+            if self.policy == "fcfs-lru":
+                if current is not None and active.get(current):
+                    return current  # one request at a time, run to completion
+                return min((e for e in work if self.waiting.get(e)), key=lambda e: self.waiting[e][0].arrived)
+            now = self.clock()
+            overdue = [
+                (t, e)
+                for e in work
+                if e != current and (t := self._oldest(e)) is not None and now - t > self.max_wait_s
+            ]
+            if overdue:
+                return min(overdue)[1]
+            if current in work:
+                return current
+
+            def rank(e: str) -> tuple[int, int, float]:
+                size = len(self.waiting.get(e, ())) + active.get(e, 0)
+                return (-size, 0 if e in resident else 1, self._oldest(e) or now)
+
+            return min(work, key=rank)
+
+    def take(self, expert: str, active: int) -> list[Request]:
+        """Requests of `expert` to admit into its batch now."""
+        with self.lock:
+            q = self.waiting.get(expert)
+            room = self.max_batch - active
+            out = []
+            while q and room > 0:
+                out.append(q.popleft())
+                room -= 1
+            return out
+
+    def set_paused(self, expert: str, paused: bool) -> None:
+        with self.lock:
+            if paused:
+                self.paused.setdefault(expert, self.clock())
+            else:
+                self.paused.pop(expert, None)
+
+    def upcoming(self, exclude: str | None, limit: int = 3) -> list[str]:
+        """Experts likely to run next, for prefetch: queue heads by age, then routers' second choices."""
+        with self.lock:
+            heads = sorted(
+                ((self._oldest(e) or 0.0, e) for e, q in self.waiting.items() if (q or e in self.paused)),
+            )
+            out = [e for _, e in heads if e != exclude]
+            for q in self.waiting.values():
+                for r in list(q)[:4]:
+                    for e in r.meta.get("top_k", ())[1:2]:
+                        if e != exclude and e not in out:
+                            out.append(e)
+            return out[:limit]
+
+    def drain(self) -> list[Request]:
+        with self.lock:
+            out = [r for q in self.waiting.values() for r in q]
+            self.waiting.clear()
+            return out

@@ -1,0 +1,1 @@
+"""HTTP front end: OpenAI-compatible API, metrics, and `wallbreak serve`."""

