@@ -108,6 +108,7 @@ class Engine:
         self.broken: dict[str, str] = dict(bundle.damaged)
         self.stats = EngineStats()
         self.current: str | None = None
+        self._last_upcoming: list[str] = []
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="wb-engine", daemon=True)
@@ -207,6 +208,7 @@ class Engine:
                 self.stats.tokens += n
                 if self.on_batch:
                     self.on_batch(expert, n)
+                self._prefetch(expert)  # new arrivals for other experts start moving up now
                 active = {e: len(b) for e, b in self.batches.items()}
                 nxt = self.scheduler.choose(expert, active, {expert})
                 if nxt != expert:
@@ -220,6 +222,9 @@ class Engine:
         if not self.config.prefetch:
             return
         nxt = [e for e in self.scheduler.upcoming(exclude=expert) if e not in self.broken]
+        if nxt == self._last_upcoming:
+            return
+        self._last_upcoming = nxt
         self.tiers.set_upcoming(nxt)
         for i, e in enumerate(nxt):
             with contextlib.suppress(WallbreakError):

@@ -1,0 +1,143 @@
+"""Engine: batched decoding equals decoding alone, the scheduler's fairness bound, prefetch hits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.engine import Engine, EngineConfig, Event, Request, SamplingParams
+from wallbreak.coe.engine.scheduler import Scheduler
+from wallbreak.coe.tiers import TierConfig, TierManager
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event) -> None:
+        self.text.append(ev.text)
+        if ev.error:
+            self.error = ev.error
+        if ev.finish_reason:
+            self.finish = ev.finish_reason
+            self.done.set()
+
+
+@pytest.fixture()
+def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
+    bundle = Bundle.open(synth_bundle_dir)
+    size = max(e.total_bytes for e in bundle.experts.values())
+    tiers = TierManager(
+        bundle, TierConfig(host_budget=4 * size + (1 << 20), device_budget=2 * size + (1 << 20))
+    )
+    eng = Engine(bundle, tiers, EngineConfig(max_batch=8, max_wait_s=0.5))
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()
+
+
+def run(eng: Engine, expert: str, prompt: list[int], n: int, **kw: object) -> Collector:
+    c = Collector()
+    eng.submit(Request(expert, prompt, SamplingParams(max_tokens=n, temperature=0, **kw), c))  # type: ignore[arg-type]
+    return c
+
+
+def test_batched_greedy_decoding_equals_decoding_alone(engine: Engine) -> None:
+    expert = engine.experts[0]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [90, 91, 92, 93]]
+    alone = []
+    for p in prompts:
+        c = run(engine, expert, p, 12)
+        assert c.done.wait(30)
+        alone.append("".join(c.text))
+    # Now together, the later ones joining a batch already under way (different lengths: padding).
+    together = [run(engine, expert, prompts[0], 12)]
+    time.sleep(0.01)
+    together += [run(engine, expert, p, 12) for p in prompts[1:]]
+    for c in together:
+        assert c.done.wait(30) and c.finish == "length"
+    assert ["".join(c.text) for c in together] == alone
+
+
+def test_stop_strings_end_generation_without_emitting_them(engine: Engine) -> None:
+    expert = engine.experts[1]
+    full = run(engine, expert, [3, 4, 5], 30)
+    assert full.done.wait(30)
+    text = "".join(full.text)
+    stop = text[5:7]
+    cut = run(engine, expert, [3, 4, 5], 30, stop=(stop,))
+    assert cut.done.wait(30) and cut.finish == "stop"
+    assert "".join(cut.text) == text[: text.find(stop)]
+
+
+def test_cancelled_requests_leave_the_batch(engine: Engine) -> None:
+    c = Collector()
+    req = Request(engine.experts[0], [1, 2, 3], SamplingParams(max_tokens=100000, temperature=0), c)
+    engine.submit(req)
+    deadline = time.monotonic() + 10
+    while engine.active() == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    req.cancel()
+    assert c.done.wait(10) and c.finish == "cancelled"
+    deadline = time.monotonic() + 10
+    while engine.active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active() == 0
+
+
+def test_prefetch_moves_the_next_expert_up_while_one_decodes(engine: Engine) -> None:
+    a, b = engine.experts[2], engine.experts[3]
+    long = run(engine, a, [1, 2, 3], 300)
+    time.sleep(0.05)
+    short = run(engine, b, [1, 2], 3)  # queued behind a: the engine prefetches b
+    assert long.done.wait(60) and short.done.wait(60)
+    s = engine.tiers.stats
+    assert s.prefetch_loads >= 1
+    assert s.hits["device"] >= 1  # b was already on the device when the engine switched to it
+
+
+def test_fairness_bound_preempts_a_busy_expert() -> None:
+    now = [0.0]
+    sch = Scheduler("ours", max_batch=4, max_wait_s=2.0, clock=lambda: now[0])
+
+    def req(expert: str) -> Request:
+        return Request(expert, [1], SamplingParams(), lambda ev: None, arrived=now[0])
+
+    for _ in range(3):
+        sch.submit(req("a"))
+    sch.submit(req("b"))
+    assert sch.choose(None, {}, set()) == "a"  # the most work first
+    sch.take("a", 0)
+    for t in (0.5, 1.0, 1.9):  # a keeps its batch busy and new a-requests keep coming
+        now[0] = t
+        sch.submit(req("a"))
+        assert sch.choose("a", {"a": 3}, {"a"}) == "a"
+    now[0] = 2.01  # b has now waited longer than max_wait: it runs next, a is set aside
+    assert sch.choose("a", {"a": 4}, {"a"}) == "b"
+    sch.set_paused("a", True)
+    got = sch.take("b", 0)
+    assert [r.expert for r in got] == ["b"]
+    now[0] = 2.5
+    assert sch.choose("b", {"a": 4}, {"b"}) == "a"  # b has nothing left: back to a's paused batch
+
+
+def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
+    now = [0.0]
+    sch = Scheduler("fcfs-lru", max_batch=16, max_wait_s=2.0, clock=lambda: now[0])
+    for i, e in enumerate("abab"):
+        sch.submit(Request(e, [1], SamplingParams(), lambda ev: None, arrived=float(i)))
+    assert sch.choose(None, {}, set()) == "a"
+    assert len(sch.take("a", 0)) == 1
+    assert sch.choose("a", {"a": 1}, {"a"}) == "a"  # runs to completion
+    assert sch.choose("a", {}, {"a"}) == "b"  # then strictly the oldest, even if a switch is needed
