@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", default="ours", help="ours (batch by expert, prefetch) or fcfs-lru (baseline)"
     )
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per expert")
-    sv.add_argument("--max-wait", type=float, default=2.0, help="seconds before a waiting expert preempts")
+    sv.add_argument(
+        "--max-wait", type=float, default=5.0, help="seconds before a waiting expert goes next (5)"
+    )
 
     pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
     pl.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
@@ -150,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--reader-threads", type=int, default=4, help="parallel disk reads (default 4)")
     sw.add_argument("--json", action="store_true")
+    bs = bb.add_parser("serve", help="the HTTP server under a Zipf workload: ours against fcfs-lru")
+    bs.add_argument("--bundle", required=True, type=Path)
+    bs.add_argument("--device-budget", help="e.g. 400MiB: how many experts fit at once")
+    bs.add_argument("--host-budget", help="default: the whole bundle, up to half of free RAM")
+    bs.add_argument("--workload", default="zipf:1.0")
+    bs.add_argument("--requests", type=int, default=200)
+    bs.add_argument("--concurrency", type=int, default=16)
+    bs.add_argument("--policy", help="ours or fcfs-lru (default: both, same run)")
+    bs.add_argument("--max-tokens", type=int, default=32)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--no-alone", action="store_true", help="skip the plain transformers generate reference")
+    bs.add_argument("--max-wait", type=float, default=5.0, help="the servers' --max-wait (default 5.0)")
+    bs.add_argument("--json", action="store_true")
     return p
 
 
@@ -182,6 +197,29 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.verb in ("router", "route"):
         return _router(args)
+    if args.verb == "bench" and args.what == "serve":
+        from wallbreak.coe.bench_serve import BenchServeArgs, format_bench_serve, run_bench_serve
+        from wallbreak.units import parse_size
+
+        if args.policy not in (None, "ours", "fcfs-lru"):
+            raise WallbreakError(f"--policy {args.policy!r}: choose ours or fcfs-lru")
+        res = run_bench_serve(
+            BenchServeArgs(
+                args.bundle,
+                parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
+                parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
+                args.workload,
+                args.requests,
+                args.concurrency,
+                (args.policy,) if args.policy else ("ours", "fcfs-lru"),
+                args.max_tokens,
+                args.seed,
+                not args.no_alone,
+                args.max_wait,
+            )
+        )
+        print(json.dumps(res) if args.json else format_bench_serve(res))
+        return 0
     if args.verb == "bench":
         from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
 

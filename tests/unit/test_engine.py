@@ -107,7 +107,7 @@ def test_prefetch_moves_the_next_expert_up_while_one_decodes(engine: Engine) -> 
     assert s.hits["device"] >= 1  # b was already on the device when the engine switched to it
 
 
-def test_fairness_bound_preempts_a_busy_expert() -> None:
+def test_fairness_bound_drains_then_preempts_a_busy_expert() -> None:
     now = [0.0]
     sch = Scheduler("ours", max_batch=4, max_wait_s=2.0, clock=lambda: now[0])
 
@@ -118,18 +118,26 @@ def test_fairness_bound_preempts_a_busy_expert() -> None:
         sch.submit(req("a"))
     sch.submit(req("b"))
     assert sch.choose(None, {}, set()) == "a"  # the most work first
-    sch.take("a", 0)
-    for t in (0.5, 1.0, 1.9):  # a keeps its batch busy and new a-requests keep coming
+    assert len(sch.take("a", 0)) == 3
+    for t in (0.5, 1.0, 1.9):  # new a-requests keep arriving and join the running batch
         now[0] = t
         sch.submit(req("a"))
         assert sch.choose("a", {"a": 3}, {"a"}) == "a"
-    now[0] = 2.01  # b has now waited longer than max_wait: it runs next, a is set aside
+        assert len(sch.take("a", 3)) == 1
+    now[0] = 2.01  # b is overdue: a's batch takes nobody new, so it drains
+    sch.submit(req("a"))
+    assert sch.choose("a", {"a": 3}, {"a"}) == "a"
+    assert sch.take("a", 3) == []
+    assert sch.choose("a", {}, {"a"}) == "b"  # drained: b runs, although a has more waiting
+    assert [r.expert for r in sch.take("b", 0)] == ["b"]
+    # A batch that does not drain is preempted once someone has waited 3 x max_wait.
+    now[0] = 10.0
+    sch.submit(req("b"))
+    assert sch.choose("a", {"a": 4}, {"a"}) == "a"
+    now[0] = 16.01
     assert sch.choose("a", {"a": 4}, {"a"}) == "b"
     sch.set_paused("a", True)
-    got = sch.take("b", 0)
-    assert [r.expert for r in got] == ["b"]
-    now[0] = 2.5
-    assert sch.choose("b", {"a": 4}, {"b"}) == "a"  # b has nothing left: back to a's paused batch
+    assert sch.upcoming(exclude="b")[0] == "a"  # the paused batch is next in line for prefetch
 
 
 def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:

@@ -40,7 +40,7 @@ class ExpertUnavailable(WallbreakError):
 class EngineConfig:
     policy: str = "ours"
     max_batch: int = 16
-    max_wait_s: float = 2.0
+    max_wait_s: float = 5.0
     max_queue: int = 256
     prefetch: bool = True
 

@@ -74,21 +74,33 @@ class Batch:
         return out.logits[:, -1], cache
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
+        """Prefill the new requests together (left-padded to one length) and merge them in."""
         device = next(model.parameters()).device
+        live = []
         for req in reqs:
             if req.cancelled.is_set():
                 req.emit(Event(finish_reason="cancelled"))
-                continue
-            ids = torch.tensor([req.prompt_ids], device=device)
-            logits, cache = self._forward(model, ids)
+            else:
+                live.append(req)
+        if not live:
+            return
+        t = max(len(r.prompt_ids) for r in live)
+        ids = torch.zeros(len(live), t, dtype=torch.long, device=device)
+        mask = torch.zeros(len(live), t, dtype=torch.long, device=device)
+        for i, r in enumerate(live):
+            n = len(r.prompt_ids)
+            ids[i, t - n :] = torch.tensor(r.prompt_ids, device=device)
+            mask[i, t - n :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(model, ids, attention_mask=mask, position_ids=pos)
+        self._merge(cache, mask)
+        for i, req in enumerate(live):
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
-            seq = Seq(req, pos=len(req.prompt_ids), gen=gen)
-            self._merge(cache, len(req.prompt_ids), device)
-            self.seqs.append(seq)
+            self.seqs.append(Seq(req, pos=len(req.prompt_ids), gen=gen))
             self.next.append(-1)
-            self._take(len(self.seqs) - 1, logits[0])
+            self._take(len(self.seqs) - 1, logits[i])
         self._drop_finished()
 
     def step(self, model: nn.Module) -> int:
@@ -118,20 +130,22 @@ class Batch:
     def _layers(self, cache: Any) -> list[Any]:
         return list(cache.layers)
 
-    def _merge(self, cache: Any, length: int, device: torch.device) -> None:
-        new_mask = torch.ones(1, length, dtype=torch.long, device=device)
+    def _merge(self, cache: Any, new_mask: torch.Tensor) -> None:
+        """Append rows to the batch: pad the shorter of (batch, newcomers) on the left in time."""
         if self.cache is None or not self.seqs:
             self.cache, self.mask = cache, new_mask
             return
         assert self.mask is not None
-        t_old = self.mask.shape[1]
-        t = max(t_old, length)
+        t_old, t_new = self.mask.shape[1], new_mask.shape[1]
+        t = max(t_old, t_new)
         for old, new in zip(self._layers(self.cache), self._layers(cache), strict=True):
-            ok, ov = old.keys, old.values
-            nk, nv = new.keys, new.values
-            old.keys = torch.cat([F.pad(ok, (0, 0, t - t_old, 0)), F.pad(nk, (0, 0, t - length, 0))])
-            old.values = torch.cat([F.pad(ov, (0, 0, t - t_old, 0)), F.pad(nv, (0, 0, t - length, 0))])
-        self.mask = torch.cat([F.pad(self.mask, (t - t_old, 0)), F.pad(new_mask, (t - length, 0))])
+            old.keys = torch.cat(
+                [F.pad(old.keys, (0, 0, t - t_old, 0)), F.pad(new.keys, (0, 0, t - t_new, 0))]
+            )
+            old.values = torch.cat(
+                [F.pad(old.values, (0, 0, t - t_old, 0)), F.pad(new.values, (0, 0, t - t_new, 0))]
+            )
+        self.mask = torch.cat([F.pad(self.mask, (t - t_old, 0)), F.pad(new_mask, (t - t_new, 0))])
 
     def _take(self, i: int, logits: torch.Tensor) -> None:
         """Sample the next token of sequence i and stream it; mark the sequence done if it ends."""

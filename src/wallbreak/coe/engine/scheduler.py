@@ -1,11 +1,12 @@
 """Which expert's batch runs next.
 
-`ours`: stay on the expert that is loaded while it has work (a switch costs a weight move), batch
-every request for it, and when nothing is left pick the expert with the most work (preferring one
-already resident). Fairness: once any request, or a paused batch, has waited longer than
-`max_wait_s`, the oldest such expert runs next, preempting the current batch between steps; its KV
-cache is kept, so nothing is recomputed. A request therefore waits at most about max_wait_s plus
-one switch plus one decode step per expert ahead of it in the overdue line.
+`ours`: a switch costs a weight move, so an expert's batch runs until it drains, taking in new
+requests for that expert between steps (continuous batching); when it drains, the expert with the
+most waiting work runs next (preferring one already resident). Fairness: once another expert has a
+request older than `max_wait_s`, the running batch stops taking new requests, so it drains and the
+oldest overdue expert runs next; a request therefore waits at most about max_wait_s plus the rest
+of one batch. A batch that is still running past 3 x max_wait_s is preempted between steps (its KV
+cache is kept, so nothing is recomputed when it resumes).
 
 `fcfs-lru`: the Samba-CoE-style baseline: the oldest request runs alone to completion, then the next.
 """
@@ -27,12 +28,13 @@ class Scheduler:
         self,
         policy: str = "ours",
         max_batch: int = 16,
-        max_wait_s: float = 2.0,
+        max_wait_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self.max_batch = 1 if policy == "fcfs-lru" else max_batch
         self.max_wait_s = max_wait_s
+        self.hard_wait_s = 3 * max_wait_s
         self.clock = clock
         self.waiting: dict[str, deque[Request]] = {}
         self.paused: dict[str, float] = {}  # expert -> when its unfinished batch was set aside
@@ -65,15 +67,18 @@ class Scheduler:
                     return current  # one request at a time, run to completion
                 return min((e for e in work if self.waiting.get(e)), key=lambda e: self.waiting[e][0].arrived)
             now = self.clock()
+            if current is not None and active.get(current):
+                hard = [
+                    (t, e)
+                    for e in work
+                    if e != current and (t := self._oldest(e)) is not None and now - t > self.hard_wait_s
+                ]
+                return min(hard)[1] if hard else current
             overdue = [
-                (t, e)
-                for e in work
-                if e != current and (t := self._oldest(e)) is not None and now - t > self.max_wait_s
+                (t, e) for e in work if (t := self._oldest(e)) is not None and now - t > self.max_wait_s
             ]
             if overdue:
                 return min(overdue)[1]
-            if current in work:
-                return current
 
             def rank(e: str) -> tuple[int, int, float]:
                 size = len(self.waiting.get(e, ())) + active.get(e, 0)
@@ -82,9 +87,17 @@ class Scheduler:
             return min(work, key=rank)
 
     def take(self, expert: str, active: int) -> list[Request]:
-        """Requests of `expert` to admit into its batch now."""
+        """Requests of `expert` to admit into its batch now: none while another expert is overdue,
+        so the batch drains and that expert gets its turn."""
         with self.lock:
             q = self.waiting.get(expert)
+            if self.policy == "ours" and active:
+                now = self.clock()
+                if any(
+                    e != expert and (t := self._oldest(e)) is not None and now - t > self.max_wait_s
+                    for e in self.waiting
+                ):
+                    return []
             room = self.max_batch - active
             out = []
             while q and room > 0:

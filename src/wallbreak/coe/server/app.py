@@ -67,6 +67,8 @@ def create_app(engine: Engine, router: Router | None, api_key: str | None = None
             "unavailable": engine.broken,
             "queue": engine.queue_depth(),
             "active": engine.active(),
+            "engine": dict(engine.stats.__dict__),
+            "tiers": engine.tiers.stats.summary(),
         }
 
     @app.get("/metrics")

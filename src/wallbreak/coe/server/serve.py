@@ -33,7 +33,7 @@ class ServeOptions:
     device: str = "cpu"
     policy: str = "ours"
     max_batch: int = 16
-    max_wait_s: float = 2.0
+    max_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -1,0 +1,263 @@
+"""`wallbreak bench serve`: drive the real HTTP server with a Zipf workload, for each policy.
+
+Each policy gets a fresh `wallbreak serve` process (same bundle, same budgets) on a free port, and
+the same request sequence: expert i drawn with probability ~ 1/rank^s, pinned by name, streamed,
+from C client threads. Reported per policy: requests/s, output tokens/s, p50/p99 latency, p50
+time to first token, switches and the achieved switch GB/s.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wallbreak.coe.bundle import Bundle
+from wallbreak.errors import ConfigError
+
+PROMPT = "Tell me something about the weather, the sea, and the mountains today."
+
+
+@dataclass
+class BenchServeArgs:
+    bundle: Path
+    device_budget: int | None = None
+    host_budget: int | None = None
+    workload: str = "zipf:1.0"
+    requests: int = 200
+    concurrency: int = 16
+    policies: tuple[str, ...] = ("ours", "fcfs-lru")
+    max_tokens: int = 32
+    seed: int = 0
+    alone: bool = True
+    max_wait: float = 5.0
+
+
+def zipf_sequence(workload: str, experts: list[str], n: int, seed: int) -> list[str]:
+    kind, _, arg = workload.partition(":")
+    if kind != "zipf":
+        raise ConfigError(f"--workload {workload!r}: only zipf:S is supported (e.g. zipf:1.0)")
+    try:
+        s = float(arg or "1.0")
+    except ValueError:
+        raise ConfigError(f"--workload {workload!r}: S must be a number, as in zipf:1.0") from None
+    if s < 0:
+        raise ConfigError(f"--workload zipf:{s}: the exponent must be >= 0")
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, len(experts) + 1) ** s
+    order = rng.permutation(len(experts))  # which expert is popular is not tied to its name
+    picks = rng.choice(len(experts), size=n, p=w / w.sum())
+    return [experts[order[i]] for i in picks]
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+class _Server:
+    """`wallbreak serve` in its own process, so the load generator does not share its GIL."""
+
+    def __init__(self, a: BenchServeArgs, policy: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [
+            sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(a.bundle),
+            "--port", str(self.port), "--policy", policy, "--max-queue", str(max(256, a.requests)),
+            "--max-wait", str(a.max_wait),
+        ]  # fmt: skip
+        if a.device_budget:
+            self.cmd += ["--device-budget", str(a.device_budget)]
+        if a.host_budget:
+            self.cmd += ["--host-budget", str(a.host_budget)]
+        self.proc: subprocess.Popen[str] | None = None
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=30) as r:
+            return dict(json.loads(r.read()))
+
+    def __enter__(self) -> _Server:
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise ConfigError(f"the benchmark server exited: {err.strip().splitlines()[-1:]}")
+            try:
+                self.health()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise ConfigError("the benchmark server did not come up within 300 s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _one(url: str, expert: str, max_tokens: int) -> tuple[float, float | None, int, bool]:
+    body = {
+        "model": expert,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    ok = False
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    ok = True
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    break
+                if msg.get("choices") and msg["choices"][0].get("text") and first is None:
+                    first = time.perf_counter() - t0
+                if msg.get("usage"):
+                    tokens = int(msg["usage"]["completion_tokens"])
+    except OSError:
+        ok = False
+    return time.perf_counter() - t0, first, tokens, ok
+
+
+def drive(url: str, sequence: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    results: list[tuple[float, float | None, int, bool]] = [(0.0, None, 0, False)] * len(sequence)
+    nxt = iter(range(len(sequence)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            results[i] = _one(url, sequence[i], max_tokens)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = [r[0] for r in results if r[3]]
+    ttft = [r[1] for r in results if r[3] and r[1] is not None]
+    return {
+        "req_per_s": len(lat) / wall,
+        "tokens_per_s": sum(r[2] for r in results if r[3]) / wall,
+        "p50_s": float(np.percentile(lat, 50)) if lat else None,
+        "p99_s": float(np.percentile(lat, 99)) if lat else None,
+        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+        "failed": len(sequence) - len(lat),
+        "wall_s": wall,
+    }
+
+
+def transformers_alone(bundle: Bundle, expert: str, n: int, max_tokens: int) -> dict[str, Any]:
+    """The same expert through plain `generate`, one request at a time: the engine's floor."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from wallbreak.coe.tiers import TierConfig, TierManager
+
+    size = bundle.expert(expert).total_bytes
+    tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path(expert)))
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with (
+        TierManager(bundle, TierConfig(host_budget=size, device_budget=size), [expert]) as mgr,
+        mgr.acquire(expert) as lease,
+        torch.inference_mode(),
+    ):
+        model: Any = lease.model
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        made = 0
+        for _ in range(n):
+            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            made += out.shape[1] - ids.shape[1]
+        wall = time.perf_counter() - t0
+    return {"requests": n, "tokens_per_s": made / wall, "req_per_s": n / wall}
+
+
+def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
+    bundle = Bundle.open(a.bundle)
+    if a.requests < 1 or a.concurrency < 1:
+        raise ConfigError("--requests and --concurrency must be at least 1")
+    seq = zipf_sequence(a.workload, bundle.names, a.requests, a.seed)
+    out: dict[str, Any] = {
+        "policies": {},
+        "workload": a.workload,
+        "requests": a.requests,
+        "concurrency": a.concurrency,
+    }
+    for policy in a.policies:
+        with _Server(a, policy) as srv:
+            drive(srv.url, seq[: min(len(seq), a.concurrency)], a.concurrency, 2)  # warm-up: first loads
+            h0 = srv.health()
+            res = drive(srv.url, seq, a.concurrency, a.max_tokens)
+            h1 = srv.health()
+            e0, e1 = h0["engine"], h1["engine"]
+            dt = e1["switch_seconds"] - e0["switch_seconds"]
+            res["switches"] = e1["switches"] - e0["switches"]
+            res["switch_gb_per_s"] = (e1["switch_bytes"] - e0["switch_bytes"]) / dt / 1e9 if dt > 0 else None
+            res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
+            res["tiers"] = h1["tiers"]
+        out["policies"][policy] = res
+    p = out["policies"]
+    if "ours" in p and "fcfs-lru" in p and p["fcfs-lru"]["req_per_s"] > 0:
+        out["speedup"] = p["ours"]["req_per_s"] / p["fcfs-lru"]["req_per_s"]
+    if a.alone:
+        popular = max(set(seq), key=seq.count)
+        out["transformers_generate_alone"] = {"expert": popular} | transformers_alone(
+            bundle, popular, min(10, a.requests), a.max_tokens
+        )
+    return out
+
+
+def format_bench_serve(out: dict[str, Any]) -> str:
+    lines = [f"workload {out['workload']}, {out['requests']} requests, concurrency {out['concurrency']}"]
+    for name, r in out["policies"].items():
+        gbps = f"{r['switch_gb_per_s']:.2f} GB/s" if r["switch_gb_per_s"] else "-"
+        lines.append(
+            f"  {name:<9} {r['req_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
+            f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  ttft p50 {r['ttft_p50_s']:.2f} s  "
+            f"switches {r['switches']} ({gbps})" + (f"  FAILED {r['failed']}" if r["failed"] else "")
+        )
+    if "speedup" in out:
+        lines.append(f"  ours / fcfs-lru: {out['speedup']:.2f}x requests/s")
+    if "transformers_generate_alone" in out:
+        t = out["transformers_generate_alone"]
+        lines.append(
+            f"  transformers generate, {t['expert']} alone, one at a time: {t['tokens_per_s']:.1f} tok/s"
+        )
+    return "\n".join(lines)
