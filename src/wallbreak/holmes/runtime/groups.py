@@ -1,0 +1,112 @@
+"""Process groups from the plan, each built while its own NIC variables are set.
+
+gloo reads GLOO_SOCKET_IFNAME and NCCL reads its NCCL_* variables when a communicator is created,
+so each group is created with its variables in place and then forced to connect (a barrier)
+before they are restored. The binding is then *checked*, not assumed: the sockets the group
+opened are looked up in /proc and their local addresses mapped to interfaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from wallbreak.holmes.runtime.plan_file import RunPlan
+
+SIOCGIFADDR = 0x8915
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def socket_inodes() -> set[int]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                out.add(int(target[8:-1]))
+    return out
+
+
+def local_addresses(inodes: set[int]) -> set[str]:
+    """Local IPs of the TCP sockets with these inodes (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        with contextlib.suppress(OSError), open(f"/proc/net/{name}") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if int(parts[9]) not in inodes:
+                    continue
+                hexip = parts[1].split(":")[0]
+                raw = bytes.fromhex(hexip)
+                if width == 8:
+                    ip = str(ipaddress.IPv4Address(raw[::-1]))
+                else:  # four little-endian 32-bit words
+                    ip6 = ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
+                    ip = str(ip6.ipv4_mapped or ip6)
+                found.add(ip)
+    return found
+
+
+def interface_of(ip: str) -> str | None:
+    for _, name in socket.if_nameindex():
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
+
+
+@dataclass
+class Groups:
+    pg: dict[str, Any] = field(default_factory=dict)  # kind -> this rank's ProcessGroup
+    ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    interfaces: dict[str, list[str]] = field(default_factory=dict)  # kind -> interfaces seen in use
+    wanted: dict[str, str | None] = field(default_factory=dict)
+
+
+def build_groups(plan: RunPlan, rank: int, timeout_s: float, backend: str) -> Groups:
+    """Create every group of the plan (all ranks, same order) and record what this rank's use."""
+    out = Groups()
+    for g in plan.groups:
+        env = dict(g.env)
+        if g.ifname:
+            env["GLOO_SOCKET_IFNAME"] = g.ifname
+            env.setdefault("NCCL_SOCKET_IFNAME", g.ifname)
+        mine = rank in g.ranks
+        before = socket_inodes() if mine else set()
+        with environment(env):
+            pg = dist.new_group(list(g.ranks), timeout=timedelta(seconds=timeout_s), backend=backend)
+            if mine and len(g.ranks) > 1:
+                dist.barrier(group=pg)  # connect now, while this group's variables are set
+        if mine:
+            out.pg[g.kind] = pg
+            out.ranks[g.kind] = g.ranks
+            out.wanted[g.kind] = g.ifname
+            if len(g.ranks) > 1:
+                ips = local_addresses(socket_inodes() - before)
+                out.interfaces[g.kind] = sorted({interface_of(ip) or ip for ip in ips})
+    return out

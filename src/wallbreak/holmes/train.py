@@ -1,0 +1,230 @@
+"""Run a plan: `torchrun ... -m wallbreak.holmes.train --plan PLAN.json [--steps N] ...`.
+
+Every rank checks the plan before touching torch.distributed, so a bad plan is one clear line on
+every rank and exit status 2, not a hang; collectives carry a timeout, so a dead peer is an error.
+Under torchrun's elastic restart (--max-restarts) a restarted job resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from wallbreak.common.gpt import GPT, lm_loss
+from wallbreak.errors import ConfigError, WallbreakError
+from wallbreak.holmes.runtime import checkpoint
+from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
+from wallbreak.holmes.runtime.groups import build_groups
+from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
+from wallbreak.holmes.runtime.plan_file import RunPlan, load_plan
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m wallbreak.holmes.train", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--data", type=Path, help="text file or directory (default: the Python standard library)")
+    p.add_argument("--tokenizer", type=Path, help="Hugging Face tokenizer folder (default: bytes)")
+    p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", type=Path)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir"
+    )
+    p.add_argument("--log", type=Path, help="JSON-lines log (default: CHECKPOINT_DIR/train.jsonl, if given)")
+    p.add_argument("--profile", type=Path, help="write a torch profiler trace of steps 2-3 here")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
+    p.add_argument("--backend", default="auto", help="gloo, nccl or auto (nccl when CUDA is available)")
+    return p.parse_args(argv)
+
+
+def fail(rank: int, msg: str) -> int:
+    print(f"wallbreak: error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return fail(0, "run this under torchrun (or use `wallbreak train --plan PLAN --nproc N`)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        plan = load_plan(a.plan, world)
+        if plan.tp > 1:
+            raise ConfigError(
+                f"{a.plan}: tp={plan.tp}: the runtime runs tensor-parallel degree 1 only for now; "
+                "plan with --tp 1"
+            )
+        if a.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {a.steps}")
+        if (a.resume or a.checkpoint_every) and a.checkpoint_dir is None:
+            raise ConfigError("--resume and --checkpoint-every need --checkpoint-dir")
+        tokens = tokenize(read_text(a.data or default_corpus()), a.tokenizer, plan.model.vocab)
+        data = Batches(tokens, plan.model.seq_len, plan.global_batch, a.seed)
+    except WallbreakError as e:
+        return fail(rank, str(e))
+    backend = a.backend if a.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return Trainer(a, plan, data, rank, backend).run()
+    except WallbreakError as e:
+        return fail(rank, str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, a: argparse.Namespace, plan: RunPlan, data: Batches, rank: int, backend: str) -> None:
+        self.a, self.plan, self.data, self.rank = a, plan, data, rank
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
+        )
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend, timeout=timedelta(seconds=a.timeout))
+        t0 = time.perf_counter()
+        self.groups = build_groups(plan, rank, a.timeout, backend)
+        self.setup_s = time.perf_counter() - t0
+        self.stage = plan.stage_of(rank)
+        self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
+        torch.manual_seed(a.seed)
+        self.module = GPT(plan.model, a.seed, plan.layer_range(self.stage), self.first, self.last).to(
+            self.device
+        )
+        self.opt = torch.optim.AdamW(self.module.parameters(), lr=a.lr, weight_decay=0.0)
+        pp_ranks = self.groups.ranks["pp"]
+        i = pp_ranks.index(rank)
+        self.p2p = P2P(
+            pp_ranks[i - 1] if i > 0 else None, pp_ranks[i + 1] if i + 1 < len(pp_ranks) else None,
+            self.groups.pg["pp"],
+        )  # fmt: skip
+        self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
+        self.log_path = a.log or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
+
+    def announce(self) -> None:
+        for kind in ("dp", "pp", "tp"):
+            want = self.groups.wanted.get(kind)
+            seen = self.groups.interfaces.get(kind, [])
+            print(
+                f"wallbreak: rank {self.rank} {kind} group {list(self.groups.ranks[kind])}: "
+                f"interface {','.join(seen) or '(no sockets: local group)'}"
+                + (f" (plan: {want})" if want else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+            if want and seen and seen != [want]:
+                raise ConfigError(
+                    f"{kind} group was meant to use {want} but its sockets are on {', '.join(seen)}"
+                )
+
+    def state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "model": self.module.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def run(self) -> int:
+        a, plan = self.a, self.plan
+        self.announce()
+        start = 0
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if a.checkpoint_dir and (a.resume or restarted):
+            step = checkpoint.latest(a.checkpoint_dir)
+            if step is not None:
+                st = checkpoint.load(a.checkpoint_dir, step, plan, self.stage)
+                self.module.load_state_dict(st["model"])
+                self.opt.load_state_dict(st["optimizer"])
+                start = step
+                if self.rank == 0:
+                    print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}", file=sys.stderr)
+            elif a.resume:
+                raise ConfigError(f"--resume: no complete checkpoint in {a.checkpoint_dir}")
+        log = None
+        if self.log_path and self.rank == 0:
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(self.log_path, "a")  # noqa: SIM115
+            except OSError as e:
+                raise ConfigError(f"cannot write the log {self.log_path}: {e.strerror}") from None
+        act = (plan.micro_batch, plan.model.seq_len, plan.model.hidden)
+        tokens_per_step = plan.global_batch * plan.model.seq_len
+        prof: Any = nullcontext()
+        if a.profile and self.rank == 0:
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            prof = profile(
+                activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=2, repeat=1)
+            )
+        try:
+            with prof:
+                for step in range(start, a.steps):
+                    shard = self.data.shard(step, plan.dp_index(self.rank), plan.dp, plan.micro_batch)
+                    t0 = time.perf_counter()
+                    self.p2p.wait_s = self.sync.wait_s = 0.0
+                    loss = run_schedule(
+                        a.schedule, self.module, self.p2p, self.sync,
+                        [x.to(self.device) for x, _ in shard], [y.to(self.device) for _, y in shard],
+                        self.stage, plan.pp, act, lm_loss,
+                    )  # fmt: skip
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    # The last stage's replicas hold the loss; one world all-reduce tells every rank.
+                    t = torch.tensor(
+                        [loss / plan.dp if self.last else 0.0], dtype=torch.float64, device=self.device
+                    )
+                    dist.all_reduce(t)
+                    dt = time.perf_counter() - t0
+                    rec = {
+                        "step": step + 1,
+                        "loss": float(t.item()),
+                        "step_s": dt,
+                        "tokens_per_s": tokens_per_step / dt,
+                        "pp_wait_s": self.p2p.wait_s,
+                        "dp_sync_wait_s": self.sync.wait_s,
+                        "schedule": a.schedule,
+                    }
+                    if self.rank == 0:
+                        print(
+                            f"step {step + 1}/{a.steps}  loss {rec['loss']:.4f}  {dt:.3f} s  "
+                            f"{rec['tokens_per_s']:.0f} tok/s  pp wait {self.p2p.wait_s:.3f} s  "
+                            f"dp sync wait {self.sync.wait_s:.3f} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        if log:
+                            log.write(json.dumps(rec) + "\n")
+                            log.flush()
+                    if hasattr(prof, "step"):
+                        prof.step()
+                    done = step + 1
+                    if a.checkpoint_dir and (
+                        done == a.steps or (a.checkpoint_every and done % a.checkpoint_every == 0)
+                    ):
+                        write = plan.dp_index(self.rank) == 0
+                        checkpoint.save(
+                            a.checkpoint_dir, done, plan, self.stage, write, self.rank, self.state(done)
+                        )
+        finally:
+            if log:
+                log.close()
+        if a.profile and self.rank == 0 and hasattr(prof, "export_chrome_trace"):
+            a.profile.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(a.profile / "trace.json"))
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

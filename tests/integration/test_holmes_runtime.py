@@ -1,0 +1,162 @@
+"""The Holmes runtime under torchrun (gloo, CPU): pp=2 x dp=2 with an uneven split must train
+exactly like one process; resume must continue the same loss curve; bad plans fail on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wallbreak.common.gpt import GPT, GPTConfig, lm_loss
+from wallbreak.holmes.launch import emit_launch
+from wallbreak.holmes.report import make_report
+from wallbreak.holmes.runtime.data import Batches, read_text, tokenize
+from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.topology import parse_topology
+
+CPU_CLUSTER = """
+name: localhost
+gpu: {name: cpu, peak_tflops: 0.05, memory_gib: 8}
+clusters:
+  - name: local
+    nodes: 1
+    gpus_per_node: 4
+    nic: {kind: ethernet, gbps: 10}
+    intra_node: {kind: pcie, gbps: 100}
+"""
+MODEL = dict(layers=4, hidden=32, heads=4, seq_len=16, vocab=256)
+STEPS = 5
+LR = 1e-3
+
+
+def make_plan(tmp: Path, layers: list[int] | None = None, pp: int = 2, dp: int = 2, **edit: object) -> Path:
+    m = ModelSpec("tiny", MODEL["layers"], MODEL["hidden"], MODEL["heads"], MODEL["seq_len"], MODEL["vocab"])
+    report = make_report(
+        parse_topology(CPU_CLUSTER, "cpu"), m, TrainingSpec(global_batch=8, micro_batch=2), tp=1, pp=pp, dp=dp
+    )
+    out = tmp / f"launch-{pp}x{dp}"
+    emit_launch(report, out)
+    path = out / "plan.json"
+    raw = json.loads(path.read_text())
+    if layers is not None:
+        for s, n in zip(raw["stages"], layers, strict=True):
+            s["layers"] = n
+    raw.update(edit)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    f = tmp_path_factory.mktemp("data") / "corpus.txt"
+    f.write_text(
+        "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(400))
+    )
+    return f
+
+
+def torchrun(plan: Path, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "wallbreak.holmes.train", "--plan", str(plan), *args,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def reference(corpus: Path, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same model, data and optimizer in one process, on the whole global batch at once."""
+    c = GPTConfig(**MODEL)  # type: ignore[arg-type]
+    model = GPT(c, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    data = Batches(tokenize(read_text(corpus), None, c.vocab), c.seq_len, 8, seed=0)
+    losses = []
+    for step in range(steps):
+        x, y = data.batch(step)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, {f"L{k}": v for k, v in model.state_dict().items()}
+
+
+def stage_params(ckpt: Path, step: int, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Rename each stage's parameters back to the full model's names."""
+    out = {}
+    start = 0
+    for s, n in enumerate(layers):
+        st = torch.load(ckpt / f"step-{step:08d}" / f"stage-{s}.pt", weights_only=False)["model"]
+        for k, v in st.items():
+            if k.startswith("blocks."):
+                _, i, rest = k.split(".", 2)
+                k = f"blocks.{start + int(i)}.{rest}"
+            out[f"L{k}"] = v
+        start += n
+    return out
+
+
+def losses(log: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pp2_dp2_uneven_matches_one_process(tmp_path: Path, corpus: Path, schedule: str) -> None:
+    plan = make_plan(tmp_path, layers=[3, 1])
+    ck = tmp_path / "ck"
+    r = torchrun(plan, 4, "--steps", str(STEPS), "--schedule", schedule, "--data", str(corpus),
+                 "--lr", str(LR), "--checkpoint-dir", str(ck))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_losses, ref_params = reference(corpus, STEPS)
+    got = losses(ck / "train.jsonl")
+    assert got == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    params = stage_params(ck, STEPS, [3, 1])
+    assert params.keys() == ref_params.keys()
+    for k, v in ref_params.items():
+        torch.testing.assert_close(params[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # Each group reports the interface it uses; all of them are the loopback here.
+    assert "rank 0 dp group [0, 1]: interface lo" in r.stderr
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> None:
+    plan = make_plan(tmp_path, layers=[2, 2])
+    full = torchrun(plan, 4, "--steps", "6", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "a"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = torchrun(plan, 4, "--steps", "3", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "b"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(
+        plan, 4, "--steps", "6", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "b"), "--resume"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after step 3" in resumed.stderr
+    assert losses(tmp_path / "b" / "train.jsonl") == losses(tmp_path / "a" / "train.jsonl")
+    # A checkpoint from another plan is refused, clearly.
+    other = make_plan(tmp_path, layers=[3, 1])
+    bad = torchrun(
+        other, 4, "--steps", "6", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "b"), "--resume"
+    )
+    assert bad.returncode != 0 and "written by a different plan" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "nproc", "needle"),
+    [
+        ({}, 2, "the plan is for 4 processes but torchrun started 2"),
+        ({"stages": [{"index": 0, "cluster": "local", "layers": 3, "ranks": [0, 1]},
+                     {"index": 1, "cluster": "local", "layers": 3, "ranks": [2, 3]}]}, 4, "sum to 6"),
+        ({"stages": [{"index": 0, "cluster": "local", "layers": 2, "ranks": [0, 1]},
+                     {"index": 1, "cluster": "local", "layers": 2, "ranks": [2]}]}, 4, "missing [3]"),
+    ],
+)  # fmt: skip
+def test_bad_plans_fail_on_every_rank_without_hanging(
+    tmp_path: Path, corpus: Path, edit: dict[str, object], nproc: int, needle: str
+) -> None:
+    plan = make_plan(tmp_path, **edit)  # type: ignore[arg-type]
+    r = torchrun(plan, nproc, "--steps", "2", "--data", str(corpus), timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count(needle) == nproc, r.stderr[-2000:]
