@@ -142,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--master-port", type=int, default=29500, help="rendezvous port in the launch scripts")
 
+    tr = verbs.add_parser(
+        "train",
+        help="run a plan on this machine under torchrun (the runtime's options pass through)",
+        description="Wraps `torchrun --standalone --nproc-per-node N -m wallbreak.holmes.train`; "
+        "options after the known ones (--steps, --schedule, --checkpoint-dir, --resume, --data, ...) "
+        "go to the runtime (see python -m wallbreak.holmes.train --help).",
+    )
+    tr.add_argument("--plan", required=True, type=Path)
+    tr.add_argument("--nproc", type=int, help="processes (default: the plan's world size)")
+    tr.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts after a failure")
+
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
     sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
@@ -173,6 +184,8 @@ def _run(args: argparse.Namespace) -> int:
         return _bundle(args)
     if args.verb == "plan":
         return _plan(args)
+    if args.verb == "train":
+        return _train(args)
     if args.verb == "serve":
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
@@ -231,6 +244,23 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0
     raise AssertionError(args.verb)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from wallbreak.holmes.runtime.plan_file import load_plan
+
+    plan = load_plan(args.plan)
+    nproc = args.nproc or plan.world_size
+    if nproc != plan.world_size:
+        raise WallbreakError(f"--nproc {nproc}: the plan {args.plan} needs {plan.world_size} processes")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={args.max_restarts}", "-m", "wallbreak.holmes.train", "--plan", str(args.plan),
+        *args.rest,
+    ]  # fmt: skip
+    return subprocess.call(cmd)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -370,7 +400,11 @@ def _bundle(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.verb != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

@@ -160,3 +160,54 @@ def test_bad_plans_fail_on_every_rank_without_hanging(
     r = torchrun(plan, nproc, "--steps", "2", "--data", str(corpus), timeout=120)
     assert r.returncode != 0
     assert r.stderr.count(needle) == nproc, r.stderr[-2000:]
+
+
+def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus: Path) -> None:
+    """torchrun --max-restarts 1: kill one worker mid-run; the restarted job resumes from the last
+    checkpoint and ends on exactly the losses of an uninterrupted run."""
+    import signal
+    import time
+
+    plan = make_plan(tmp_path, layers=[2, 2])
+    common = ["--steps", "60", "--data", str(corpus), "--checkpoint-every", "1"]
+    ref = torchrun(plan, 4, *common, "--checkpoint-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ck = tmp_path / "killed"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+        "--max-restarts=1", "-m", "wallbreak.holmes.train", "--plan", str(plan), *common,
+        "--checkpoint-dir", str(ck),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    log = ck / "train.jsonl"
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 5:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if (
+                    b"wallbreak.holmes.train" in cmdline
+                    and b"RANK=2" in environ
+                    and str(ck).encode() in cmdline
+                ):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed = int(pid)
+                    break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=240)
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming after step" in err
+    last: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        last[rec["step"]] = rec["loss"]
+    assert [last[s] for s in sorted(last)] == losses(tmp_path / "ref" / "train.jsonl")

@@ -97,7 +97,23 @@ class Trainer:
         )
         if backend == "nccl":
             torch.cuda.set_device(self.device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=a.timeout))
+        # Each elastic attempt gets its own key space in the rendezvous store: after a restart the
+        # store still holds the dead workers' addresses under the same group names.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=rank == 0 and not hosted,
+            timeout=timedelta(seconds=a.timeout),
+        )
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"wallbreak/attempt-{attempt}", store),
+            rank=rank,
+            world_size=plan.world_size,
+            timeout=timedelta(seconds=a.timeout),
+        )
         t0 = time.perf_counter()
         self.groups = build_groups(plan, rank, a.timeout, backend)
         self.setup_s = time.perf_counter() - t0
