@@ -211,3 +211,34 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
         rec = json.loads(line)
         last[rec["step"]] = rec["loss"]
     assert [last[s] for s in sorted(last)] == losses(tmp_path / "ref" / "train.jsonl")
+
+
+@pytest.mark.netns
+def test_each_group_uses_the_interface_its_plan_names(tmp_path: Path, corpus: Path) -> None:
+    """Two interfaces on one machine (loopback and one end of a veth pair): data-parallel groups
+    on lo, pipeline groups on the veth; the runtime checks each group's sockets and reports them."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to add a veth pair")
+    dev = "wbtest0"
+    subprocess.run(["ip", "link", "del", dev], capture_output=True)
+    subprocess.run(["ip", "link", "add", dev, "type", "veth", "peer", "name", "wbtest1"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.77.0.1/32", "dev", dev], check=True)
+        subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        plan = make_plan(tmp_path, layers=[2, 2])
+        raw = json.loads(plan.read_text())
+        for g in raw["groups"]["dp"]:
+            g["ifname"] = "lo"
+        for g in raw["groups"]["pp"]:
+            g["ifname"] = dev
+        plan.write_text(json.dumps(raw))
+        r = torchrun(plan, 4, "--steps", "2", "--data", str(corpus))
+        assert r.returncode == 0, r.stderr[-3000:]
+        for rank in range(4):
+            assert f"rank {rank} pp group" in r.stderr
+        assert f"rank 0 pp group [0, 2]: interface {dev} (plan: {dev})" in r.stderr
+        assert "rank 3 dp group [2, 3]: interface lo (plan: lo)" in r.stderr
+    finally:
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)

@@ -74,13 +74,14 @@ def _line(p: Prediction) -> str:
     return (
         f"{p.iteration_s:.3f} s/iteration = compute {b['compute_s']:.3f} + tp {b['tp_comm_s']:.3f} + "
         f"pp p2p {b['pp_p2p_s']:.3f} + bubble {b['bubble_s']:.3f} + exposed dp sync {b['dp_sync_s']:.3f}; "
-        f"{p.tflops_per_gpu:.1f} TFLOPS/GPU, {p.samples_per_s:.1f} samples/s"
+        f"{p.tflops_per_gpu:.3g} TFLOPS/GPU, {p.samples_per_s:.3g} samples/s"
         + ("" if p.fits else f"  [DOES NOT FIT: {p.reason}]")
     )
 
 
 def format_report(r: PlanReport) -> str:
     p, m, t = r.plan, r.plan.model, r.plan.training
+    rdma_job = len(r.topology.clusters) == 1 and r.topology.clusters[0].nic.rdma
     lines = [
         f"{r.topology.name}: {p.world_size} GPUs in {len(r.topology.clusters)} cluster(s); {m.name} "
         f"({m.params / 1e9:.1f}B params), global batch {t.global_batch}, micro-batch {t.micro_batch} "
@@ -104,7 +105,7 @@ def format_report(r: PlanReport) -> str:
         f"predicted ({p.placement}):  {_line(p.predicted)}",
         f"megatron baseline:   {_line(r.baseline.predicted)}",
         f"  (same degrees, GPUs in file order, even split, no overlap of the gradient sync, one NCCL "
-        f"transport for the job: {'RDMA' if r.baseline.stages[0].dp_transport not in ('tcp',) else 'TCP'})",
+        f"transport for the job: {'RDMA' if rdma_job else 'TCP between nodes'})",
         f"all-RDMA reference:  {_line(r.references['all_rdma'])}",
         f"all-Ethernet ref.:   {_line(r.references['all_ethernet'])}",
         f"speedup over megatron: {r.speedup:.2f}x",

@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir"
     )
-    p.add_argument("--log", type=Path, help="JSON-lines log (default: CHECKPOINT_DIR/train.jsonl, if given)")
+    p.add_argument(
+        "--log-file", type=Path, help="JSON-lines log (default: CHECKPOINT_DIR/train.jsonl, if given)"
+    )
     p.add_argument("--profile", type=Path, help="write a torch profiler trace of steps 2-3 here")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--backend", default="auto", help="gloo, nccl or auto (nccl when CUDA is available)")
@@ -131,7 +133,7 @@ class Trainer:
             self.groups.pg["pp"],
         )  # fmt: skip
         self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
-        self.log_path = a.log or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
+        self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
 
     def announce(self) -> None:
         for kind in ("dp", "pp", "tp"):
