@@ -34,12 +34,19 @@ STEPS = 5
 LR = 1e-3
 
 
-def make_plan(tmp: Path, layers: list[int] | None = None, pp: int = 2, dp: int = 2, **edit: object) -> Path:
+def make_plan(
+    tmp: Path, layers: list[int] | None = None, pp: int = 2, dp: int = 2, tp: int = 1, **edit: object
+) -> Path:
     m = ModelSpec("tiny", MODEL["layers"], MODEL["hidden"], MODEL["heads"], MODEL["seq_len"], MODEL["vocab"])
     report = make_report(
-        parse_topology(CPU_CLUSTER, "cpu"), m, TrainingSpec(global_batch=8, micro_batch=2), tp=1, pp=pp, dp=dp
+        parse_topology(CPU_CLUSTER, "cpu"),
+        m,
+        TrainingSpec(global_batch=8, micro_batch=2),
+        tp=tp,
+        pp=pp,
+        dp=dp,
     )
-    out = tmp / f"launch-{pp}x{dp}"
+    out = tmp / f"launch-{tp}x{pp}x{dp}"
     emit_launch(report, out)
     path = out / "plan.json"
     raw = json.loads(path.read_text())
@@ -105,9 +112,12 @@ def losses(log: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pp2_dp2_uneven_matches_one_process(tmp_path: Path, corpus: Path, schedule: str) -> None:
-    plan = make_plan(tmp_path, layers=[3, 1])
+@pytest.mark.parametrize(("schedule", "tp", "dp"), [("gpipe", 1, 2), ("1f1b", 1, 2), ("1f1b", 2, 1)])
+def test_pp2_uneven_matches_one_process(
+    tmp_path: Path, corpus: Path, schedule: str, tp: int, dp: int
+) -> None:
+    """pp=2 x dp=2 (both schedules), and pp=2 x tp=2 (tensor parallel from outside the model)."""
+    plan = make_plan(tmp_path, layers=[3, 1], tp=tp, dp=dp)
     ck = tmp_path / "ck"
     r = torchrun(plan, 4, "--steps", str(STEPS), "--schedule", schedule, "--data", str(corpus),
                  "--lr", str(LR), "--checkpoint-dir", str(ck))  # fmt: skip
@@ -120,7 +130,7 @@ def test_pp2_dp2_uneven_matches_one_process(tmp_path: Path, corpus: Path, schedu
     for k, v in ref_params.items():
         torch.testing.assert_close(params[k], v, rtol=1e-4, atol=1e-5, msg=k)
     # Each group reports the interface it uses; all of them are the loopback here.
-    assert "rank 0 dp group [0, 1]: interface lo" in r.stderr
+    assert f"rank 0 {'dp' if dp > 1 else 'tp'} group [0, 1]: interface lo" in r.stderr
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> None:

@@ -34,22 +34,28 @@ class GPTConfig:
 
 
 class Block(nn.Module):
+    # q, k and v are separate projections so that a column split of each gives whole heads
+    # (what tensor parallelism applied from outside needs); the forward works with whatever
+    # number of heads its projections hold.
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
-        self.heads = c.heads
+        self.head_dim = c.hidden // c.heads
         self.ln1 = nn.LayerNorm(c.hidden)
-        self.qkv = nn.Linear(c.hidden, 3 * c.hidden)
+        self.q = nn.Linear(c.hidden, c.hidden)
+        self.k = nn.Linear(c.hidden, c.hidden)
+        self.v = nn.Linear(c.hidden, c.hidden)
         self.proj = nn.Linear(c.hidden, c.hidden)
         self.ln2 = nn.LayerNorm(c.hidden)
         self.fc = nn.Linear(c.hidden, 4 * c.hidden)
         self.out = nn.Linear(4 * c.hidden, c.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(h, dim=-1)
-        q, k, v = (y.view(b, t, self.heads, h // self.heads).transpose(1, 2) for y in (q, k, v))
+        b, t, _ = x.shape
+        y = self.ln1(x)
+        q, k, v = (p(y) for p in (self.q, self.k, self.v))
+        q, k, v = (z.reshape(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, h))
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, -1))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 

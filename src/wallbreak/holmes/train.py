@@ -27,6 +27,7 @@ from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, to
 from wallbreak.holmes.runtime.groups import build_groups
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
 from wallbreak.holmes.runtime.plan_file import RunPlan, load_plan
+from wallbreak.holmes.runtime.tensor_parallel import apply_tp, full_state, load_full_state
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -68,11 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
         plan = load_plan(a.plan, world)
-        if plan.tp > 1:
-            raise ConfigError(
-                f"{a.plan}: tp={plan.tp}: the runtime runs tensor-parallel degree 1 only for now; "
-                "plan with --tp 1"
-            )
         if a.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {a.steps}")
         if (a.resume or a.checkpoint_every) and a.checkpoint_dir is None:
@@ -122,9 +118,10 @@ class Trainer:
         self.stage = plan.stage_of(rank)
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
         torch.manual_seed(a.seed)
-        self.module = GPT(plan.model, a.seed, plan.layer_range(self.stage), self.first, self.last).to(
-            self.device
-        )
+        layers = plan.layer_range(self.stage)
+        self.module = GPT(plan.model, a.seed, layers, self.first, self.last).to(self.device)
+        self.tp_index = rank % plan.tp
+        apply_tp(self.module, self.groups.pg["tp"], plan.tp, self.device.type)
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=a.lr, weight_decay=0.0)
         pp_ranks = self.groups.ranks["pp"]
         i = pp_ranks.index(rank)
@@ -152,7 +149,9 @@ class Trainer:
                 )
 
     def state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "model": self.module.state_dict(), "optimizer": self.opt.state_dict()}
+        """Full tensors (tensor-parallel shards gathered): every rank of a stage must call this."""
+        model, optim = full_state(self.module, self.opt)
+        return {"step": step, "model": model, "optimizer": optim}
 
     def run(self) -> int:
         a, plan = self.a, self.plan
@@ -163,8 +162,7 @@ class Trainer:
             step = checkpoint.latest(a.checkpoint_dir)
             if step is not None:
                 st = checkpoint.load(a.checkpoint_dir, step, plan, self.stage)
-                self.module.load_state_dict(st["model"])
-                self.opt.load_state_dict(st["optimizer"])
+                load_full_state(self.module, self.opt, st["model"], st["optimizer"])
                 start = step
                 if self.rank == 0:
                     print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}", file=sys.stderr)
@@ -201,7 +199,9 @@ class Trainer:
                     self.opt.zero_grad(set_to_none=True)
                     # The last stage's replicas hold the loss; one world all-reduce tells every rank.
                     t = torch.tensor(
-                        [loss / plan.dp if self.last else 0.0], dtype=torch.float64, device=self.device
+                        [loss / plan.dp if self.last and self.tp_index == 0 else 0.0],
+                        dtype=torch.float64,
+                        device=self.device,
                     )
                     dist.all_reduce(t)
                     dt = time.perf_counter() - t0
@@ -231,7 +231,7 @@ class Trainer:
                     if a.checkpoint_dir and (
                         done == a.steps or (a.checkpoint_every and done % a.checkpoint_every == 0)
                     ):
-                        write = plan.dp_index(self.rank) == 0
+                        write = plan.dp_index(self.rank) == 0 and self.tp_index == 0
                         checkpoint.save(
                             a.checkpoint_dir, done, plan, self.stage, write, self.rank, self.state(done)
                         )

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from wallbreak.holmes.runtime.tensor_parallel import local
+
 
 class P2P:
     def __init__(self, prev: int | None, nxt: int | None, group: Any) -> None:
@@ -75,15 +77,14 @@ class GradSync:
         if not self.active:
             return
         self.bucket.append(p)  # type: ignore[arg-type]
-        if sum(x.numel() * x.element_size() for x in self.bucket) >= self.bucket_bytes:
+        if sum(local(x).numel() * x.element_size() for x in self.bucket) >= self.bucket_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if not self.bucket:
             return
-        grads = [p.grad for p in self.bucket]
-        assert all(g is not None for g in grads)
-        flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
+        grads = [local(p.grad) for p in self.bucket if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.inflight.append((work, flat, self.bucket))
         self.bucket = []
@@ -108,8 +109,9 @@ class GradSync:
             off = 0
             for p in params:
                 assert p.grad is not None
-                n = p.grad.numel()
-                p.grad.copy_(flat[off : off + n].view_as(p.grad))
+                g = local(p.grad)
+                n = g.numel()
+                g.copy_(flat[off : off + n].view_as(g))
                 off += n
         self.inflight.clear()
         self.wait_s += time.perf_counter() - t0

@@ -122,6 +122,8 @@ def load_plan(path: str | Path, world_size: int | None = None) -> RunPlan:
         heads=_need(m, "heads", int, f"{where}: model"),
         seq_len=_need(m, "seq_len", int, f"{where}: model"),
     )
+    if model.heads % tp:
+        raise ConfigError(f"{where}: tp={tp} must divide the model's {model.heads} attention heads")
     gb = _need(t, "global_batch", int, f"{where}: training")
     mb = _need(t, "micro_batch", int, f"{where}: training")
     if gb % (mb * dp):
