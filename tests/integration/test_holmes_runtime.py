@@ -179,7 +179,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
     import time
 
     plan = make_plan(tmp_path, layers=[2, 2])
-    common = ["--steps", "60", "--data", str(corpus), "--checkpoint-every", "1"]
+    common = ["--steps", "100", "--data", str(corpus), "--checkpoint-every", "1"]
     ref = torchrun(plan, 4, *common, "--checkpoint-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
     ck = tmp_path / "killed"
