@@ -149,3 +149,24 @@ def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
     assert len(sch.take("a", 0)) == 1
     assert sch.choose("a", {"a": 1}, {"a"}) == "a"  # runs to completion
     assert sch.choose("a", {}, {"a"}) == "b"  # then strictly the oldest, even if a switch is needed
+
+
+def test_sampling_greedy_seeded_and_nucleus() -> None:
+    import torch
+
+    from wallbreak.coe.engine.runner import sample
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    assert sample(logits, SamplingParams(temperature=0), None) == 1
+    draws = {
+        sample(logits, SamplingParams(temperature=1.0, seed=1), torch.Generator().manual_seed(s))
+        for s in range(50)
+    }
+    assert draws <= {0, 1, 2, 3} and len(draws) > 1
+    # top_p keeps the smallest set of tokens whose mass reaches p: here only tokens 1 and 2.
+    nucleus = {sample(logits, SamplingParams(top_p=0.8), torch.Generator().manual_seed(s)) for s in range(50)}
+    assert nucleus == {1, 2}
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert [sample(logits, SamplingParams(), g1) for _ in range(10)] == [
+        sample(logits, SamplingParams(), g2) for _ in range(10)
+    ]

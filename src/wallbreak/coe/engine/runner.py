@@ -26,7 +26,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
     """Greedy at temperature 0; otherwise temperature, nucleus (top_p), then a seeded draw."""
     if p.temperature <= 0:
         return int(logits.argmax())
-    probs = F.softmax(logits.float() / p.temperature, dim=-1)
+    # On the host: the seeded generator lives there, and one vocabulary-sized vector is cheap to move.
+    probs = F.softmax(logits.float().cpu() / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
