@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+
+from wallbreak.common.net import free_port
 
 PROMPTS = [
     "What is the capital of France?",
@@ -50,10 +51,7 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     a = ap.parse_args()
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     cmd = [sys.executable, "-m", "wallbreak.cli", "serve", "--port", str(port)]
     cmd += ["--max-queue", str(a.max_queue)]
     if a.bundle:

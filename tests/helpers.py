@@ -85,17 +85,14 @@ class ServerThread:
     """`wallbreak serve`'s app on a free port in a background thread, for tests."""
 
     def __init__(self, opts: object) -> None:
-        import socket
         import threading
 
         import uvicorn
 
         from wallbreak.coe.server.serve import make_app
+        from wallbreak.common.net import free_port
 
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
+        self.port = free_port()
         opts.port = self.port  # type: ignore[attr-defined]
         self.app = make_app(opts)  # type: ignore[arg-type]
         self.server = uvicorn.Server(

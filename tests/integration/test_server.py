@@ -216,12 +216,9 @@ def test_an_expert_that_fails_to_load_gets_503_and_the_rest_serve(bundle: Path, 
 
 
 def test_sigterm_drains_in_flight_requests(bundle: Path) -> None:
-    import socket
+    from wallbreak.common.net import free_port
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(bundle), "--port", str(port)],

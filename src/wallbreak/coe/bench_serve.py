@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from wallbreak.coe.bundle import Bundle
+from wallbreak.common.net import free_port
 from wallbreak.errors import ConfigError
 
 PROMPT = "Tell me something about the weather, the sea, and the mountains today."
@@ -60,19 +60,11 @@ def zipf_sequence(workload: str, experts: list[str], n: int, seed: int) -> list[
     return [experts[order[i]] for i in picks]
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 class _Server:
     """`wallbreak serve` in its own process, so the load generator does not share its GIL."""
 
     def __init__(self, a: BenchServeArgs, policy: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(a.bundle),

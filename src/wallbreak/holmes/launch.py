@@ -68,6 +68,13 @@ def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, An
     return {"env": env, "ifname": ifnames[0] if len(ifnames) == 1 else None, "ifnames": ifnames}
 
 
+def job_env(p: Plan) -> dict[str, str]:
+    """Stock Megatron's one transport for the whole job: sockets everywhere if any group needs them."""
+    if p.placement == "megatron" and any("tcp" in (s.dp_transport, s.p2p_transport) for s in p.stages):
+        return dict(NCCL_ENV["tcp"])
+    return {}
+
+
 def plan_file(report: PlanReport) -> dict[str, Any]:
     p, topo = report.plan, report.topology
     nodes = nodes_in_rank_order(p, topo)
@@ -75,12 +82,11 @@ def plan_file(report: PlanReport) -> dict[str, Any]:
     for gs in groups.values():
         for g in gs:
             g.update(_group_nic(g["transport"], g["ranks"], p, nodes))
-    if p.placement == "megatron":  # one transport for the job, whatever the group
-        job = "tcp" if any(s.dp_transport == "tcp" or s.p2p_transport == "tcp" for s in p.stages) else None
+    job = job_env(p)
+    if job:  # one transport for the job, whatever the group
         for gs in groups.values():
             for g in gs:
-                if job:
-                    g["env"] = dict(NCCL_ENV["tcp"])
+                g["env"] = dict(job)
     return {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
@@ -142,13 +148,9 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list
     written.append(out / "plan.json")
     nodes = pf["nodes"]
     master = nodes[0]["address"] or nodes[0]["host"]
-    job_env: dict[str, str] = {}
-    if report.plan.placement == "megatron" and any(
-        g["transport"] == "tcp" for gs in pf["groups"].values() for g in gs
-    ):
-        job_env = dict(NCCL_ENV["tcp"])
+    job = job_env(report.plan)
     for n in nodes:
-        env = dict(job_env)
+        env = dict(job)
         if n["tcp_ifname"]:
             env.update(GLOO_SOCKET_IFNAME=n["tcp_ifname"], NCCL_SOCKET_IFNAME=n["tcp_ifname"])
         lines = [

@@ -202,6 +202,10 @@ def feasible_degrees(
     topo: Topology, m: ModelSpec, t: TrainingSpec, placement: str, force: dict[str, int | None]
 ) -> tuple[list[tuple[int, int, int]], list[str]]:
     """Every (tp, pp, dp) that satisfies the placement's constraints, and why others fail."""
+    for k in ("tp", "pp", "dp"):
+        v = force.get(k)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{k} must be >= 1, got {v}")
     n = topo.gpus
     gpns = [c.gpus_per_node for c in topo.clusters]
     why: list[str] = []
@@ -238,10 +242,6 @@ def feasible_degrees(
                     why.append(f"{combo}: a stage of {s} GPUs cannot sit inside cluster(s) {', '.join(bad)}")
                     continue
             out.append((tp, pp, dp))
-    for k in ("tp", "pp", "dp"):
-        v = force.get(k)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{k} must be >= 1, got {v}")
     return out, why
 
 

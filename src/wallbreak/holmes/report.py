@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wallbreak.errors import ConfigError
+from wallbreak.common.plots import save_figure
 from wallbreak.holmes.planner import Plan, Prediction, plan, references
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import Topology
@@ -134,9 +134,6 @@ def plot_report(r: PlanReport, out: Path) -> None:
     }
     xmax = max(p.predicted.iteration_s for p in plans)
     for ax, p in zip(axes, plans, strict=True):
-        per = [(c.compute_mb + c.tp_mb + c.p2p_mb) for c in (s.cost for s in p.stages) if c is not None]
-        pipe = p.microbatches * max(per) + sum(per) - max(per)
-        lead = 0.0
         for s in p.stages:
             c = s.cost
             assert c is not None
@@ -149,16 +146,13 @@ def plot_report(r: PlanReport, out: Path) -> None:
             ):
                 ax.barh(y, width, left=x, color=colours[name], label=name if s.index == 0 else None)
                 x += width
-            end = pipe - lead
+            end = p.predicted.stage_end_s[s.index]
             ax.barh(
                 y, max(end - x, 0), left=x, color=colours["bubble"], label="bubble" if s.index == 0 else None
             )
             ax.barh(
                 y, c.dp_exposed, left=end, color=colours["dp sync"], label="dp sync" if s.index == 0 else None
             )
-            lead += (c.compute_mb + c.tp_mb) * (
-                0.75 if p.training.recompute == "full" else 2 / 3
-            ) + c.p2p_mb / 2
         ax.set_yticks(range(p.pp), [f"{s.index}: {s.cluster} ({s.layers} L)" for s in reversed(p.stages)])
         ax.set_xlim(0, xmax * 1.02)
         ax.set_title(
@@ -168,9 +162,4 @@ def plot_report(r: PlanReport, out: Path) -> None:
         ax.legend(loc="lower right", fontsize=7, ncol=5)
     axes[-1].set_xlabel("seconds into the iteration (blocks are totals over all micro-batches)")
     fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise ConfigError(f"cannot write the plot to {out}: {e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, out, "the plot")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wallbreak.holmes import cost
@@ -47,6 +47,7 @@ class Prediction:
     breakdown: dict[str, float]
     fits: bool = True
     reason: str = ""
+    stage_end_s: list[float] = field(default_factory=list)  # when each stage's last backward ends
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -261,5 +262,6 @@ def predict(
         breakdown=breakdown,
         fits=not bad,
         reason=reason,
+        stage_end_s=ends,
     )
     return pred, costs

@@ -236,13 +236,8 @@ class Engine:
         batch = self.batches.pop(expert, None)
         if batch is not None:
             batch.fail(message)
-        for r in self._take_all(expert):
+        for r in self.scheduler.remove(expert):
             r.emit(Event(finish_reason="error", error=f"expert {expert!r}: {message}", status=503))
         self.scheduler.set_paused(expert, False)
         if self.current == expert:
             self.current = None
-
-    def _take_all(self, expert: str) -> list[Request]:
-        with self.scheduler.lock:
-            q = self.scheduler.waiting.pop(expert, None)
-            return list(q) if q else []

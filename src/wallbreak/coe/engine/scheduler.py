@@ -126,6 +126,11 @@ class Scheduler:
                             out.append(e)
             return out[:limit]
 
+    def remove(self, expert: str) -> list[Request]:
+        """Take every waiting request of one expert out of the queue."""
+        with self.lock:
+            return list(self.waiting.pop(expert, ()))
+
     def drain(self) -> list[Request]:
         with self.lock:
             out = [r for q in self.waiting.values() for r in q]

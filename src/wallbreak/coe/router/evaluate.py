@@ -11,6 +11,7 @@ import numpy as np
 
 from wallbreak.coe.router.fit import Example
 from wallbreak.coe.router.router import Router
+from wallbreak.common.plots import save_figure
 from wallbreak.errors import ConfigError
 
 BATCH = 32
@@ -96,9 +97,4 @@ def plot_confusion(truth: Sequence[str], pred: Sequence[str], names: Sequence[st
                 )
     ax.set_title(f"router confusion ({len(truth)} prompts)")
     fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=120)
-    except OSError as e:
-        raise ConfigError(f"cannot write the confusion matrix to {out}: {e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, out, "the confusion matrix", dpi=120)
