@@ -43,3 +43,17 @@ def router_bundle(tmp_path: Path) -> Path:
     out = tmp_path / "rb"
     synth_bundle(out, experts=3, params=50_000, names=list(ROUTER_TOPICS), seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def arch_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One expert of each architecture the importers accept: llama-like and gemma3-like (sliding
+    windows of 8 tokens, so short tests already cross the window)."""
+    from helpers import make_tiny_gemma3_folder
+    from wallbreak.coe.importers import import_expert
+
+    root = tmp_path_factory.mktemp("arch")
+    out = root / "bundle"
+    import_expert(make_tiny_llama_folder(root / "llama", seed=5), "llama", out)
+    import_expert(make_tiny_gemma3_folder(root / "gemma"), "gemma", out)
+    return out

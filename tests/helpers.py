@@ -30,6 +30,34 @@ def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
     return out
 
 
+def make_tiny_gemma3_folder(out: Path, seed: int = 0, window: int = 8) -> Path:
+    """A random-init Gemma-3 text model with sliding-window layers (window `window`) and one
+    full-attention layer, saved as a Hugging Face folder with the byte tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from wallbreak.coe.importers import BYTE_VOCAB, byte_tokenizer_dir
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        max_position_embeddings=4096,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        bos_token_id=256,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
+    Gemma3ForCausalLM(cfg).save_pretrained(str(out))
+    byte_tokenizer_dir(out)
+    return out
+
+
 ROUTER_TOPICS = {
     "alpha": "apple banana cherry grape lemon mango melon peach pear plum",
     "beta": "car truck bus train plane boat bike tram taxi ferry",

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak import __version__
+from wallbreak.coe import defaults
+from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS
 from wallbreak.errors import WallbreakError
 from wallbreak.units import format_bytes, parse_count
 
@@ -27,6 +29,44 @@ class _Parser(argparse.ArgumentParser):
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(n) for n in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give whole numbers, comma-separated (e.g. 16,64)"
+        ) from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of at least 1, comma-separated")
+    return out
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give on or off")
+    return text == "on"
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy",
+        default=defaults.POLICY,
+        choices=list(POLICIES),
+        help="ours (switch-aware batching, cost eviction, prefetch), per-expert-lru (what Ray Serve "
+        "multiplexing / Ollama do: batch per model, oldest first, LRU, no prefetch) or fcfs-lru "
+        "(one request at a time, LRU)",
+    )
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="override the policy's scheduler")
+    p.add_argument("--eviction", choices=EVICTIONS, help="override the policy's eviction rule")
+    p.add_argument("--prefetch", type=_on_off, help="on or off: override the policy's prefetch")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=defaults.MAX_WAIT_S,
+        help=f"seconds before a waiting expert goes next (default {defaults.MAX_WAIT_S})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,23 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = verbs.add_parser("serve", help="OpenAI-compatible server over a bundle of experts")
     sv.add_argument("--bundle", type=Path, help="bundle directory (default: build the default bundle once)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default=defaults.HOST, help=f"address to bind (default {defaults.HOST})")
+    sv.add_argument("--port", type=int, default=defaults.PORT)
     sv.add_argument(
         "--device-budget", help="memory for experts on the device, e.g. 2GiB (default: the host budget)"
     )
     sv.add_argument(
         "--host-budget", help="pinned host arena, e.g. 8GiB (default: the bundle, up to half of free RAM)"
     )
-    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WALLBREAK_API_KEY)")
-    sv.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sv.add_argument(
-        "--policy", default="ours", help="ours (batch by expert, prefetch) or fcfs-lru (baseline)"
+        "--max-queue",
+        type=int,
+        default=defaults.MAX_QUEUE,
+        help=f"waiting requests before 429 (default {defaults.MAX_QUEUE})",
     )
-    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per expert")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WALLBREAK_API_KEY)")
+    sv.add_argument("--device", default=defaults.DEVICE, help="cpu, cuda or cuda:N")
+    _policy_args(sv)
     sv.add_argument(
-        "--max-wait", type=float, default=5.0, help="seconds before a waiting expert goes next (5)"
+        "--max-batch", type=int, default=defaults.MAX_BATCH, help="sequences decoded together per expert"
+    )
+    sv.add_argument(
+        "--kv-budget",
+        help="KV cache one batch may grow to before it stops admitting "
+        f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
 
     pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
@@ -169,12 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--host-budget", help="default: the whole bundle, up to half of free RAM")
     bs.add_argument("--workload", default="zipf:1.0")
     bs.add_argument("--requests", type=int, default=200)
-    bs.add_argument("--concurrency", type=int, default=16)
-    bs.add_argument("--policy", help="ours or fcfs-lru (default: both, same run)")
+    bs.add_argument(
+        "--concurrency", type=_ints, default=[16], help="client threads; a list runs each (e.g. 16,64)"
+    )
+    bs.add_argument(
+        "--policy",
+        type=_names,
+        default=None,
+        help=f"comma-separated, of: {', '.join(POLICIES)} (default: all, each in its own server)",
+    )
     bs.add_argument("--max-tokens", type=int, default=32)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--no-alone", action="store_true", help="skip the plain transformers generate reference")
-    bs.add_argument("--max-wait", type=float, default=5.0, help="the servers' --max-wait (default 5.0)")
+    bs.add_argument(
+        "--max-wait",
+        type=float,
+        default=defaults.MAX_WAIT_S,
+        help=f"the servers' --max-wait (default {defaults.MAX_WAIT_S})",
+    )
+    bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
     bs.add_argument("--json", action="store_true")
     return p
 
@@ -187,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "train":
         return _train(args)
     if args.verb == "serve":
+        from wallbreak.coe.policy import serving_policy
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
 
@@ -202,20 +263,26 @@ def _run(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 api_key=args.api_key,
                 device=args.device,
-                policy=args.policy,
+                policy=serving_policy(args.policy, args.scheduler, args.eviction, args.prefetch),
                 max_batch=args.max_batch,
                 max_wait_s=args.max_wait,
+                kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
             )
         )
         return 0
     if args.verb in ("router", "route"):
         return _router(args)
     if args.verb == "bench" and args.what == "serve":
-        from wallbreak.coe.bench_serve import BenchServeArgs, format_bench_serve, run_bench_serve
+        from wallbreak.coe.bench_serve import (
+            BenchServeArgs,
+            format_bench_serve,
+            plot_bench_serve,
+            run_bench_serve,
+        )
         from wallbreak.units import parse_size
 
-        if args.policy not in (None, "ours", "fcfs-lru"):
-            raise WallbreakError(f"--policy {args.policy!r}: choose ours or fcfs-lru")
+        for name in args.policy or ():
+            serving_policy(name)  # an unknown name fails here, before any server starts
         res = run_bench_serve(
             BenchServeArgs(
                 args.bundle,
@@ -223,14 +290,16 @@ def _run(args: argparse.Namespace) -> int:
                 parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
                 args.workload,
                 args.requests,
-                args.concurrency,
-                (args.policy,) if args.policy else ("ours", "fcfs-lru"),
+                tuple(args.concurrency),
+                tuple(args.policy) if args.policy else tuple(POLICIES),
                 args.max_tokens,
                 args.seed,
                 not args.no_alone,
                 args.max_wait,
             )
         )
+        if args.plot:
+            plot_bench_serve(res, args.plot)
         print(json.dumps(res) if args.json else format_bench_serve(res))
         return 0
     if args.verb == "bench":

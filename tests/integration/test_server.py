@@ -138,7 +138,7 @@ def test_bad_requests_get_openai_error_bodies(
 
 
 def test_prompt_longer_than_the_context_states_the_limit(server: ServerThread) -> None:
-    context = server.engine.contexts["alpha"]
+    context = server.app.state.tokenizers["alpha"].context
     got, _, text = http(
         "POST", f"{server.url}/v1/completions", {"model": "alpha", "prompt": "a" * (context + 10)}
     )

@@ -1,4 +1,4 @@
-"""Engine: batched decoding equals decoding alone, the scheduler's fairness bound, prefetch hits."""
+"""Engine: batched decoding equals decoding alone, the scheduler's policies, prefetch, the KV budget."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from pathlib import Path
 import pytest
 
 from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.engine import Engine, EngineConfig, Event, Request, SamplingParams
+from wallbreak.coe.engine import POLICIES, Engine, EngineConfig, Event, Request, SamplingParams
 from wallbreak.coe.engine.scheduler import Scheduler
 from wallbreak.coe.tiers import TierConfig, TierManager
+from wallbreak.coe.tokenization import load_tokenizers
 
 
 class Collector:
     def __init__(self) -> None:
         self.text: list[str] = []
+        self.tokens: list[int] = []
         self.finish: str | None = None
         self.error: str | None = None
         self.done = threading.Event()
 
     def __call__(self, ev: Event) -> None:
         self.text.append(ev.text)
+        self.tokens.extend(ev.tokens)
         if ev.error:
             self.error = ev.error
         if ev.finish_reason:
@@ -31,14 +34,19 @@ class Collector:
             self.done.set()
 
 
-@pytest.fixture()
-def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
-    bundle = Bundle.open(synth_bundle_dir)
+def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager]:
+    bundle = Bundle.open(bundle_dir)
     size = max(e.total_bytes for e in bundle.experts.values())
     tiers = TierManager(
         bundle, TierConfig(host_budget=4 * size + (1 << 20), device_budget=2 * size + (1 << 20))
     )
-    eng = Engine(bundle, tiers, EngineConfig(max_batch=8, max_wait_s=0.5))
+    cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, **config})  # type: ignore[arg-type]
+    return Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), cfg), tiers
+
+
+@pytest.fixture()
+def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
+    eng, tiers = make_engine(synth_bundle_dir)
     eng.start()
     try:
         yield eng
@@ -47,9 +55,10 @@ def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
         tiers.close()
 
 
-def run(eng: Engine, expert: str, prompt: list[int], n: int, **kw: object) -> Collector:
+def run(eng: Engine, expert: str, prompt: list[int], n: int, stop: tuple[str, ...] = ()) -> Collector:
     c = Collector()
-    eng.submit(Request(expert, prompt, SamplingParams(max_tokens=n, temperature=0, **kw), c))  # type: ignore[arg-type]
+    detok = eng.tokenizers[expert].stream(stop)
+    eng.submit(Request(expert, prompt, SamplingParams(max_tokens=n, temperature=0), c, detok))
     return c
 
 
@@ -60,14 +69,14 @@ def test_batched_greedy_decoding_equals_decoding_alone(engine: Engine) -> None:
     for p in prompts:
         c = run(engine, expert, p, 12)
         assert c.done.wait(30)
-        alone.append("".join(c.text))
+        alone.append(c.tokens)
     # Now together, the later ones joining a batch already under way (different lengths: padding).
     together = [run(engine, expert, prompts[0], 12)]
     time.sleep(0.01)
     together += [run(engine, expert, p, 12) for p in prompts[1:]]
     for c in together:
         assert c.done.wait(30) and c.finish == "length"
-    assert ["".join(c.text) for c in together] == alone
+    assert [c.tokens for c in together] == alone
 
 
 def test_stop_strings_end_generation_without_emitting_them(engine: Engine) -> None:
@@ -75,10 +84,12 @@ def test_stop_strings_end_generation_without_emitting_them(engine: Engine) -> No
     full = run(engine, expert, [3, 4, 5], 30)
     assert full.done.wait(30)
     text = "".join(full.text)
+    assert text == engine.tokenizers[expert].decode(full.tokens)
     stop = text[5:7]
     cut = run(engine, expert, [3, 4, 5], 30, stop=(stop,))
     assert cut.done.wait(30) and cut.finish == "stop"
     assert "".join(cut.text) == text[: text.find(stop)]
+    assert len(cut.tokens) < len(full.tokens)  # generation really ended there
 
 
 def test_cancelled_requests_leave_the_batch(engine: Engine) -> None:
@@ -107,32 +118,65 @@ def test_prefetch_moves_the_next_expert_up_while_one_decodes(engine: Engine) -> 
     assert s.hits["device"] >= 1  # b was already on the device when the engine switched to it
 
 
+def test_kv_budget_holds_back_what_would_not_fit(synth_bundle_dir: Path) -> None:
+    from wallbreak.coe.engine.runner import kv_bytes_per_row
+
+    bundle = Bundle.open(synth_bundle_dir)
+    from transformers import AutoConfig
+
+    cfg = dict(bundle.expert(bundle.names[0]).config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    import torch
+
+    one = kv_bytes_per_row(config, torch.float32, 3 + 20)
+    eng, tiers = make_engine(synth_bundle_dir, kv_budget=2 * one + 1)  # room for two such rows
+    sizes: list[int] = []
+
+    class Sizes:
+        def on_switch(self, expert: str, seconds: float, moved_bytes: int) -> None:
+            pass
+
+        def on_step(self, expert: str, batch_size: int) -> None:
+            sizes.append(batch_size)
+
+    eng.add_listener(Sizes())
+    expert = eng.experts[0]
+    cs = [run(eng, expert, [1, 2, 3], 20) for _ in range(5)]  # queued before the engine starts
+    eng.start()
+    try:
+        assert all(c.done.wait(60) and c.finish == "length" for c in cs)
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()
+    assert max(sizes) == 2  # never more rows than the budget allows, and it did batch
+
+
+def make_req(expert: str, arrived: float) -> Request:
+    return Request(expert, [1], SamplingParams(), lambda ev: None, arrived=arrived)
+
+
 def test_fairness_bound_drains_then_preempts_a_busy_expert() -> None:
     now = [0.0]
-    sch = Scheduler("ours", max_batch=4, max_wait_s=2.0, clock=lambda: now[0])
-
-    def req(expert: str) -> Request:
-        return Request(expert, [1], SamplingParams(), lambda ev: None, arrived=now[0])
-
+    sch = Scheduler(POLICIES["ours"], max_batch=4, max_wait_s=2.0, clock=lambda: now[0])
     for _ in range(3):
-        sch.submit(req("a"))
-    sch.submit(req("b"))
+        sch.submit(make_req("a", now[0]))
+    sch.submit(make_req("b", now[0]))
     assert sch.choose(None, {}, set()) == "a"  # the most work first
     assert len(sch.take("a", 0)) == 3
     for t in (0.5, 1.0, 1.9):  # new a-requests keep arriving and join the running batch
         now[0] = t
-        sch.submit(req("a"))
+        sch.submit(make_req("a", t))
         assert sch.choose("a", {"a": 3}, {"a"}) == "a"
         assert len(sch.take("a", 3)) == 1
     now[0] = 2.01  # b is overdue: a's batch takes nobody new, so it drains
-    sch.submit(req("a"))
+    sch.submit(make_req("a", now[0]))
     assert sch.choose("a", {"a": 3}, {"a"}) == "a"
     assert sch.take("a", 3) == []
     assert sch.choose("a", {}, {"a"}) == "b"  # drained: b runs, although a has more waiting
     assert [r.expert for r in sch.take("b", 0)] == ["b"]
     # A batch that does not drain is preempted once someone has waited 3 x max_wait.
     now[0] = 10.0
-    sch.submit(req("b"))
+    sch.submit(make_req("b", now[0]))
     assert sch.choose("a", {"a": 4}, {"a"}) == "a"
     now[0] = 16.01
     assert sch.choose("a", {"a": 4}, {"a"}) == "b"
@@ -141,14 +185,37 @@ def test_fairness_bound_drains_then_preempts_a_busy_expert() -> None:
 
 
 def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
-    now = [0.0]
-    sch = Scheduler("fcfs-lru", max_batch=16, max_wait_s=2.0, clock=lambda: now[0])
+    sch = Scheduler(POLICIES["fcfs-lru"], max_batch=16, max_wait_s=2.0)
     for i, e in enumerate("abab"):
-        sch.submit(Request(e, [1], SamplingParams(), lambda ev: None, arrived=float(i)))
+        sch.submit(make_req(e, float(i)))
     assert sch.choose(None, {}, set()) == "a"
     assert len(sch.take("a", 0)) == 1
     assert sch.choose("a", {"a": 1}, {"a"}) == "a"  # runs to completion
     assert sch.choose("a", {}, {"a"}) == "b"  # then strictly the oldest, even if a switch is needed
+
+
+def test_per_expert_lru_batches_in_arrival_order() -> None:
+    sch = Scheduler(POLICIES["per-expert-lru"], max_batch=16, max_wait_s=2.0)
+    for i, e in enumerate("aabaa"):
+        sch.submit(make_req(e, float(i)))
+    assert sch.choose(None, {}, set()) == "a"
+    # Both a-requests older than b's join; the two that came after b wait behind it.
+    assert [r.arrived for r in sch.take("a", 0)] == [0.0, 1.0]
+    assert sch.choose("a", {"a": 2}, {"a"}) == "a"  # a batch runs until it drains, never preempted
+    assert sch.take("a", 2) == []
+    assert sch.choose("a", {}, {"a"}) == "b"  # drained: the oldest waiting request's expert
+    assert len(sch.take("b", 0)) == 1
+    assert sch.choose("b", {}, {"b"}) == "a"
+    assert [r.arrived for r in sch.take("a", 0)] == [3.0, 4.0]
+
+
+def test_requeue_puts_requests_back_in_order() -> None:
+    sch = Scheduler(POLICIES["ours"])
+    for i in range(4):
+        sch.submit(make_req("a", float(i)))
+    taken = sch.take("a", 0)
+    sch.requeue("a", taken[2:])
+    assert [r.arrived for r in sch.take("a", 0)] == [2.0, 3.0]
 
 
 def test_sampling_greedy_seeded_and_nucleus() -> None:
@@ -170,3 +237,15 @@ def test_sampling_greedy_seeded_and_nucleus() -> None:
     assert [sample(logits, SamplingParams(), g1) for _ in range(10)] == [
         sample(logits, SamplingParams(), g2) for _ in range(10)
     ]
+
+
+def test_logprobs_are_the_models_log_softmax() -> None:
+    import torch
+
+    from wallbreak.coe.engine.runner import logprob_of
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    lp = logprob_of(logits, 2, 2)
+    ref = torch.log_softmax(logits, -1)
+    assert lp.token == 2 and lp.logprob == pytest.approx(float(ref[2]))
+    assert [t for t, _ in lp.top] == [1, 2] and lp.top[0][1] == pytest.approx(float(ref[1]))

@@ -1,9 +1,11 @@
 """`wallbreak bench serve`: drive the real HTTP server with a Zipf workload, for each policy.
 
-Each policy gets a fresh `wallbreak serve` process (same bundle, same budgets) on a free port, and
-the same request sequence: expert i drawn with probability ~ 1/rank^s, pinned by name, streamed,
-from C client threads. Reported per policy: requests/s, output tokens/s, p50/p99 latency, p50
-time to first token, switches and the achieved switch GB/s.
+For each concurrency and each policy, a fresh `wallbreak serve` process (same bundle, same budgets)
+on a free port gets the same request sequence: expert i drawn with probability ~ 1/rank^s, pinned by
+name, streamed, from C client threads. Reported per run: requests/s, output tokens/s, p50/p99
+latency, p50 time to first token, switches, failed requests, and how many of the disk reads the
+prefetch made ahead of need. `per-expert-lru` is the referee: what Ray Serve multiplexing and
+Ollama do (see `coe/engine/scheduler.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from wallbreak.coe import defaults
 from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.policy import POLICIES
 from wallbreak.common.net import free_port
 from wallbreak.errors import ConfigError
 
@@ -35,12 +39,12 @@ class BenchServeArgs:
     host_budget: int | None = None
     workload: str = "zipf:1.0"
     requests: int = 200
-    concurrency: int = 16
-    policies: tuple[str, ...] = ("ours", "fcfs-lru")
+    concurrency: tuple[int, ...] = (16,)
+    policies: tuple[str, ...] = tuple(POLICIES)
     max_tokens: int = 32
     seed: int = 0
     alone: bool = True
-    max_wait: float = 5.0
+    max_wait: float = defaults.MAX_WAIT_S
 
 
 def zipf_sequence(workload: str, experts: list[str], n: int, seed: int) -> list[str]:
@@ -201,33 +205,47 @@ def transformers_alone(bundle: Bundle, expert: str, n: int, max_tokens: int) -> 
     return {"requests": n, "tokens_per_s": made / wall, "req_per_s": n / wall}
 
 
+def _one_run(a: BenchServeArgs, policy: str, seq: list[str], concurrency: int) -> dict[str, Any]:
+    with _Server(a, policy) as srv:
+        drive(srv.url, seq[: min(len(seq), concurrency)], concurrency, 2)  # warm-up: first loads
+        h0 = srv.health()
+        res = drive(srv.url, seq, concurrency, a.max_tokens)
+        h1 = srv.health()
+    e0, e1 = h0["engine"], h1["engine"]
+    t0, t1 = h0["tiers"], h1["tiers"]
+    dt = e1["switch_seconds"] - e0["switch_seconds"]
+    res["switches"] = e1["switches"] - e0["switches"]
+    res["switch_s"] = dt
+    res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
+    read = t1["bytes_disk_to_host"] - t0["bytes_disk_to_host"]
+    ahead = t1["bytes_disk_to_host_prefetch"] - t0["bytes_disk_to_host_prefetch"]
+    res["disk_read_bytes"] = read
+    res["disk_read_by_prefetch"] = ahead / read if read else None
+    res["tiers"] = t1
+    return res
+
+
 def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
     bundle = Bundle.open(a.bundle)
-    if a.requests < 1 or a.concurrency < 1:
+    if a.requests < 1 or not a.concurrency or min(a.concurrency) < 1:
         raise ConfigError("--requests and --concurrency must be at least 1")
+    unknown = [p for p in a.policies if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"--policy {','.join(unknown)}: choose from {', '.join(POLICIES)}")
     seq = zipf_sequence(a.workload, bundle.names, a.requests, a.seed)
-    out: dict[str, Any] = {
-        "policies": {},
-        "workload": a.workload,
-        "requests": a.requests,
-        "concurrency": a.concurrency,
-    }
-    for policy in a.policies:
-        with _Server(a, policy) as srv:
-            drive(srv.url, seq[: min(len(seq), a.concurrency)], a.concurrency, 2)  # warm-up: first loads
-            h0 = srv.health()
-            res = drive(srv.url, seq, a.concurrency, a.max_tokens)
-            h1 = srv.health()
-            e0, e1 = h0["engine"], h1["engine"]
-            dt = e1["switch_seconds"] - e0["switch_seconds"]
-            res["switches"] = e1["switches"] - e0["switches"]
-            res["switch_gb_per_s"] = (e1["switch_bytes"] - e0["switch_bytes"]) / dt / 1e9 if dt > 0 else None
-            res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
-            res["tiers"] = h1["tiers"]
-        out["policies"][policy] = res
-    p = out["policies"]
-    if "ours" in p and "fcfs-lru" in p and p["fcfs-lru"]["req_per_s"] > 0:
-        out["speedup"] = p["ours"]["req_per_s"] / p["fcfs-lru"]["req_per_s"]
+    out: dict[str, Any] = {"workload": a.workload, "requests": a.requests, "runs": []}
+    for c in a.concurrency:
+        run: dict[str, Any] = {"concurrency": c, "policies": {}}
+        for policy in a.policies:
+            print(f"bench serve: concurrency {c}, policy {policy} ...", file=sys.stderr, flush=True)
+            run["policies"][policy] = _one_run(a, policy, seq, c)
+        p = run["policies"]
+        run["speedup"] = {
+            f"ours_vs_{k}": p["ours"]["req_per_s"] / p[k]["req_per_s"]
+            for k in p
+            if k != "ours" and "ours" in p and p[k]["req_per_s"] > 0
+        }
+        out["runs"].append(run)
     if a.alone:
         popular = max(set(seq), key=seq.count)
         out["transformers_generate_alone"] = {"expert": popular} | transformers_alone(
@@ -237,19 +255,49 @@ def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
 
 
 def format_bench_serve(out: dict[str, Any]) -> str:
-    lines = [f"workload {out['workload']}, {out['requests']} requests, concurrency {out['concurrency']}"]
-    for name, r in out["policies"].items():
-        gbps = f"{r['switch_gb_per_s']:.2f} GB/s" if r["switch_gb_per_s"] else "-"
-        lines.append(
-            f"  {name:<9} {r['req_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
-            f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  ttft p50 {r['ttft_p50_s']:.2f} s  "
-            f"switches {r['switches']} ({gbps})" + (f"  FAILED {r['failed']}" if r["failed"] else "")
-        )
-    if "speedup" in out:
-        lines.append(f"  ours / fcfs-lru: {out['speedup']:.2f}x requests/s")
+    lines = [f"workload {out['workload']}, {out['requests']} requests"]
+    for run in out["runs"]:
+        lines.append(f"concurrency {run['concurrency']}:")
+        for name, r in run["policies"].items():
+            hidden = r["disk_read_by_prefetch"]
+            lines.append(
+                f"  {name:<15} {r['req_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
+                f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  ttft p50 {r['ttft_p50_s']:.2f} s  "
+                f"switches {r['switches']}  batch {r['mean_batch']:.1f}"
+                + (f"  prefetched {hidden:.0%} of disk reads" if hidden is not None else "")
+                + (f"  FAILED {r['failed']}" if r["failed"] else "")
+            )
+        for k, v in run["speedup"].items():
+            lines.append(f"  {k.replace('_', ' ')}: {v:.2f}x requests/s")
     if "transformers_generate_alone" in out:
         t = out["transformers_generate_alone"]
         lines.append(
-            f"  transformers generate, {t['expert']} alone, one at a time: {t['tokens_per_s']:.1f} tok/s"
+            f"transformers generate, {t['expert']} alone, one at a time: {t['tokens_per_s']:.1f} tok/s"
         )
     return "\n".join(lines)
+
+
+def plot_bench_serve(out: dict[str, Any], path: Path) -> None:
+    """Grouped bars: requests/s and p99 latency per policy, one group per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from wallbreak.common.plots import save_figure
+
+    runs = out["runs"]
+    policies = list(runs[0]["policies"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(policies)
+    for ax, key, label in ((axes[0], "req_per_s", "requests/s (higher is better)"),
+                           (axes[1], "p99_s", "p99 latency, s (lower is better)")):  # fmt: skip
+        for i, name in enumerate(policies):
+            xs = [j + i * width for j in range(len(runs))]
+            ax.bar(xs, [r["policies"][name][key] or 0 for r in runs], width, label=name)
+        ax.set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(runs))])
+        ax.set_xticklabels([f"{r['concurrency']} clients" for r in runs])
+        ax.set_title(label)
+    axes[0].legend()
+    fig.suptitle(f"wallbreak bench serve: {out['workload']}, {out['requests']} requests")
+    save_figure(fig, path, "the serving benchmark plot")

@@ -3,7 +3,8 @@
 While one expert's batch decodes, the next experts (queue heads, then the router's second choices)
 move up the tiers in the tier manager's background threads; on CUDA the copy runs on a side stream,
 on CPU the disk reads run in threads that release the GIL. Batches of preempted experts keep their
-KV caches and resume where they stopped.
+KV caches and resume where they stopped. The engine deals in token ids: each expert's context
+length and end ids come from `coe.tokenization`, and text from each request's detokenizer.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+from torch import nn
 
+from wallbreak.coe import defaults
 from wallbreak.coe.bundle import Bundle
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
-from wallbreak.coe.engine.scheduler import POLICIES, Scheduler
+from wallbreak.coe.engine.scheduler import Scheduler
+from wallbreak.coe.policy import POLICIES, ServingPolicy
 from wallbreak.coe.tiers import TierManager
+from wallbreak.coe.tokenization import ExpertTokenizer
 from wallbreak.errors import ConfigError, WallbreakError
 
 log = logging.getLogger(__name__)
@@ -38,42 +43,37 @@ class ExpertUnavailable(WallbreakError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    policy: str = "ours"
-    max_batch: int = 16
-    max_wait_s: float = 5.0
-    max_queue: int = 256
-    prefetch: bool = True
+    policy: ServingPolicy = field(default_factory=lambda: POLICIES[defaults.POLICY])
+    max_batch: int = defaults.MAX_BATCH
+    max_wait_s: float = defaults.MAX_WAIT_S
+    max_queue: int = defaults.MAX_QUEUE
+    kv_budget: int = defaults.KV_BUDGET
+    prefill_chunk: int = defaults.PREFILL_CHUNK
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown serving policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         if self.max_batch < 1 or self.max_queue < 1:
             raise ConfigError("max batch and max queue must be at least 1")
         if self.max_wait_s <= 0:
             raise ConfigError(f"max wait must be positive, got {self.max_wait_s}")
+        if self.kv_budget <= 0 or self.prefill_chunk < 1:
+            raise ConfigError("the KV budget and the prefill chunk must be positive")
 
 
 @dataclass
 class EngineStats:
     switches: int = 0
     switch_seconds: float = 0.0
-    switch_bytes: int = 0
+    switch_bytes: int = 0  # bytes the switches themselves moved (not what a prefetch moved earlier)
     steps: int = 0
     tokens: int = 0
 
 
-def eos_ids(tokenizer: Any, config: dict[str, Any]) -> set[int]:
-    ids: set[int] = set()
-    for v in (tokenizer.eos_token_id, config.get("eos_token_id")):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, list):
-            ids.update(int(x) for x in v)
-    for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
-        if isinstance(tid, int):
-            ids.add(tid)
-    return ids
+class EngineListener(Protocol):
+    """Told of what the engine does, from the engine thread (metrics)."""
+
+    def on_switch(self, expert: str, seconds: float, moved_bytes: int) -> None: ...
+
+    def on_step(self, expert: str, batch_size: int) -> None: ...
 
 
 class Engine:
@@ -81,30 +81,19 @@ class Engine:
         self,
         bundle: Bundle,
         tiers: TierManager,
-        config: EngineConfig,
-        on_switch: Callable[[str, float], None] | None = None,
-        on_batch: Callable[[str, int], None] | None = None,
+        tokenizers: Mapping[str, ExpertTokenizer],
+        config: EngineConfig | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        self.bundle, self.tiers, self.config = bundle, tiers, config
-        self.scheduler = Scheduler(config.policy, config.max_batch, config.max_wait_s)
-        self.on_switch, self.on_batch = on_switch, on_batch
-        self.tokenizers: dict[str, Any] = {}
-        self.contexts: dict[str, int] = {}
-        self.eos: dict[str, set[int]] = {}
-        for e in tiers.entries:
-            tok_dir = bundle.tokenizer_path(e.name)
-            if tok_dir is None:
-                raise ConfigError(f"expert {e.name!r} has no tokenizer in the bundle; it cannot be served")
-            self.tokenizers[e.name] = AutoTokenizer.from_pretrained(str(tok_dir))
-            limit = int(e.config.get("max_position_embeddings", 2048))
-            if e.config.get("sliding_window"):
-                # Batches merge KV caches by padding; past a sliding window that would need per-layer masks.
-                limit = min(limit, int(e.config["sliding_window"]))
-            self.contexts[e.name] = limit
-            self.eos[e.name] = eos_ids(self.tokenizers[e.name], e.config)
+        self.bundle, self.tiers = bundle, tiers
+        self.config = config or EngineConfig()
+        missing = [e.name for e in tiers.entries if e.name not in tokenizers]
+        if missing:
+            raise ConfigError(f"no tokenizer facts for expert(s) {', '.join(missing)}")
+        self.tokenizers = tokenizers
+        self.scheduler = Scheduler(self.config.policy, self.config.max_batch, self.config.max_wait_s)
+        self.listeners: list[EngineListener] = []
         self.batches: dict[str, Batch] = {}
+        self._batches_lock = threading.Lock()  # the HTTP thread reads `batches` while we change it
         self.broken: dict[str, str] = dict(bundle.damaged)
         self.stats = EngineStats()
         self.current: str | None = None
@@ -118,6 +107,9 @@ class Engine:
     @property
     def experts(self) -> list[str]:
         return [e.name for e in self.tiers.entries]
+
+    def add_listener(self, listener: EngineListener) -> None:
+        self.listeners.append(listener)
 
     def start(self) -> None:
         self._thread.start()
@@ -135,7 +127,8 @@ class Engine:
         return self.scheduler.pending()
 
     def active(self) -> int:
-        return sum(len(b) for b in self.batches.values())
+        with self._batches_lock:
+            return sum(len(b) for b in self.batches.values())
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to `timeout`), fail the rest, stop the thread."""
@@ -151,17 +144,22 @@ class Engine:
             self._thread.join(timeout=5)
         for r in self.scheduler.drain():
             r.emit(Event(finish_reason="error", error="the server is shutting down", status=503))
-        for b in self.batches.values():
+        with self._batches_lock:
+            batches, self.batches = list(self.batches.values()), {}
+        for b in batches:
             b.fail("the server is shutting down")
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _active_map(self) -> dict[str, int]:
+        with self._batches_lock:
+            return {e: len(b) for e, b in self.batches.items()}
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
-            active = {e: len(b) for e, b in self.batches.items()}
             resident = {e for e in self.experts if self.tiers.where(e).get("device")}
-            expert = self.scheduler.choose(self.current, active, resident)
+            expert = self.scheduler.choose(self.current, self._active_map(), resident)
             if expert is None:
                 with self._wake:
                     self._wake.wait(timeout=0.1)
@@ -185,41 +183,60 @@ class Engine:
             dt = time.perf_counter() - t0
             self.stats.switches += 1
             self.stats.switch_seconds += dt
-            self.stats.switch_bytes += self.bundle.expert(expert).total_bytes
-            if self.on_switch:
-                self.on_switch(expert, dt)
+            self.stats.switch_bytes += lease.moved_bytes
+            for listener in self.listeners:
+                listener.on_switch(expert, dt, lease.moved_bytes)
         self.current = expert
         self.scheduler.set_paused(expert, False)
-        batch = self.batches.get(expert)
-        if batch is None:
-            batch = self.batches[expert] = Batch(
-                expert, self.tokenizers[expert], self.eos[expert], self.contexts[expert]
-            )
+        batch = self._batch(expert)
         with lease:
             self._prefetch(expert)
             while not self._stop:
-                new = self.scheduler.take(expert, len(batch))
-                if new:
-                    batch.admit(lease.model, new)
+                self._admit(batch, lease.model)
                 if not len(batch):
                     break
                 n = batch.step(lease.model)
                 self.stats.steps += 1
                 self.stats.tokens += n
-                if self.on_batch:
-                    self.on_batch(expert, n)
+                for listener in self.listeners:
+                    listener.on_step(expert, n)
                 self._prefetch(expert)  # new arrivals for other experts start moving up now
-                active = {e: len(b) for e, b in self.batches.items()}
-                nxt = self.scheduler.choose(expert, active, {expert})
-                if nxt != expert:
+                if self.scheduler.choose(expert, self._active_map(), {expert}) != expert:
                     break
         if len(batch):
             self.scheduler.set_paused(expert, True)
         else:
-            self.batches.pop(expert, None)
+            with self._batches_lock:
+                self.batches.pop(expert, None)
+
+    def _batch(self, expert: str) -> Batch:
+        with self._batches_lock:
+            batch = self.batches.get(expert)
+            if batch is None:
+                tok = self.tokenizers[expert]
+                batch = self.batches[expert] = Batch(
+                    expert, tok.eos_ids, tok.context, self.config.prefill_chunk
+                )
+            return batch
+
+    def _admit(self, batch: Batch, model: nn.Module) -> None:
+        """Admit what the scheduler offers, as far as the batch's KV budget allows (at least one
+        request when the batch is empty); the rest goes back to the head of the queue."""
+        new = self.scheduler.take(batch.expert, len(batch))
+        if not new:
+            return
+        fit = len(new)
+        while (
+            fit > (0 if len(batch) else 1) and batch.projected_bytes(model, new[:fit]) > self.config.kv_budget
+        ):
+            fit -= 1
+        if fit < len(new):
+            self.scheduler.requeue(batch.expert, new[fit:])
+        if fit:
+            batch.admit(model, new[:fit])
 
     def _prefetch(self, expert: str) -> None:
-        if not self.config.prefetch:
+        if not self.config.policy.prefetch:
             return
         nxt = [e for e in self.scheduler.upcoming(exclude=expert) if e not in self.broken]
         if nxt == self._last_upcoming:
@@ -233,7 +250,8 @@ class Engine:
     def _fail_expert(self, expert: str, message: str, mark_broken: bool) -> None:
         if mark_broken:
             self.broken[expert] = message
-        batch = self.batches.pop(expert, None)
+        with self._batches_lock:
+            batch = self.batches.pop(expert, None)
         if batch is not None:
             batch.fail(message)
         for r in self.scheduler.remove(expert):

@@ -1,4 +1,4 @@
-"""A generation request as the engine sees it, and the events it streams back."""
+"""A generation request as the engine sees it (token ids, typed fields), and the events it streams back."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, Protocol
 
 _ids = itertools.count()
+
+FinishReason = Literal["stop", "length", "error", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -17,16 +19,36 @@ class SamplingParams:
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+
+
+class Detokenizer(Protocol):
+    """Turns generated ids into text and finds stop strings (see `coe.tokenization.TextStream`).
+    The engine calls it without knowing anything of tokenizers."""
+
+    stopped: bool
+
+    def push(self, token: int) -> str: ...
+
+    def finish(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the k most likely ids and their log-probabilities
 
 
 @dataclass
 class Event:
-    """What the engine reports: a text delta, or the end (with its reason) or an error."""
+    """What the engine reports: generated ids with their text delta, or the end (with its reason)."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop", "length", "error", "cancelled"
+    tokens: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
     error: str | None = None
     status: int = 200  # the HTTP status an error maps to
 
@@ -37,6 +59,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]  # thread-safe: called from the engine thread
+    detokenizer: Detokenizer | None = None  # None: ids only, no text
+    alternatives: tuple[str, ...] = ()  # the router's ranked choices, for prefetch
     arrived: float = field(default_factory=time.monotonic)
     rid: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -44,7 +68,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     completion_tokens: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
+    finish_reason: FinishReason | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -1,10 +1,10 @@
-"""One expert's running batch: a shared KV cache, continuous admission, sampling, stop handling.
+"""One expert's running batch: continuous admission, chunked prefill, sampling, log-probabilities.
 
-Requests join between decode steps: a new request is prefilled alone, and its KV cache is merged
-into the batch's by left-padding the shorter side along the sequence axis; the attention mask
-hides the padding and explicit position ids keep each sequence's positions its own. Finished or
-cancelled requests leave by selecting the remaining rows, and all-padding columns at the left are
-trimmed, so a batch's memory follows its live requests.
+Requests join between decode steps: newcomers are prefilled together into a cache of their own (in
+chunks, so a 32k-token prompt never builds a 32k x 32k mask), then merged into the batch's cache
+(`kv.KVCache.merge`). Finished or cancelled requests leave by selecting the remaining rows. The
+batch deals in token ids only; each request's detokenizer turns them into text and spots stop
+strings.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.engine.request import Event, Request, SamplingParams
+from wallbreak.coe.engine.kv import KVCache, layer_windows
+from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -35,73 +36,115 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def logprob_of(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The model's log-probability of `token` (before temperature, as OpenAI reports) and the top k."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        vals, idx = lp.topk(k)
+        top = tuple((int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), top)
+
+
+def kv_bytes_per_row(config: Any, dtype: torch.dtype, columns: int) -> int:
+    """KV bytes one row of a batch needs at `columns` time columns (sliding layers stop growing)."""
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    per_column = 2 * kv_heads * head_dim * dtype.itemsize
+    return sum(per_column * (columns if w is None else min(columns, w - 1)) for w in layer_windows(config))
+
+
 @dataclass
 class Seq:
     req: Request
-    pos: int  # position id of the next token fed to the model
     tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already emitted
     gen: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_ids) + len(self.tokens)
+
+    @property
+    def remaining(self) -> int:
+        return self.req.params.max_tokens - len(self.tokens)
 
 
 class Batch:
-    def __init__(self, expert: str, tokenizer: Any, eos_ids: set[int], context: int) -> None:
+    def __init__(self, expert: str, eos_ids: frozenset[int], context: int, prefill_chunk: int) -> None:
         self.expert = expert
-        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context = context
+        self.prefill_chunk = prefill_chunk
         self.seqs: list[Seq] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [B, T] 1 = real token
+        self.cache: KVCache | None = None
         self.next: list[int] = []  # the token each sequence feeds next
-        self._cache_kw: str | None = None
+        self._kw: dict[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     # -- model calls --------------------------------------------------------------------------
 
-    def _forward(self, model: nn.Module, ids: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
-        if self._cache_kw is None:
+    def _forward(self, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed ids [rows, q] at the cache's next columns; the last column's logits [rows, vocab]."""
+        if self._kw is None:
             params = inspect.signature(model.forward).parameters
-            self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        if "cache" in kw:
-            kw[self._cache_kw] = kw.pop("cache")
+            self._kw = {"cache": "cache" if "cache" in params else "past_key_values"}
+            if "logits_to_keep" in params:
+                self._kw["logits"] = "logits_to_keep"
+        q = ids.shape[1]
+        dtype = next(model.parameters()).dtype
+        kw: dict[str, Any] = {self._kw["cache"]: cache}
+        if "logits" in self._kw:
+            kw[self._kw["logits"]] = 1  # a 262k vocabulary times a prompt would be gigabytes
         with torch.inference_mode():
-            out = model(input_ids=ids, use_cache=True, **kw)
-        cache = out.get("cache", None)
-        if cache is None:
-            cache = out.get("past_key_values", None)
-        return out.logits[:, -1], cache
+            out = model(
+                input_ids=ids,
+                attention_mask=cache.masks(q, ids.device, dtype),
+                position_ids=cache.positions(q, ids.device),
+                use_cache=True,
+                **kw,
+            )
+        cache.advance(q)
+        return out.logits[:, -1]
+
+    def _new_cache(self, model: nn.Module) -> KVCache:
+        cfg: Any = model.config
+        return KVCache(cfg, getattr(cfg, "_attn_implementation", None) or "eager")
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
         """Prefill the new requests together (left-padded to one length) and merge them in."""
-        device = next(model.parameters()).device
         live = []
         for req in reqs:
             if req.cancelled.is_set():
-                req.emit(Event(finish_reason="cancelled"))
+                self._end(req, "cancelled")
             else:
                 live.append(req)
         if not live:
             return
-        t = max(len(r.prompt_ids) for r in live)
-        ids = torch.zeros(len(live), t, dtype=torch.long, device=device)
-        mask = torch.zeros(len(live), t, dtype=torch.long, device=device)
+        device = next(model.parameters()).device
+        cache = self._new_cache(model)
+        lengths = [len(r.prompt_ids) for r in live]
+        cache.open_rows(lengths)
+        width = max(lengths)
+        ids = torch.zeros(len(live), width, dtype=torch.long)
         for i, r in enumerate(live):
-            n = len(r.prompt_ids)
-            ids[i, t - n :] = torch.tensor(r.prompt_ids, device=device)
-            mask[i, t - n :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(model, ids, attention_mask=mask, position_ids=pos)
-        self._merge(cache, mask)
-        for i, req in enumerate(live):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        ids = ids.to(device)
+        for c0 in range(0, width, self.prefill_chunk):
+            logits = self._forward(model, ids[:, c0 : c0 + self.prefill_chunk], cache)
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.merge(cache)
+        first = len(self.seqs)
+        for req in live:
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
-            self.seqs.append(Seq(req, pos=len(req.prompt_ids), gen=gen))
+            self.seqs.append(Seq(req, gen=gen))
             self.next.append(-1)
-            self._take(len(self.seqs) - 1, logits[i])
+        self._take_all(logits, first)
         self._drop_finished()
 
     def step(self, model: nn.Module) -> int:
@@ -109,117 +152,88 @@ class Batch:
         self._drop_finished()
         if not self.seqs:
             return 0
-        assert self.mask is not None
-        device = self.mask.device
+        assert self.cache is not None
+        device = next(model.parameters()).device
         ids = torch.tensor(self.next, device=device)[:, None]
-        self.mask = torch.cat(
-            [self.mask, torch.ones(len(self.seqs), 1, dtype=self.mask.dtype, device=device)], 1
-        )
-        pos = torch.tensor([s.pos for s in self.seqs], device=device)[:, None]
-        logits, self.cache = self._forward(
-            model, ids, cache=self.cache, attention_mask=self.mask, position_ids=pos
-        )
+        logits = self._forward(model, ids, self.cache)
         n = len(self.seqs)
-        for i in range(n):
-            self.seqs[i].pos += 1
-            self._take(i, logits[i])
+        self._take_all(logits, 0)
         self._drop_finished()
         return n
 
-    # -- bookkeeping --------------------------------------------------------------------------
+    def projected_bytes(self, model: nn.Module, newcomers: Sequence[Request]) -> int:
+        """KV bytes of the padded block if `newcomers` joined and every row ran to its max_tokens."""
+        rows = [(s.length, s.remaining) for s in self.seqs]
+        rows += [(len(r.prompt_ids), r.params.max_tokens) for r in newcomers]
+        if not rows:
+            return 0
+        width = max(n for n, _ in rows) + max(m for _, m in rows)
+        dtype = next(model.parameters()).dtype
+        return len(rows) * kv_bytes_per_row(model.config, dtype, min(width, self.context))
 
-    def _layers(self, cache: Any) -> list[Any]:
-        return list(cache.layers)
+    # -- per token ------------------------------------------------------------------------------
 
-    def _merge(self, cache: Any, new_mask: torch.Tensor) -> None:
-        """Append rows to the batch: pad the shorter of (batch, newcomers) on the left in time."""
-        if self.cache is None or not self.seqs:
-            self.cache, self.mask = cache, new_mask
-            return
-        assert self.mask is not None
-        t_old, t_new = self.mask.shape[1], new_mask.shape[1]
-        t = max(t_old, t_new)
-        for old, new in zip(self._layers(self.cache), self._layers(cache), strict=True):
-            old.keys = torch.cat(
-                [F.pad(old.keys, (0, 0, t - t_old, 0)), F.pad(new.keys, (0, 0, t - t_new, 0))]
-            )
-            old.values = torch.cat(
-                [F.pad(old.values, (0, 0, t - t_old, 0)), F.pad(new.values, (0, 0, t - t_new, 0))]
-            )
-        self.mask = torch.cat([F.pad(self.mask, (t - t_old, 0)), F.pad(new_mask, (t - t_new, 0))])
+    def _take_all(self, logits: torch.Tensor, first: int) -> None:
+        """Row j of `logits` belongs to sequence first + j."""
+        greedy = logits.argmax(-1).tolist()  # one device sync for the whole batch
+        for j, tok in enumerate(greedy):
+            self._take(first + j, logits[j], int(tok))
 
-    def _take(self, i: int, logits: torch.Tensor) -> None:
-        """Sample the next token of sequence i and stream it; mark the sequence done if it ends."""
+    def _take(self, i: int, logits: torch.Tensor, greedy: int) -> None:
+        """Choose sequence i's next token and stream it; mark the sequence done if it ends."""
         seq = self.seqs[i]
         req = seq.req
         if req.cancelled.is_set():
-            req.meta["finish"] = "cancelled"
+            req.finish_reason = "cancelled"
             return
-        tok = sample(logits, req.params, seq.gen)
+        p = req.params
+        tok = greedy if p.temperature <= 0 else sample(logits, p, seq.gen)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
+        detok = req.detokenizer
         if tok in self.eos_ids:
-            self._finish(seq, "stop")
+            tail = detok.finish() if detok is not None else ""
+            if tail:
+                req.emit(Event(text=tail))
+            req.finish_reason = "stop"
             return
         seq.tokens.append(tok)
         req.completion_tokens = len(seq.tokens)
         self.next[i] = tok
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        for s in req.params.stop:
-            at = text.find(s, max(0, seq.sent - len(s)))
-            if at >= 0:
-                self._emit(seq, text[:at])
-                self._finish(seq, "stop", flush=False)
-                return
-        if len(seq.tokens) >= req.params.max_tokens or seq.pos + 1 >= self.context:
-            self._emit(seq, text)
-            self._finish(seq, "length", flush=False)
-            return
-        # Hold back what could still turn into a stop string, and half-decoded characters.
-        hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        safe = len(text) - hold
-        while safe > seq.sent and text[safe - 1] == "\ufffd":
-            safe -= 1
-        self._emit(seq, text[:safe])
+        lp = (logprob_of(logits, tok, p.logprobs),) if p.logprobs is not None else ()
+        text = detok.push(tok) if detok is not None else ""
+        if detok is not None and detok.stopped:
+            req.finish_reason = "stop"
+        elif len(seq.tokens) >= p.max_tokens or seq.length >= self.context:
+            text += detok.finish() if detok is not None else ""
+            req.finish_reason = "length"
+        req.emit(Event(text=text, tokens=(tok,), logprobs=lp))
 
-    def _emit(self, seq: Seq, text: str) -> None:
-        if len(text) > seq.sent:
-            seq.req.emit(Event(text=text[seq.sent :]))
-            seq.sent = len(text)
+    # -- bookkeeping --------------------------------------------------------------------------
 
-    def _finish(self, seq: Seq, reason: str, flush: bool = True) -> None:
-        if flush:
-            self._emit(seq, self.tokenizer.decode(seq.tokens, skip_special_tokens=True))
-        seq.req.meta["finish"] = reason
+    def _end(self, req: Request, reason: FinishReason) -> None:
+        req.finish_reason = reason
+        req.finished_at = time.monotonic()
+        req.emit(Event(finish_reason=reason))
 
     def _drop_finished(self) -> None:
         keep = []
         for i, s in enumerate(self.seqs):
-            reason = s.req.meta.get("finish")
-            if s.req.cancelled.is_set() and reason is None:
-                reason = s.req.meta["finish"] = "cancelled"
-            if reason is None:
+            if s.req.finish_reason is None and s.req.cancelled.is_set():
+                s.req.finish_reason = "cancelled"
+            if s.req.finish_reason is None:
                 keep.append(i)
             else:
-                s.req.finished_at = time.monotonic()
-                s.req.emit(Event(finish_reason=reason))
+                self._end(s.req, s.req.finish_reason)
         if len(keep) == len(self.seqs):
             return
         self.seqs = [self.seqs[i] for i in keep]
         self.next = [self.next[i] for i in keep]
-        if not self.seqs:
-            self.cache, self.mask = None, None
-            return
-        assert self.mask is not None
-        idx = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, idx)
-        lead = int((mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns at the left
-        self.mask = mask[:, lead:]
-        for layer in self._layers(self.cache):
-            layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
-            layer.values = layer.values.index_select(0, idx)[:, :, lead:]
+        if self.cache is not None:
+            self.cache.select(keep)
 
     def fail(self, message: str, status: int = 503) -> None:
         for s in self.seqs:
+            s.req.finish_reason = "error"
             s.req.emit(Event(finish_reason="error", error=message, status=status))
-        self.seqs, self.next, self.cache, self.mask = [], [], None, None
+        self.seqs, self.next, self.cache = [], [], None

@@ -1,14 +1,23 @@
-"""Which expert's batch runs next.
+"""Which expert's batch runs next, and who joins it: the named serving policies.
 
-`ours`: a switch costs a weight move, so an expert's batch runs until it drains, taking in new
-requests for that expert between steps (continuous batching); when it drains, the expert with the
-most waiting work runs next (preferring one already resident). Fairness: once another expert has a
-request older than `max_wait_s`, the running batch stops taking new requests, so it drains and the
-oldest overdue expert runs next; a request therefore waits at most about max_wait_s plus the rest
-of one batch. A batch that is still running past 3 x max_wait_s is preempted between steps (its KV
-cache is kept, so nothing is recomputed when it resumes).
+A policy is three choices: the scheduler (who runs and who joins), the tiers' eviction rule, and
+whether the engine prefetches. The named policies:
 
-`fcfs-lru`: the Samba-CoE-style baseline: the oldest request runs alone to completion, then the next.
+`ours` (switch-aware, cost eviction, prefetch): a switch costs a weight move, so an expert's batch
+runs until it drains, taking in new requests for that expert between steps; when it drains, the
+expert with the most waiting work runs next (preferring one already resident). Fairness: once
+another expert has a request older than `max_wait_s`, the running batch stops taking new requests,
+so it drains and the oldest overdue expert runs next. A batch still running past 3 x max_wait_s is
+preempted between steps (its KV cache is kept, so nothing is recomputed when it resumes).
+
+`per-expert-lru` (oldest-first, LRU eviction, no prefetch): what users run today when they serve
+many models - Ray Serve model multiplexing (`@serve.batch` per model id, LRU past
+`max_num_models_per_replica`) and Ollama (parallel slots per loaded model, requests handled in
+arrival order, a model waiting for memory blocks the queue until a runner goes idle). The expert
+of the oldest waiting request runs next and batches its requests; a request joins the running
+batch only if no other expert has an older one waiting. Models load when first needed.
+
+`fcfs-lru` (Samba-CoE-style baseline): the oldest request runs alone to completion, then the next.
 """
 
 from __future__ import annotations
@@ -16,23 +25,23 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from wallbreak.coe import defaults
 from wallbreak.coe.engine.request import Request
-
-POLICIES = ("ours", "fcfs-lru")
+from wallbreak.coe.policy import POLICIES, ServingPolicy
 
 
 class Scheduler:
     def __init__(
         self,
-        policy: str = "ours",
-        max_batch: int = 16,
-        max_wait_s: float = 5.0,
+        policy: ServingPolicy = POLICIES[defaults.POLICY],
+        max_batch: int = defaults.MAX_BATCH,
+        max_wait_s: float = defaults.MAX_WAIT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.policy = policy
-        self.max_batch = 1 if policy == "fcfs-lru" else max_batch
+        self.kind = policy.scheduler
+        self.max_batch = max_batch if policy.batches else 1
         self.max_wait_s = max_wait_s
         self.hard_wait_s = 3 * max_wait_s
         self.clock = clock
@@ -43,6 +52,12 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         with self.lock:
             self.waiting.setdefault(req.expert, deque()).append(req)
+
+    def requeue(self, expert: str, reqs: Sequence[Request]) -> None:
+        """Put taken requests back at the head of their queue, in order (they did not fit)."""
+        with self.lock:
+            q = self.waiting.setdefault(expert, deque())
+            q.extendleft(reversed(reqs))
 
     def pending(self) -> int:
         with self.lock:
@@ -56,51 +71,62 @@ class Scheduler:
             t = p if t is None else min(t, p)
         return t
 
+    def _oldest_head(self) -> str:
+        return min((e for e, q in self.waiting.items() if q), key=lambda e: self.waiting[e][0].arrived)
+
     def choose(self, current: str | None, active: dict[str, int], resident: set[str]) -> str | None:
         """The expert to run now. `active`: live sequences per expert; `resident`: on the device."""
         with self.lock:
             work = {e for e, q in self.waiting.items() if q} | {e for e, n in active.items() if n}
             if not work:
                 return None
-            if self.policy == "fcfs-lru":
-                if current is not None and active.get(current):
-                    return current  # one request at a time, run to completion
-                return min((e for e in work if self.waiting.get(e)), key=lambda e: self.waiting[e][0].arrived)
-            now = self.clock()
-            if current is not None and active.get(current):
-                hard = [
-                    (t, e)
-                    for e in work
-                    if e != current and (t := self._oldest(e)) is not None and now - t > self.hard_wait_s
-                ]
-                return min(hard)[1] if hard else current
-            overdue = [
-                (t, e) for e in work if (t := self._oldest(e)) is not None and now - t > self.max_wait_s
+            if current is not None and active.get(current) and self.kind != "switch-aware":
+                return current  # batches run to completion
+            if self.kind != "switch-aware":
+                return self._oldest_head()
+            return self._choose_switch_aware(current, work, active, resident)
+
+    def _choose_switch_aware(
+        self, current: str | None, work: set[str], active: dict[str, int], resident: set[str]
+    ) -> str:
+        now = self.clock()
+        if current is not None and active.get(current):
+            hard = [
+                (t, e)
+                for e in work
+                if e != current and (t := self._oldest(e)) is not None and now - t > self.hard_wait_s
             ]
-            if overdue:
-                return min(overdue)[1]
+            return min(hard)[1] if hard else current
+        overdue = [(t, e) for e in work if (t := self._oldest(e)) is not None and now - t > self.max_wait_s]
+        if overdue:
+            return min(overdue)[1]
 
-            def rank(e: str) -> tuple[int, int, float]:
-                size = len(self.waiting.get(e, ())) + active.get(e, 0)
-                return (-size, 0 if e in resident else 1, self._oldest(e) or now)
+        def rank(e: str) -> tuple[int, int, float]:
+            size = len(self.waiting.get(e, ())) + active.get(e, 0)
+            return (-size, 0 if e in resident else 1, self._oldest(e) or now)
 
-            return min(work, key=rank)
+        return min(work, key=rank)
 
     def take(self, expert: str, active: int) -> list[Request]:
-        """Requests of `expert` to admit into its batch now: none while another expert is overdue,
-        so the batch drains and that expert gets its turn."""
+        """Requests of `expert` to admit into its running batch now."""
         with self.lock:
             q = self.waiting.get(expert)
-            if self.policy == "ours" and active:
+            if not q:
+                return []
+            others = [r[0].arrived for e, r in self.waiting.items() if e != expert and r]
+            if self.kind == "switch-aware" and active:
+                # None while another expert is overdue, so the batch drains and that expert goes next.
                 now = self.clock()
                 if any(
                     e != expert and (t := self._oldest(e)) is not None and now - t > self.max_wait_s
                     for e in self.waiting
                 ):
                     return []
-            room = self.max_batch - active
             out = []
+            room = self.max_batch - active
             while q and room > 0:
+                if self.kind == "oldest-first" and others and q[0].arrived > min(others):
+                    break  # someone older waits for another expert: arrival order rules
                 out.append(q.popleft())
                 room -= 1
             return out
@@ -121,7 +147,7 @@ class Scheduler:
             out = [e for _, e in heads if e != exclude]
             for q in self.waiting.values():
                 for r in list(q)[:4]:
-                    for e in r.meta.get("top_k", ())[1:2]:
+                    for e in r.alternatives[1:2]:
                         if e != exclude and e not in out:
                             out.append(e)
             return out[:limit]

@@ -30,11 +30,14 @@ class _TierCollector(Collector):
         yield fam
         moved = CounterMetricFamily("wallbreak_tier_bytes", "bytes moved between tiers", labels=["path"])
         moved.add_metric(["disk_to_host"], s.bytes_disk_to_host)
+        moved.add_metric(["disk_to_host_prefetch"], s.bytes_disk_to_host_prefetch)
         moved.add_metric(["host_to_device"], s.bytes_host_to_device)
         yield moved
 
 
 class Metrics:
+    """The server's Prometheus registry; it listens to the engine for switches and decode steps."""
+
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -64,4 +67,17 @@ class Metrics:
         queue.set_function(lambda: float(engine.queue_depth()))
         active = Gauge("wallbreak_active_sequences", "sequences in running or paused batches", registry=r)
         active.set_function(lambda: float(engine.active()))
+        self.switch_bytes = Counter(
+            "wallbreak_switch_bytes",
+            "bytes the engine's switches moved themselves (prefetch excluded)",
+            registry=r,
+        )
         r.register(_TierCollector(engine))
+        engine.add_listener(self)
+
+    def on_switch(self, expert: str, seconds: float, moved_bytes: int) -> None:
+        self.switch_seconds.observe(seconds)
+        self.switch_bytes.inc(moved_bytes)
+
+    def on_step(self, expert: str, batch_size: int) -> None:
+        self.batch_size.observe(batch_size)

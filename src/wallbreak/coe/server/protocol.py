@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TextPart(BaseModel):
@@ -60,14 +60,30 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        """None: no log-probabilities; k: the chosen token's and the top k."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -81,6 +97,45 @@ class CompletionRequest(_Common):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+
+def _absent(*harmless: Any) -> Any:
+    return lambda v: v is None or any(v == h for h in harmless)
+
+
+# Features a client may send that we do not implement. Ignoring them would break the client later
+# and far from the cause (a JSON parser fed free text, a tool call that never comes), so a request
+# that *uses* one gets a 400 naming it; values that change nothing (tools: [], n: 1) pass.
+_UNSUPPORTED_COMMON = {
+    "logit_bias": _absent({}),
+    "presence_penalty": _absent(0),
+    "frequency_penalty": _absent(0),
+}
+UNSUPPORTED = {
+    "chat": _UNSUPPORTED_COMMON
+    | {
+        "tools": _absent([]),
+        "tool_choice": _absent("none"),
+        "functions": _absent([]),
+        "function_call": _absent("none"),
+        "parallel_tool_calls": lambda v: True,  # means nothing without tools
+        "response_format": _absent({"type": "text"}),
+        "audio": _absent(),
+        "modalities": _absent(["text"]),
+        "prediction": _absent(),
+        "web_search_options": _absent(),
+    },
+    "completions": _UNSUPPORTED_COMMON
+    | {"echo": _absent(False), "suffix": _absent(""), "best_of": _absent(1)},
+}
+
+
+def unsupported_field(body: dict[str, Any], endpoint: str) -> str | None:
+    """The first field of `body` that asks for a feature this server does not implement."""
+    for name, harmless in UNSUPPORTED[endpoint].items():
+        if name in body and not harmless(body[name]):
+            return name
+    return None
 
 
 ERROR_TYPES = {

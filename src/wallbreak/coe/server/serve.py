@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from wallbreak.coe import defaults
 from wallbreak.coe.bundle import MANIFEST, Bundle
-from wallbreak.coe.engine import Engine, EngineConfig
+from wallbreak.coe.engine import POLICIES, Engine, EngineConfig, ServingPolicy
 from wallbreak.coe.router import Router
 from wallbreak.coe.tiers import TierConfig, TierManager
+from wallbreak.coe.tokenization import ExpertTokenizer, load_tokenizers
 from wallbreak.errors import ConfigError
 from wallbreak.units import format_bytes
 
@@ -24,16 +26,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServeOptions:
     bundle: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = defaults.HOST
+    port: int = defaults.PORT
     device_budget: int | None = None
     host_budget: int | None = None
-    max_queue: int = 256
+    max_queue: int = defaults.MAX_QUEUE
     api_key: str | None = None
-    device: str = "cpu"
-    policy: str = "ours"
-    max_batch: int = 16
-    max_wait_s: float = 5.0
+    device: str = defaults.DEVICE
+    policy: ServingPolicy = POLICIES[defaults.POLICY]
+    max_batch: int = defaults.MAX_BATCH
+    max_wait_s: float = defaults.MAX_WAIT_S
+    kv_budget: int = defaults.KV_BUDGET
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -75,35 +78,36 @@ def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tup
     return host, device
 
 
-def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager]:
+def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
     root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
     bundle = Bundle.open(root, lenient=True)
     for name, why in bundle.damaged.items():
         log.error("expert %s cannot be served (503 until the bundle is repaired): %s", name, why)
     host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
-    policy = "lru" if opts.policy == "fcfs-lru" else "cost"
     tiers = TierManager(
-        bundle, TierConfig(host_budget=host, device_budget=device, device=opts.device, policy=policy)
+        bundle,
+        TierConfig(host_budget=host, device_budget=device, device=opts.device, policy=opts.policy.eviction),
     )
     try:
+        tokenizers = load_tokenizers(bundle, tiers.entries)
         engine = Engine(
             bundle,
             tiers,
-            EngineConfig(
-                opts.policy, opts.max_batch, opts.max_wait_s, opts.max_queue, prefetch=opts.policy == "ours"
-            ),
+            tokenizers,
+            EngineConfig(opts.policy, opts.max_batch, opts.max_wait_s, opts.max_queue, opts.kv_budget),
         )
         router = Router.load(bundle) if len(bundle.names) > 1 else None
     except BaseException:
         tiers.close()
         raise
     log.info(
-        "serving %d expert(s); host budget %s, device budget %s",
+        "serving %d expert(s); host budget %s, device budget %s; policy %s",
         len(bundle.names),
         format_bytes(host),
         format_bytes(device),
+        opts.policy.name,
     )
-    return engine, router, tiers
+    return engine, router, tiers, tokenizers
 
 
 def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
@@ -111,8 +115,8 @@ def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
 
     from wallbreak.coe.server.app import create_app
 
-    engine, router, tiers = build(opts)
-    app: FastAPI = create_app(engine, router, opts.api_key or os.environ.get("WALLBREAK_API_KEY"))
+    engine, router, tiers, tokenizers = build(opts)
+    app: FastAPI = create_app(engine, router, tokenizers, opts.api_key or os.environ.get("WALLBREAK_API_KEY"))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -94,6 +94,7 @@ class TierStats:
     misses: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     evictions: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     bytes_disk_to_host: int = 0
+    bytes_disk_to_host_prefetch: int = 0  # of those, read ahead of need by prefetch
     bytes_host_to_device: int = 0
     disk_to_host_s: float = 0.0
     host_to_device_s: float = 0.0
@@ -114,6 +115,7 @@ class TierStats:
             "alias_binds": self.alias_binds,
             "prefetch_loads": self.prefetch_loads,
             "bytes_disk_to_host": self.bytes_disk_to_host,
+            "bytes_disk_to_host_prefetch": self.bytes_disk_to_host_prefetch,
             "bytes_host_to_device": self.bytes_host_to_device,
             "disk_to_host_gbps": gbps(self.bytes_disk_to_host, self.disk_to_host_s),
             "host_to_device_gbps": gbps(self.bytes_host_to_device, self.host_to_device_s),
@@ -130,9 +132,10 @@ class _HostEntry:
 class Lease:
     """A reference to a ready expert; its weights stay put until released."""
 
-    def __init__(self, manager: TierManager, expert: str, slot: Slot) -> None:
+    def __init__(self, manager: TierManager, expert: str, slot: Slot, moved_bytes: int = 0) -> None:
         self.expert = expert
         self.slot = slot
+        self.moved_bytes = moved_bytes  # bytes this acquire moved (0: it was ready, or a prefetch moved it)
         self.model: nn.Module = slot.model
         self._manager = manager
         self._released = False
@@ -187,8 +190,8 @@ class TierManager:
         """Block until `expert` is ready on the device and return a lease on it."""
         entry = self._entry(expert)
         deadline = time.monotonic() + (timeout if timeout is not None else self.config.wait_timeout_s)
-        slot = self._get_slot(entry, deadline, prefetch=False)
-        return Lease(self, expert, slot)
+        slot, moved = self._get_slot(entry, deadline, prefetch=False)
+        return Lease(self, expert, slot, moved)
 
     def prefetch(self, expert: str, tier: Literal["host", "device"] = "device") -> Future[bool]:
         """Start moving `expert` up to `tier` in the background; never waits for space.
@@ -268,7 +271,8 @@ class TierManager:
 
     # -- device tier ----------------------------------------------------------------------------
 
-    def _get_slot(self, entry: ExpertEntry, deadline: float, prefetch: bool) -> Slot:
+    def _get_slot(self, entry: ExpertEntry, deadline: float, prefetch: bool) -> tuple[Slot, int]:
+        """The expert's slot, loaded, with a reference taken; and the bytes this call moved."""
         name = entry.name
         with self._cv:
             while True:
@@ -279,7 +283,7 @@ class TierManager:
                         if not prefetch:
                             self.stats.hits["device"] += 1
                         self.device_policy.on_access(name)
-                        return slot
+                        return slot, 0
                     slot.pending += 1  # coalesce: wait for the load someone else is doing
                     self._cv.wait(max(deadline - time.monotonic(), 0.001))
                     slot.pending -= 1
@@ -294,7 +298,7 @@ class TierManager:
                 self.stats.misses["device"] += 1
             slot.pending += 1
         try:
-            self._load_into(slot, entry, deadline, prefetch)
+            moved = self._load_into(slot, entry, deadline, prefetch)
         except BaseException:
             with self._cv:
                 slot.pending -= 1
@@ -306,7 +310,7 @@ class TierManager:
         with self._cv:
             slot.pending -= 1
             slot.refs += 1
-            return slot
+            return slot, moved
 
     def _reserve_slot(self, entry: ExpertEntry) -> Slot | None:
         candidates = self.pool.slots_for(entry.layout_key)
@@ -336,7 +340,8 @@ class TierManager:
             self._host[slot.expert].pins -= 1
         slot.expert = None
 
-    def _load_into(self, slot: Slot, entry: ExpertEntry, deadline: float, prefetch: bool) -> None:
+    def _load_into(self, slot: Slot, entry: ExpertEntry, deadline: float, prefetch: bool) -> int:
+        """Make the slot hold the expert; returns the bytes moved (disk reads and device copies)."""
         ext, d2h_s = self._get_host(entry, deadline, prefetch)
         keep_pin = False
         try:
@@ -372,6 +377,8 @@ class TierManager:
                 st.host_to_device_s += h2d_s
             st.recent.append(SwitchRecord(entry.name, entry.total_bytes, d2h_s, h2d_s, prefetch))
             self._cv.notify_all()
+        read = entry.total_bytes if d2h_s is not None else 0
+        return read + (0 if slot.flat is None else entry.total_bytes)
 
     def _release(self, slot: Slot) -> None:
         with self._cv:
@@ -421,6 +428,7 @@ class TierManager:
             h.loading = False
             self.host_policy.on_insert(name, res.seconds, entry.total_bytes)
             self.stats.bytes_disk_to_host += res.nbytes
+            self.stats.bytes_disk_to_host_prefetch += res.nbytes if prefetch else 0
             self.stats.disk_to_host_s += res.seconds
             self._cv.notify_all()
         return ext, res.seconds
@@ -463,7 +471,7 @@ class TierManager:
                     self._host[entry.name].pins -= 1
                     self._cv.notify_all()
             else:
-                self._release(self._get_slot(entry, deadline, prefetch=True))
+                self._release(self._get_slot(entry, deadline, prefetch=True)[0])
         except CapacityError:
             return False
         except Exception:

@@ -1,0 +1,13 @@
+"""Every serving default, defined once: the CLI, the server, the engine and the benchmarks read them here."""
+
+from __future__ import annotations
+
+HOST = "127.0.0.1"
+PORT = 8000
+POLICY = "ours"
+MAX_BATCH = 16  # sequences per expert batch
+MAX_WAIT_S = 5.0  # once a request has waited this long, its expert goes next (3x: preemption)
+MAX_QUEUE = 256  # waiting requests before 429
+KV_BUDGET = 2 << 30  # bytes of KV cache one batch may grow to before it stops admitting
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+DEVICE = "cpu"
