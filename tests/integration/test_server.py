@@ -63,6 +63,105 @@ def test_models_health_and_metrics(server: ServerThread) -> None:
     assert 'wallbreak_requests_total{endpoint="completions",expert="beta",status="200"}' in text
 
 
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus text."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_histograms_fill_with_traffic(bundle: Path) -> None:
+    """A histogram nobody observes reads as 'no switches, no batches': it must fill with traffic."""
+    with ServerThread(ServeOptions(bundle=bundle)) as s:
+        text = http("GET", f"{s.url}/metrics")[2]
+        assert metric(text, "wallbreak_switch_seconds_count") == 0
+        for expert in ("alpha", "beta", "alpha"):
+            client(s).completions.create(model=expert, prompt="hi", max_tokens=3, temperature=0)
+        text = http("GET", f"{s.url}/metrics")[2]
+        assert metric(text, "wallbreak_switch_seconds_count") >= 2
+        assert metric(text, "wallbreak_batch_size_count") >= 3
+        # On the CPU a device slot aliases the host arena: a switch reads from disk at most once.
+        moved = metric(text, "wallbreak_switch_bytes_total")
+        health = json.loads(http("GET", f"{s.url}/health")[2])
+        assert moved == health["engine"]["switch_bytes"]
+        assert moved <= health["tiers"]["bytes_disk_to_host"] + health["tiers"]["bytes_host_to_device"]
+
+
+def test_logprobs_through_the_official_client(server: ServerThread) -> None:
+    c = client(server)
+    r = c.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for tok in content:
+        assert tok.logprob <= 0 and len(tok.top_logprobs) == 3
+        assert tok.top_logprobs[0].token == tok.token  # greedy picks the most likely token
+        assert tok.top_logprobs[0].logprob == pytest.approx(tok.logprob)
+        assert [t.logprob for t in tok.top_logprobs] == sorted(
+            (t.logprob for t in tok.top_logprobs), reverse=True
+        )
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    stream = c.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        stream=True,
+    )
+    streamed = [
+        t for ch in stream if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content
+    ]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    cp = c.completions.create(model="gamma", prompt="abc", max_tokens=4, temperature=0, logprobs=2)
+    lp = cp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert "".join(lp.tokens) == cp.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("response_format", {"type": "json_object"}),
+        ("tool_choice", "required"),
+        ("logit_bias", {"5": 10}),
+        ("frequency_penalty", 0.5),
+    ],
+)
+def test_features_we_do_not_implement_get_a_400_naming_them(
+    server: ServerThread, field: str, value: object
+) -> None:
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}], field: value}
+    got, _, text = http("POST", f"{server.url}/v1/chat/completions", body)
+    err = json.loads(text)["error"]
+    assert got == 400 and err["param"] == field and field in err["message"]
+
+
+def test_harmless_values_and_unknown_fields_still_pass(server: ServerThread) -> None:
+    body = {
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 2,
+        "tools": [],
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "user": "someone",
+        "parallel_tool_calls": True,
+    }
+    assert http("POST", f"{server.url}/v1/chat/completions", body)[0] == 200
+    got, _, text = http(
+        "POST", f"{server.url}/v1/completions", {"model": "alpha", "prompt": "x", "echo": True}
+    )
+    assert got == 400 and json.loads(text)["error"]["param"] == "echo"
+
+
 def test_chat_and_completions(server: ServerThread) -> None:
     c = client(server)
     r = c.chat.completions.create(
@@ -248,3 +347,51 @@ def test_sigterm_drains_in_flight_requests(bundle: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_burst_over_both_architectures_has_no_failures(arch_bundle_dir: Path) -> None:
+    """What first failed in the field: concurrent chat requests, streaming and not, mixed prompt
+    lengths past the sliding window, some clients leaving mid-stream. Nothing may fail."""
+    import random
+
+    with ServerThread(ServeOptions(bundle=arch_bundle_dir, max_batch=8)) as s:
+        assert s.app.state.tokenizers["gemma"].context == 4096  # the model's own context, not its window
+        failures: list[str] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            rnd = random.Random(i)
+            model = rnd.choice(["coe", "llama", "gemma"])
+            words = " ".join(
+                rnd.choice(["sea", "mountain", "river", "cloud"])
+                for _ in range(rnd.randint(1, 60 if model == "gemma" else 10))
+            )
+            kw = {
+                "model": model,
+                "messages": [{"role": "user", "content": words}],
+                "max_tokens": rnd.randint(1, 24),
+            }
+            try:
+                if i % 3 == 0:
+                    with client(s).chat.completions.create(**kw, stream=True) as stream:
+                        for n, _chunk in enumerate(stream):
+                            if i % 6 == 0 and n == 2:
+                                break  # the client leaves mid-stream
+                else:
+                    client(s).chat.completions.create(**kw, temperature=rnd.choice([0, 0.8]))
+            except Exception as e:  # any failure, of any kind, is what this test is about
+                with lock:
+                    failures.append(f"{model}: {e!r}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(36)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert failures == []
+        deadline = time.monotonic() + 20
+        while s.engine.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.engine.active() == 0
+        text = http("GET", f"{s.url}/metrics")[2]
+        assert 'status="503"' not in text and 'status="500"' not in text
