@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the servers' --max-wait (default {defaults.MAX_WAIT_S})",
     )
     bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
+    bs.add_argument(
+        "--drop-caches", action="store_true", help="drop the page cache before each server (root): cold disk"
+    )
     bs.add_argument("--json", action="store_true")
     return p
 
@@ -296,6 +299,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.seed,
                 not args.no_alone,
                 args.max_wait,
+                args.drop_caches,
             )
         )
         if args.plot:

@@ -11,6 +11,7 @@ Ollama do (see `coe/engine/scheduler.py`).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +46,17 @@ class BenchServeArgs:
     seed: int = 0
     alone: bool = True
     max_wait: float = defaults.MAX_WAIT_S
+    drop_caches: bool = False  # start every server with the bundle out of the page cache (root)
+
+
+def drop_page_cache() -> None:
+    """Make the next reads of the bundle real disk reads, so every policy starts equally cold."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise ConfigError(f"--drop-caches needs root (cannot write /proc/sys/vm/drop_caches: {e})") from None
 
 
 def zipf_sequence(workload: str, experts: list[str], n: int, seed: int) -> list[str]:
@@ -206,6 +218,8 @@ def transformers_alone(bundle: Bundle, expert: str, n: int, max_tokens: int) -> 
 
 
 def _one_run(a: BenchServeArgs, policy: str, seq: list[str], concurrency: int) -> dict[str, Any]:
+    if a.drop_caches:
+        drop_page_cache()
     with _Server(a, policy) as srv:
         drive(srv.url, seq[: min(len(seq), concurrency)], concurrency, 2)  # warm-up: first loads
         h0 = srv.health()
