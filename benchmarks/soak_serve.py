@@ -48,14 +48,87 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle")
-    ap.add_argument("--clients", type=int, default=100)
-    ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--max-queue", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    a = ap.parse_args()
+class Clients:
+    """The load: each client loops over random requests of the mix until the time is up."""
+
+    def __init__(self, url: str, seconds: float, max_tokens: int) -> None:
+        listed = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"]
+        self.models = [m["id"] for m in listed]  # "coe" and every expert by name
+        self.url, self.max_tokens = url, max_tokens
+        self.stop_at = time.monotonic() + seconds
+        self.outcomes: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.tokens = [0]
+        self.lock = threading.Lock()
+
+    def body_for(self, rnd: random.Random) -> dict[str, Any]:
+        prompt = rnd.choice(PROMPTS)
+        if rnd.random() < 0.25:  # a long text: hundreds of tokens, past a 512-token sliding window
+            prompt = " ".join(rnd.choice(LONG_WORDS) for _ in range(rnd.randint(300, 700)))
+        body: dict[str, Any] = {
+            "model": rnd.choice(self.models),
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": rnd.choice([8, self.max_tokens, 2 * self.max_tokens]),
+            "temperature": rnd.choice([0, 0.7]),
+            "stream": rnd.random() < 0.6,
+        }
+        if body["stream"]:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def record(self, outcome: str, error: str | None = None) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if error:
+                self.errors.append(error[:300])
+
+    def one(self, rnd: random.Random) -> None:
+        body = self.body_for(rnd)
+        hang_up = body["stream"] and rnd.random() < 0.15
+        req = urllib.request.Request(
+            f"{self.url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            if not body["stream"]:
+                out = json.loads(r.read())
+                with self.lock:
+                    self.tokens[0] += out["usage"]["completion_tokens"]
+                self.record("200")
+                return
+            done = False
+            for n, raw in enumerate(r):
+                line = raw.decode().strip()
+                if hang_up and n >= 4:
+                    self.record("client-hung-up")
+                    return  # closing the response drops the connection mid-stream
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: ") and '"error"' in line:
+                    self.record("stream-error", line)
+                    return
+                elif line.startswith("data: ") and '"usage"' in line:
+                    u = json.loads(line[6:]).get("usage")
+                    if u:
+                        with self.lock:
+                            self.tokens[0] += u["completion_tokens"]
+            self.record("200" if done else "incomplete", None if done else "stream ended without [DONE]")
+
+    def client(self, i: int) -> None:
+        rnd = random.Random(i)
+        while time.monotonic() < self.stop_at:
+            try:
+                self.one(rnd)
+            except urllib.error.HTTPError as e:
+                if e.code == 429:
+                    self.record("429")
+                    time.sleep(float(e.headers.get("Retry-After", "1")))
+                else:
+                    self.record(str(e.code), f"{e.code}: {e.read()[:300]!r}")
+            except OSError as e:
+                self.record("connection-error", repr(e))
+
+
+def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "wallbreak.cli", "serve", "--port", str(port)]
     cmd += ["--max-queue", str(a.max_queue)]
@@ -67,93 +140,31 @@ def main() -> int:
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=5).read()
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None:
-                print(json.dumps({"error": "server exited", "code": proc.returncode}))
-                return 1
+                raise SystemExit(json.dumps({"error": "server exited", "code": proc.returncode})) from None
             time.sleep(0.5)
-    outcomes: Counter[str] = Counter()
-    errors: list[str] = []
-    tokens = [0]
-    lock = threading.Lock()
-    stop_at = time.monotonic() + a.seconds
+    proc.kill()
+    raise SystemExit(json.dumps({"error": "server did not come up in 900 s"}))
 
-    listed = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"]
-    models = [m["id"] for m in listed]  # "coe" and every expert by name
 
-    def body_for(rnd: random.Random) -> dict[str, Any]:
-        prompt = rnd.choice(PROMPTS)
-        if rnd.random() < 0.25:  # a long text: hundreds of tokens, past a 512-token sliding window
-            prompt = " ".join(rnd.choice(LONG_WORDS) for _ in range(rnd.randint(300, 700)))
-        body: dict[str, Any] = {
-            "model": rnd.choice(models),
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": rnd.choice([8, a.max_tokens, 2 * a.max_tokens]),
-            "temperature": rnd.choice([0, 0.7]),
-            "stream": rnd.random() < 0.6,
-        }
-        if body["stream"]:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    def record(outcome: str, error: str | None = None) -> None:
-        with lock:
-            outcomes[outcome] += 1
-            if error:
-                errors.append(error[:300])
-
-    def one(rnd: random.Random) -> None:
-        body = body_for(rnd)
-        hang_up = body["stream"] and rnd.random() < 0.15
-        req = urllib.request.Request(
-            f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=600) as r:
-            if not body["stream"]:
-                out = json.loads(r.read())
-                with lock:
-                    tokens[0] += out["usage"]["completion_tokens"]
-                record("200")
-                return
-            done = False
-            for n, raw in enumerate(r):
-                line = raw.decode().strip()
-                if hang_up and n >= 4:
-                    record("client-hung-up")
-                    return  # closing the response drops the connection mid-stream
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: ") and '"error"' in line:
-                    record("stream-error", line)
-                    return
-                elif line.startswith("data: ") and '"usage"' in line:
-                    u = json.loads(line[6:]).get("usage")
-                    if u:
-                        with lock:
-                            tokens[0] += u["completion_tokens"]
-            record("200" if done else "incomplete", None if done else "stream ended without [DONE]")
-
-    def client(i: int) -> None:
-        rnd = random.Random(i)
-        while time.monotonic() < stop_at:
-            try:
-                one(rnd)
-            except urllib.error.HTTPError as e:
-                if e.code == 429:
-                    record("429")
-                    time.sleep(float(e.headers.get("Retry-After", "1")))
-                else:
-                    record(str(e.code), f"{e.code}: {e.read()[:300]!r}")
-            except OSError as e:
-                record("connection-error", repr(e))
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(a.clients)]
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle")
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    a = ap.parse_args()
+    proc, url = start_server(a)
+    load = Clients(url, a.seconds, a.max_tokens)
+    threads = [threading.Thread(target=load.client, args=(i,), daemon=True) for i in range(a.clients)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     samples = []
-    while time.monotonic() < stop_at:
+    while time.monotonic() < load.stop_at:
         samples.append((round(time.monotonic() - t0, 1), round(rss_mb(proc.pid), 1)))
         time.sleep(2)
     for t in threads:
@@ -164,10 +175,10 @@ def main() -> int:
     out = {
         "clients": a.clients,
         "seconds": a.seconds,
-        "outcomes": dict(outcomes),
-        "completion_tokens": tokens[0],
-        "errors": len(errors),
-        "first_errors": errors[:5],
+        "outcomes": dict(load.outcomes),
+        "completion_tokens": load.tokens[0],
+        "errors": len(load.errors),
+        "first_errors": load.errors[:5],
         "rss_mb_after_warmup": warm[0] if warm else None,
         "rss_mb_end": warm[-1] if warm else None,
         "rss_mb_max_after_warmup": max(warm) if warm else None,
@@ -175,7 +186,7 @@ def main() -> int:
         "server_exit_code": code,
     }
     print(json.dumps(out))
-    return 1 if errors else 0
+    return 1 if load.errors or code != 0 else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 from wallbreak import __version__
 from wallbreak.coe import defaults
-from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS
+from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS, serving_policy
 from wallbreak.errors import WallbreakError
 from wallbreak.units import format_bytes, parse_count
 
@@ -69,12 +69,7 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="wallbreak", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--version", action="version", version=f"wallbreak {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-
+def _bundle_parser(verbs: Any) -> None:
     b = verbs.add_parser("bundle", help="create, extend and check expert bundles")
     bv = b.add_subparsers(dest="action", required=True, parser_class=_Parser)
     imp = bv.add_parser("import", help="add a HF model folder or GGUF file to a bundle as one expert")
@@ -104,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
 
+
+def _router_parsers(verbs: Any) -> None:
     r = verbs.add_parser("router", help="fit and evaluate the prompt -> expert router of a bundle")
     rv = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
     fit = rv.add_parser("fit", help="fit a router on labelled prompts and store it in the bundle")
@@ -137,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--encoder", type=Path, help="encoder folder, if not the one recorded")
     rt.add_argument("--json", action="store_true")
 
+
+def _serve_parser(verbs: Any) -> None:
     sv = verbs.add_parser("serve", help="OpenAI-compatible server over a bundle of experts")
     sv.add_argument("--bundle", type=Path, help="bundle directory (default: build the default bundle once)")
     sv.add_argument("--host", default=defaults.HOST, help=f"address to bind (default {defaults.HOST})")
@@ -165,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
 
+
+def _plan_parsers(verbs: Any) -> None:
     pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
     pl.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
     pl.add_argument("--model", help="gpt-1.7b, gpt-3.6b, gpt-7.5b, gpt-18.4b, gpt-39.1b, gpt-76.1b")
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=int, help="processes (default: the plan's world size)")
     tr.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts after a failure")
 
+
+def _bench_parsers(verbs: Any) -> None:
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
     sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
@@ -239,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop-caches", action="store_true", help="drop the page cache before each server (root): cold disk"
     )
     bs.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wallbreak", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"wallbreak {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    for add in (_bundle_parser, _router_parsers, _serve_parser, _plan_parsers, _bench_parsers):
+        add(verbs)
     return p
 
 
@@ -250,7 +262,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "train":
         return _train(args)
     if args.verb == "serve":
-        from wallbreak.coe.policy import serving_policy
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
 

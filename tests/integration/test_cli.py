@@ -94,3 +94,43 @@ def test_bench_switch_json(synth_bundle_dir: Path, capsys: pytest.CaptureFixture
         assert r["cache"] == "warm" and r["bytes"] > 0
         assert set(r["ours"]) == {"disk_to_host_s", "host_to_device_s", "disk_to_ready_s", "host_to_ready_s"}
         assert all(isinstance(r[k], float) for k in ("forward_s", "load_state_dict_s", "from_pretrained_s"))
+
+
+def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
+    tmp_path: Path, synth_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size = max(e.total_bytes for e in Bundle.open(synth_bundle_dir).experts.values())
+    plot = tmp_path / "bench.png"
+    code, text, _ = run(
+        capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--device-budget", str(2 * size + 4096),
+        "--requests", "6", "--concurrency", "2,3", "--max-tokens", "4", "--no-alone",
+        "--plot", str(plot), "--json",
+    )  # fmt: skip
+    assert code == 0
+    out = json.loads(text)
+    assert [r["concurrency"] for r in out["runs"]] == [2, 3]
+    for r in out["runs"]:
+        assert list(r["policies"]) == ["ours", "per-expert-lru", "fcfs-lru"]
+        for p in r["policies"].values():
+            keys = {"req_per_s", "tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "switches", "failed"}
+            assert keys <= set(p) and p["failed"] == 0
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "serve", "--bundle", "B", "--policy", "ours,nope"], "unknown serving policy 'nope'"),
+        (["bench", "serve", "--bundle", "B", "--concurrency", "16,x"], "give whole numbers"),
+        (["serve", "--policy", "nope"], "invalid choice: 'nope'"),
+        (["serve", "--prefetch", "maybe"], "give on or off"),
+    ],
+)
+def test_bad_serving_arguments_are_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        code = main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "Traceback" not in err

@@ -194,19 +194,22 @@ def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
     assert sch.choose("a", {}, {"a"}) == "b"  # then strictly the oldest, even if a switch is needed
 
 
-def test_per_expert_lru_batches_in_arrival_order() -> None:
-    sch = Scheduler(POLICIES["per-expert-lru"], max_batch=16, max_wait_s=2.0)
-    for i, e in enumerate("aabaa"):
+def test_per_expert_lru_runs_the_oldest_requests_expert_and_batches_it() -> None:
+    now = [0.0]
+    sch = Scheduler(POLICIES["per-expert-lru"], max_batch=16, max_wait_s=2.0, clock=lambda: now[0])
+    for i, e in enumerate("baaba"):
         sch.submit(make_req(e, float(i)))
-    assert sch.choose(None, {}, set()) == "a"
-    # Both a-requests older than b's join; the two that came after b wait behind it.
-    assert [r.arrived for r in sch.take("a", 0)] == [0.0, 1.0]
-    assert sch.choose("a", {"a": 2}, {"a"}) == "a"  # a batch runs until it drains, never preempted
-    assert sch.take("a", 2) == []
-    assert sch.choose("a", {}, {"a"}) == "b"  # drained: the oldest waiting request's expert
-    assert len(sch.take("b", 0)) == 1
+    now[0] = 4.5
+    assert sch.choose(None, {}, set()) == "b"  # the oldest request's expert, though a has more work
+    assert [r.arrived for r in sch.take("b", 0)] == [0.0, 3.0]  # all of b's waiting requests
+    now[0] = 4.6
+    sch.submit(make_req("b", now[0]))
+    assert sch.take("b", 2) == []  # a has waited past max_wait: b's batch takes nobody new
+    assert sch.choose("b", {"b": 2}, {"b"}) == "b"  # ... and is never preempted: it drains
     assert sch.choose("b", {}, {"b"}) == "a"
-    assert [r.arrived for r in sch.take("a", 0)] == [3.0, 4.0]
+    assert len(sch.take("a", 0)) == 3
+    sch.submit(make_req("a", now[0]))
+    assert len(sch.take("a", 3)) == 1  # nobody else overdue: newcomers join the running batch
 
 
 def test_requeue_puts_requests_back_in_order() -> None:

@@ -81,7 +81,7 @@ class _Server:
 
     def __init__(self, a: BenchServeArgs, policy: str) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{defaults.HOST}:{self.port}"
         self.cmd = [
             sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(a.bundle),
             "--port", str(self.port), "--policy", policy, "--max-queue", str(max(256, a.requests)),

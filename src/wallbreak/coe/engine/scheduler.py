@@ -12,10 +12,13 @@ preempted between steps (its KV cache is kept, so nothing is recomputed when it 
 
 `per-expert-lru` (oldest-first, LRU eviction, no prefetch): what users run today when they serve
 many models - Ray Serve model multiplexing (`@serve.batch` per model id, LRU past
-`max_num_models_per_replica`) and Ollama (parallel slots per loaded model, requests handled in
-arrival order, a model waiting for memory blocks the queue until a runner goes idle). The expert
-of the oldest waiting request runs next and batches its requests; a request joins the running
-batch only if no other expert has an older one waiting. Models load when first needed.
+`max_num_models_per_replica`, models loaded when first needed) and Ollama (parallel slots per
+loaded model, LRU-like unloading). The expert of the oldest waiting request runs next, with every
+waiting request of that expert; newcomers for it join between steps (continuous batching) until
+another expert's request has waited `max_wait_s` - the same bound as `ours`, without which a busy
+expert would starve the rest. No preemption, no prefetch. (A stricter, Ollama-queue-like rule -
+join only if no other expert has an older request - averaged 1.1 sequences per batch in our
+benchmark, no better than fcfs-lru, so it would be a straw man, not a referee.)
 
 `fcfs-lru` (Samba-CoE-style baseline): the oldest request runs alone to completion, then the next.
 """
@@ -113,8 +116,7 @@ class Scheduler:
             q = self.waiting.get(expert)
             if not q:
                 return []
-            others = [r[0].arrived for e, r in self.waiting.items() if e != expert and r]
-            if self.kind == "switch-aware" and active:
+            if self.kind != "fcfs" and active:
                 # None while another expert is overdue, so the batch drains and that expert goes next.
                 now = self.clock()
                 if any(
@@ -125,8 +127,6 @@ class Scheduler:
             out = []
             room = self.max_batch - active
             while q and room > 0:
-                if self.kind == "oldest-first" and others and q[0].arrived > min(others):
-                    break  # someone older waits for another expert: arrival order rules
                 out.append(q.popleft())
                 room -= 1
             return out

@@ -2,66 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, SamplingParams, TokenLogprob
-from wallbreak.coe.engine import Request as EngineRequest
+from wallbreak.coe.engine import Engine
 from wallbreak.coe.router import Router
+from wallbreak.coe.server.completions import VIRTUAL_MODEL, ApiError, Completions
 from wallbreak.coe.server.metrics import Metrics
-from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, error_body, unsupported_field
-from wallbreak.coe.tokenization import ExpertTokenizer, TemplateError
-from wallbreak.errors import ConfigError
-
-VIRTUAL_MODEL = "coe"
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, error_body
+from wallbreak.coe.tokenization import ExpertTokenizer
 
 
 def _err(
     status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
-
-
-def chat_logprobs(tok: ExpertTokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(token: int, lp: float) -> dict[str, Any]:
-        text = tok.token_text(token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    content = [entry(x.token, x.logprob) | {"top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]
-    return {"content": content, "refusal": None}
-
-
-def completion_logprobs(tok: ExpertTokenizer, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [tok.token_text(x.token) for x in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{tok.token_text(t): v for t, v in x.top} for x in lps],
-        "text_offset": offsets,
-    }
 
 
 def create_app(
@@ -75,6 +35,7 @@ def create_app(
     app.state.engine, app.state.metrics, app.state.router = engine, metrics, router
     app.state.tokenizers = tokenizers
     created = int(time.time())
+    handler = Completions(engine, router, tokenizers, metrics)
 
     @app.middleware("http")
     async def auth(request: Request, call_next: Any) -> Response:
@@ -115,231 +76,12 @@ def create_app(
             ],
         }
 
-    async def parse(request: Request, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        field = unsupported_field(body, "chat" if kind is ChatRequest else "completions")
-        if field is not None:
-            raise ApiError(
-                400,
-                f"{field}: this server does not implement it (plain text generation only); "
-                f"leave {field!r} out or at its default",
-                field,
-            )
-        try:
-            return kind.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(x) for x in first["loc"]) or None
-            msg = first["msg"]
-            raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
-
-    async def choose(model: str, text: str) -> tuple[str, tuple[str, ...]]:
-        if model != VIRTUAL_MODEL:
-            if model not in engine.experts:
-                raise ApiError(
-                    404,
-                    f"model {model!r} does not exist; models: {', '.join([VIRTUAL_MODEL, *engine.experts])}",
-                    "model",
-                )
-            return model, (model,)
-        if router is None:
-            return engine.experts[0], (engine.experts[0],)
-        try:
-            d = (await run_in_threadpool(router.route, [text]))[0]
-        except ConfigError as e:
-            raise ApiError(400, str(e), "messages") from None
-        metrics.routing.labels(d.expert, str(d.fallback).lower()).inc()
-        return d.expert, tuple(e for e, _ in d.top_k)
-
-    def encode(tok: ExpertTokenizer, body: Any) -> list[int]:
-        field = "messages" if isinstance(body, ChatRequest) else "prompt"
-        try:
-            if isinstance(body, ChatRequest):
-                msgs = [
-                    {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages
-                ]
-                ids = tok.encode_chat(msgs)
-            else:
-                ids = tok.encode_text(body.text())
-        except TemplateError as e:
-            raise ApiError(400, str(e), field) from None
-        if not ids:
-            raise ApiError(400, "the prompt is empty", field)
-        if len(ids) >= tok.context:
-            raise ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens; expert {tok.name!r} takes at most {tok.context - 1} "
-                f"(context {tok.context}, with room for one generated token)",
-                field,
-            )
-        return ids
-
-    async def generate(body: Any, endpoint: str) -> Response:
-        is_chat = isinstance(body, ChatRequest)
-        text = (
-            next((m.text() for m in reversed(body.messages) if m.role == "user"), body.messages[-1].text())
-            if is_chat
-            else body.text()
-        )
-        expert, alternatives = await choose(body.model, text)
-        tok = tokenizers[expert]
-        ids = encode(tok, body)
-        room = tok.context - len(ids)
-        limit = body.limit()
-        params = SamplingParams(
-            min(limit, room) if limit is not None else room,
-            body.temperature,
-            body.top_p,
-            body.seed,
-            body.logprobs_k(),
-        )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        req = EngineRequest(expert, ids, params, emit, tok.stream(body.stops()), alternatives)
-        try:
-            engine.submit(req)
-        except QueueFull as e:
-            metrics.requests.labels(expert, endpoint, "429").inc()
-            raise ApiError(429, f"{e}; retry shortly", headers={"Retry-After": "1"}) from None
-        except ExpertUnavailable as e:
-            metrics.requests.labels(expert, endpoint, "503").inc()
-            raise ApiError(503, str(e), "model") from None
-        reply = Reply(endpoint, is_chat, expert, tok, req, queue)
-        if not body.stream:
-            return await reply.full()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            reply.chunks(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    class Reply:
-        """One accepted request's answer, whole or as server-sent events, in OpenAI's shapes."""
-
-        def __init__(
-            self,
-            endpoint: str,
-            is_chat: bool,
-            expert: str,
-            tok: ExpertTokenizer,
-            req: EngineRequest,
-            queue: asyncio.Queue[Event],
-        ) -> None:
-            self.endpoint, self.is_chat, self.expert, self.tok = endpoint, is_chat, expert, tok
-            self.req, self.queue = req, queue
-            self.rid = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            self.want_logprobs = req.params.logprobs is not None
-            self.text_offset = 0
-
-        def usage(self) -> dict[str, int]:
-            p, c = self.req.prompt_tokens, self.req.completion_tokens
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-        def account(self, status: int) -> None:
-            metrics.requests.labels(self.expert, self.endpoint, str(status)).inc()
-            metrics.tokens.labels(self.expert, "prompt").inc(self.req.prompt_tokens)
-            metrics.tokens.labels(self.expert, "completion").inc(self.req.completion_tokens)
-
-        def logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any] | None:
-            if not self.want_logprobs:
-                return None
-            if self.is_chat:
-                return chat_logprobs(self.tok, lps)
-            out = completion_logprobs(self.tok, lps, self.text_offset)
-            self.text_offset = out["text_offset"][-1] + len(out["tokens"][-1]) if lps else self.text_offset
-            return out
-
-        def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-            return {
-                "id": self.rid,
-                "object": obj,
-                "created": int(time.time()),
-                "model": self.expert,
-                "choices": choices,
-            }
-
-        async def full(self) -> JSONResponse:
-            parts: list[str] = []
-            lps: list[TokenLogprob] = []
-            try:
-                while True:
-                    ev = await self.queue.get()
-                    if ev.error:
-                        self.account(ev.status)
-                        raise ApiError(ev.status, ev.error)
-                    parts.append(ev.text)
-                    lps.extend(ev.logprobs)
-                    if ev.finish_reason:
-                        break
-            finally:
-                self.req.cancel()  # no-op when finished; frees the batch slot if the client went away
-            self.account(200)
-            out = "".join(parts)
-            choice: dict[str, Any] = {
-                "index": 0,
-                "finish_reason": ev.finish_reason,
-                "logprobs": self.logprobs(lps),
-            }
-            if self.is_chat:
-                choice["message"] = {"role": "assistant", "content": out}
-            else:
-                choice["text"] = out
-            obj = "chat.completion" if self.is_chat else "text_completion"
-            return JSONResponse(self.envelope(obj, [choice]) | {"usage": self.usage()})
-
-        def chunk(self, ev: Event | None, role: bool = False) -> str:
-            text = ev.text if ev else ""
-            finish = ev.finish_reason if ev else None
-            lp = self.logprobs(list(ev.logprobs)) if ev and ev.logprobs else None
-            if self.is_chat:
-                d: dict[str, Any] = (
-                    {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                )
-                c: dict[str, Any] = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
-                obj = "chat.completion.chunk"
-            else:
-                c = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-                obj = "text_completion"
-            return f"data: {json.dumps(self.envelope(obj, [c]))}\n\n"
-
-        async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
-            status = 200
-            try:
-                if self.is_chat:
-                    yield self.chunk(None, role=True)
-                while True:
-                    ev = await self.queue.get()
-                    if ev.error:
-                        status = ev.status
-                        yield f"data: {json.dumps(error_body(ev.status, ev.error))}\n\n"
-                        break
-                    if ev.text or ev.logprobs or ev.finish_reason:
-                        yield self.chunk(ev)
-                    if ev.finish_reason:
-                        break
-                if include_usage:
-                    obj = "chat.completion.chunk" if self.is_chat else "text_completion"
-                    yield f"data: {json.dumps(self.envelope(obj, []) | {'usage': self.usage()})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                self.req.cancel()  # a client that left mid-stream frees its place in the batch
-                self.account(status if self.req.finish_reason != "cancelled" else 499)
-
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await generate(await parse(request, ChatRequest), "chat")
+        return await handler.generate(await handler.parse(request, ChatRequest), "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(await parse(request, CompletionRequest), "completions")
+        return await handler.generate(await handler.parse(request, CompletionRequest), "completions")
 
     return app

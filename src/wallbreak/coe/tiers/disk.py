@@ -103,10 +103,16 @@ class ReadResult:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
+READER_THREADS = 4  # parallel preadv calls per blob
+CHUNK_BYTES = 16 << 20  # bytes per preadv
+
+
 class DiskReader:
     """Reads whole files (or prefixes) into a caller's buffer with a shared pool of threads."""
 
-    def __init__(self, threads: int = 4, chunk_bytes: int = 16 << 20, direct: DirectMode = "auto") -> None:
+    def __init__(
+        self, threads: int = READER_THREADS, chunk_bytes: int = CHUNK_BYTES, direct: DirectMode = "auto"
+    ) -> None:
         if threads < 1:
             raise ConfigError(f"reader threads must be >= 1, got {threads}")
         if chunk_bytes < DIRECT_ALIGN or chunk_bytes % DIRECT_ALIGN:

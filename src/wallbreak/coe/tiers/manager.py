@@ -23,7 +23,7 @@ from torch import nn
 
 from wallbreak.coe.bundle import Bundle, ExpertEntry
 from wallbreak.coe.tiers.device import DevicePool, Slot, bind_to_flat
-from wallbreak.coe.tiers.disk import DirectMode, DiskReader
+from wallbreak.coe.tiers.disk import CHUNK_BYTES, READER_THREADS, DirectMode, DiskReader
 from wallbreak.coe.tiers.host import Extent, HostArena
 from wallbreak.coe.tiers.policy import POLICIES, make_policy
 from wallbreak.errors import CapacityError, ConfigError
@@ -40,8 +40,8 @@ class TierConfig:
     policy: str = "cost"
     on_full: Literal["wait", "error"] = "wait"
     wait_timeout_s: float = 60.0
-    reader_threads: int = 4
-    chunk_bytes: int = 16 << 20
+    reader_threads: int = READER_THREADS
+    chunk_bytes: int = CHUNK_BYTES
     direct: DirectMode = "auto"
     max_slots: int | None = None
     prefetch_workers: int = 2
