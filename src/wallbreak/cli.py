@@ -159,6 +159,13 @@ def _serve_parser(verbs: Any) -> None:
         "--max-batch", type=int, default=defaults.MAX_BATCH, help="sequences decoded together per expert"
     )
     sv.add_argument(
+        "--direct-io",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="O_DIRECT disk reads: auto (when the blob is not cached), on (always, as for a bundle "
+        "larger than RAM), off",
+    )
+    sv.add_argument(
         "--kv-budget",
         help="KV cache one batch may grow to before it stops admitting "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
@@ -239,6 +246,11 @@ def _bench_parsers(verbs: Any) -> None:
     )
     bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
     bs.add_argument(
+        "--direct-io",
+        choices=["auto", "on", "off"],
+        help="the servers' --direct-io (on: every miss reads disk)",
+    )
+    bs.add_argument(
         "--drop-caches", action="store_true", help="drop the page cache before each server (root): cold disk"
     )
     bs.add_argument("--json", action="store_true")
@@ -281,6 +293,7 @@ def _run(args: argparse.Namespace) -> int:
                 max_batch=args.max_batch,
                 max_wait_s=args.max_wait,
                 kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
+                direct_io=args.direct_io,
             )
         )
         return 0
@@ -311,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
                 not args.no_alone,
                 args.max_wait,
                 args.drop_caches,
+                args.direct_io,
             )
         )
         if args.plot:

@@ -161,37 +161,51 @@ def test_fairness_bound_drains_then_preempts_a_busy_expert() -> None:
     for _ in range(3):
         sch.submit(make_req("a", now[0]))
     sch.submit(make_req("b", now[0]))
-    assert sch.choose(None, {}, set()) == "a"  # the most work first
+    assert sch.choose(None, {}) == "a"  # as old as b, and more work
     assert len(sch.take("a", 0)) == 3
     for t in (0.5, 1.0, 1.9):  # new a-requests keep arriving and join the running batch
         now[0] = t
         sch.submit(make_req("a", t))
-        assert sch.choose("a", {"a": 3}, {"a"}) == "a"
+        assert sch.choose("a", {"a": 3}) == "a"
         assert len(sch.take("a", 3)) == 1
     now[0] = 2.01  # b is overdue: a's batch takes nobody new, so it drains
     sch.submit(make_req("a", now[0]))
-    assert sch.choose("a", {"a": 3}, {"a"}) == "a"
+    assert sch.choose("a", {"a": 3}) == "a"
     assert sch.take("a", 3) == []
-    assert sch.choose("a", {}, {"a"}) == "b"  # drained: b runs, although a has more waiting
+    assert sch.choose("a", {}) == "b"  # drained: b runs, although a has more waiting
     assert [r.expert for r in sch.take("b", 0)] == ["b"]
     # A batch that does not drain is preempted once someone has waited 3 x max_wait.
     now[0] = 10.0
     sch.submit(make_req("b", now[0]))
-    assert sch.choose("a", {"a": 4}, {"a"}) == "a"
+    assert sch.choose("a", {"a": 4}) == "a"
     now[0] = 16.01
-    assert sch.choose("a", {"a": 4}, {"a"}) == "b"
+    assert sch.choose("a", {"a": 4}) == "b"
     sch.set_paused("a", True)
     assert sch.upcoming(exclude="b")[0] == "a"  # the paused batch is next in line for prefetch
+
+
+def test_ours_charges_each_candidate_its_switch() -> None:
+    now = [10.0]
+    sch = Scheduler(POLICIES["ours"], max_batch=4, max_wait_s=5.0, clock=lambda: now[0])
+    sch.submit(make_req("cold", 8.0))  # older by a second, but still on disk: 2 s to load
+    sch.submit(make_req("warm", 9.0))  # resident
+    costs = {"cold": 2.0, "warm": 0.0}
+    assert sch.choose(None, {}, costs.__getitem__) == "warm"
+    costs["cold"] = 0.5  # prefetch brought it most of the way up: now the older request goes first
+    assert sch.choose(None, {}, costs.__getitem__) == "cold"
+    now[0] = 13.5  # overdue beats any switch cost
+    costs["cold"] = 100.0
+    assert sch.choose(None, {}, costs.__getitem__) == "cold"
 
 
 def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
     sch = Scheduler(POLICIES["fcfs-lru"], max_batch=16, max_wait_s=2.0)
     for i, e in enumerate("abab"):
         sch.submit(make_req(e, float(i)))
-    assert sch.choose(None, {}, set()) == "a"
+    assert sch.choose(None, {}) == "a"
     assert len(sch.take("a", 0)) == 1
-    assert sch.choose("a", {"a": 1}, {"a"}) == "a"  # runs to completion
-    assert sch.choose("a", {}, {"a"}) == "b"  # then strictly the oldest, even if a switch is needed
+    assert sch.choose("a", {"a": 1}) == "a"  # runs to completion
+    assert sch.choose("a", {}) == "b"  # then strictly the oldest, even if a switch is needed
 
 
 def test_per_expert_lru_runs_the_oldest_requests_expert_and_batches_it() -> None:
@@ -200,13 +214,13 @@ def test_per_expert_lru_runs_the_oldest_requests_expert_and_batches_it() -> None
     for i, e in enumerate("baaba"):
         sch.submit(make_req(e, float(i)))
     now[0] = 4.5
-    assert sch.choose(None, {}, set()) == "b"  # the oldest request's expert, though a has more work
+    assert sch.choose(None, {}) == "b"  # the oldest request's expert, though a has more work
     assert [r.arrived for r in sch.take("b", 0)] == [0.0, 3.0]  # all of b's waiting requests
     now[0] = 4.6
     sch.submit(make_req("b", now[0]))
     assert sch.take("b", 2) == []  # a has waited past max_wait: b's batch takes nobody new
-    assert sch.choose("b", {"b": 2}, {"b"}) == "b"  # ... and is never preempted: it drains
-    assert sch.choose("b", {}, {"b"}) == "a"
+    assert sch.choose("b", {"b": 2}) == "b"  # ... and is never preempted: it drains
+    assert sch.choose("b", {}) == "a"
     assert len(sch.take("a", 0)) == 3
     sch.submit(make_req("a", now[0]))
     assert len(sch.take("a", 3)) == 1  # nobody else overdue: newcomers join the running batch

@@ -47,6 +47,7 @@ class BenchServeArgs:
     alone: bool = True
     max_wait: float = defaults.MAX_WAIT_S
     drop_caches: bool = False  # start every server with the bundle out of the page cache (root)
+    direct_io: str | None = None  # the servers' --direct-io
 
 
 def drop_page_cache() -> None:
@@ -91,6 +92,8 @@ class _Server:
             self.cmd += ["--device-budget", str(a.device_budget)]
         if a.host_budget:
             self.cmd += ["--host-budget", str(a.host_budget)]
+        if a.direct_io:
+            self.cmd += ["--direct-io", a.direct_io]
         self.proc: subprocess.Popen[str] | None = None
 
     def health(self) -> dict[str, Any]:

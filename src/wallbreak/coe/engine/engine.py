@@ -158,8 +158,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
-            resident = {e for e in self.experts if self.tiers.where(e).get("device")}
-            expert = self.scheduler.choose(self.current, self._active_map(), resident)
+            expert = self.scheduler.choose(self.current, self._active_map(), self.tiers.switch_seconds)
             if expert is None:
                 with self._wake:
                     self._wake.wait(timeout=0.1)
@@ -201,7 +200,7 @@ class Engine:
                 for listener in self.listeners:
                     listener.on_step(expert, n)
                 self._prefetch(expert)  # new arrivals for other experts start moving up now
-                if self.scheduler.choose(expert, self._active_map(), {expert}) != expert:
+                if self.scheduler.choose(expert, self._active_map()) != expert:
                     break
         if len(batch):
             self.scheduler.set_paused(expert, True)

@@ -3,12 +3,17 @@
 A policy is three choices: the scheduler (who runs and who joins), the tiers' eviction rule, and
 whether the engine prefetches. The named policies:
 
-`ours` (switch-aware, cost eviction, prefetch): a switch costs a weight move, so an expert's batch
-runs until it drains, taking in new requests for that expert between steps; when it drains, the
-expert with the most waiting work runs next (preferring one already resident). Fairness: once
-another expert has a request older than `max_wait_s`, the running batch stops taking new requests,
-so it drains and the oldest overdue expert runs next. A batch still running past 3 x max_wait_s is
-preempted between steps (its KV cache is kept, so nothing is recomputed when it resumes).
+`ours` (switch-aware, cost eviction, prefetch): an expert's batch runs until it drains, taking in
+new requests for that expert between steps; once another expert has a request older than
+`max_wait_s`, it stops taking them, so it drains and the oldest overdue expert runs next. Otherwise
+the next expert is the one whose oldest request is oldest *after* charging each candidate the
+switch it would cost: a resident expert costs nothing, one still on disk costs its bytes over the
+measured disk rate. Where switches are free (CPU slots alias host memory) that is plain oldest-first;
+where they are not, work already moved up by prefetch goes first and the disk read of the next
+expert overlaps the current batch. A batch still running past 3 x max_wait_s is preempted between
+steps (its KV cache is kept, so nothing is recomputed when it resumes). An earlier version ran the
+expert with the most waiting work first: with free switches it starved unpopular experts until they
+were overdue (p99 13 s against 6 s for oldest-first at 16 clients).
 
 `per-expert-lru` (oldest-first, LRU eviction, no prefetch): what users run today when they serve
 many models - Ray Serve model multiplexing (`@serve.batch` per model id, LRU past
@@ -77,8 +82,11 @@ class Scheduler:
     def _oldest_head(self) -> str:
         return min((e for e, q in self.waiting.items() if q), key=lambda e: self.waiting[e][0].arrived)
 
-    def choose(self, current: str | None, active: dict[str, int], resident: set[str]) -> str | None:
-        """The expert to run now. `active`: live sequences per expert; `resident`: on the device."""
+    def choose(
+        self, current: str | None, active: dict[str, int], switch_cost: Callable[[str], float] = lambda e: 0.0
+    ) -> str | None:
+        """The expert to run now. `active`: live sequences per expert; `switch_cost`: seconds to
+        make an expert ready (0 when resident)."""
         with self.lock:
             work = {e for e, q in self.waiting.items() if q} | {e for e, n in active.items() if n}
             if not work:
@@ -87,10 +95,10 @@ class Scheduler:
                 return current  # batches run to completion
             if self.kind != "switch-aware":
                 return self._oldest_head()
-            return self._choose_switch_aware(current, work, active, resident)
+            return self._choose_switch_aware(current, work, active, switch_cost)
 
     def _choose_switch_aware(
-        self, current: str | None, work: set[str], active: dict[str, int], resident: set[str]
+        self, current: str | None, work: set[str], active: dict[str, int], switch_cost: Callable[[str], float]
     ) -> str:
         now = self.clock()
         if current is not None and active.get(current):
@@ -104,9 +112,9 @@ class Scheduler:
         if overdue:
             return min(overdue)[1]
 
-        def rank(e: str) -> tuple[int, int, float]:
+        def rank(e: str) -> tuple[float, int]:
             size = len(self.waiting.get(e, ())) + active.get(e, 0)
-            return (-size, 0 if e in resident else 1, self._oldest(e) or now)
+            return ((self._oldest(e) or now) + switch_cost(e), -size)
 
         return min(work, key=rank)
 

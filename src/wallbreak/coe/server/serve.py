@@ -37,8 +37,11 @@ class ServeOptions:
     max_batch: int = defaults.MAX_BATCH
     max_wait_s: float = defaults.MAX_WAIT_S
     kv_budget: int = defaults.KV_BUDGET
+    direct_io: str = "auto"  # O_DIRECT disk reads: auto (when not cached), on, off
 
     def __post_init__(self) -> None:
+        if self.direct_io not in ("auto", "on", "off"):
+            raise ConfigError(f"--direct-io {self.direct_io!r}: choose auto, on or off")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
 
@@ -86,7 +89,13 @@ def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager, dict[
     host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
     tiers = TierManager(
         bundle,
-        TierConfig(host_budget=host, device_budget=device, device=opts.device, policy=opts.policy.eviction),
+        TierConfig(
+            host_budget=host,
+            device_budget=device,
+            device=opts.device,
+            policy=opts.policy.eviction,
+            direct=opts.direct_io,  # type: ignore[arg-type]  # checked in ServeOptions
+        ),
     )
     try:
         tokenizers = load_tokenizers(bundle, tiers.entries)

@@ -236,6 +236,22 @@ class TierManager:
             s = self._on_device.get(expert)
             return {"host": h is not None and not h.loading, "device": s is not None and not s.loading}
 
+    def switch_seconds(self, expert: str) -> float:
+        """What acquiring `expert` now would cost, from the rates measured so far (0 when resident)."""
+        st, nbytes = self.stats, self._entry(expert).total_bytes
+        disk_rate = st.bytes_disk_to_host / st.disk_to_host_s if st.disk_to_host_s > 0 else 1e9
+        copy_rate = st.bytes_host_to_device / st.host_to_device_s if st.host_to_device_s > 0 else 1e10
+        with self._cv:
+            h = self._host.get(expert)
+            s = self._on_device.get(expert)
+            if s is not None and not s.loading:
+                return 0.0
+            copy = 0.0 if self.alias else nbytes / copy_rate
+            if h is not None and not h.loading:
+                return copy
+            read = nbytes / disk_rate
+            return copy + (read / 2 if h is not None else read)  # a read under way is half done, say
+
     def snapshot(self) -> dict[str, Any]:
         """Bookkeeping for invariant checks and /metrics."""
         with self._cv:
