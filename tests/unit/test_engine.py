@@ -266,3 +266,21 @@ def test_logprobs_are_the_models_log_softmax() -> None:
     ref = torch.log_softmax(logits, -1)
     assert lp.token == 2 and lp.logprob == pytest.approx(float(ref[2]))
     assert [t for t, _ in lp.top] == [1, 2] and lp.top[0][1] == pytest.approx(float(ref[1]))
+
+
+def test_ours_preempts_only_an_expert_that_held_the_engine_a_whole_slice() -> None:
+    now = [0.0]
+    sch = Scheduler(POLICIES["ours"], max_batch=4, max_wait_s=1.0, clock=lambda: now[0])
+    sch.submit(make_req("a", 0.0))
+    assert sch.choose(None, {}) == "a"
+    sch.take("a", 0)
+    sch.submit(make_req("b", 0.5))
+    now[0] = 2.0  # a has held the engine 2 s, b waited 1.5 s: a's batch drains, no preemption yet
+    assert sch.choose("a", {"a": 1}) == "a"
+    now[0] = 3.6  # b waited 3.1 s > 3 x max_wait, and a has held the engine 3.6 s: preempt
+    assert sch.choose("a", {"a": 1}) == "b"
+    sch.take("b", 0)
+    sch.set_paused("a", True)
+    sch.submit(make_req("c", 3.6))
+    now[0] = 6.5  # a and c have waited about 3 s, but b has held the engine only 2.9 s: no preemption
+    assert sch.choose("b", {"b": 1, "a": 1}) == "b"
