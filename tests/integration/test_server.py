@@ -259,11 +259,13 @@ def test_client_disconnect_frees_its_batch_place(server: ServerThread) -> None:
     while server.engine.active() == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.active() == 1
+    assert json.loads(http("GET", f"{server.url}/health")[2])["kv_bytes"] > 0
     conn.close()
     deadline = time.monotonic() + 20
     while server.engine.active() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.engine.active() == 0
+    assert json.loads(http("GET", f"{server.url}/health")[2])["kv_bytes"] == 0
 
 
 def test_api_key_is_required_when_set(bundle: Path) -> None:

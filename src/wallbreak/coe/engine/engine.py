@@ -130,6 +130,11 @@ class Engine:
         with self._batches_lock:
             return sum(len(b) for b in self.batches.values())
 
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV caches of running and paused batches."""
+        with self._batches_lock:
+            return sum(b.cache.nbytes() for b in self.batches.values() if b.cache is not None)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to `timeout`), fail the rest, stop the thread."""
         deadline = time.monotonic() + timeout

@@ -129,7 +129,9 @@ class Encoder:
         return F.normalize((out * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
     def count_truncated(self, texts: Sequence[str]) -> np.ndarray:
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+        # verbose=False: transformers would warn of every long prompt; we count them ourselves
+        ids = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        lengths = [len(x) for x in ids]
         return np.array([n > self.max_length for n in lengths], dtype=bool)
 
     def encode(self, texts: Sequence[str], batch_size: int = BATCH) -> Encoded:

@@ -58,6 +58,7 @@ def create_app(
             "unavailable": engine.broken,
             "queue": engine.queue_depth(),
             "active": engine.active(),
+            "kv_bytes": engine.kv_bytes(),
             "engine": dict(engine.stats.__dict__),
             "tiers": engine.tiers.stats.summary(),
         }

@@ -67,6 +67,8 @@ class Metrics:
         queue.set_function(lambda: float(engine.queue_depth()))
         active = Gauge("wallbreak_active_sequences", "sequences in running or paused batches", registry=r)
         active.set_function(lambda: float(engine.active()))
+        kv = Gauge("wallbreak_kv_cache_bytes", "bytes held by the batches' KV caches", registry=r)
+        kv.set_function(lambda: float(engine.kv_bytes()))
         self.switch_bytes = Counter(
             "wallbreak_switch_bytes",
             "bytes the engine's switches moved themselves (prefetch excluded)",
