@@ -245,9 +245,9 @@ def test_prompt_longer_than_the_context_states_the_limit(server: ServerThread) -
 
 
 def test_client_disconnect_frees_its_batch_place(server: ServerThread) -> None:
-    import http.client
+    from http.client import HTTPConnection
 
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
     body = json.dumps(
         {"model": "gamma", "prompt": "go", "max_tokens": 100000, "stream": True, "temperature": 0}
     )
