@@ -256,12 +256,37 @@ def _bench_parsers(verbs: Any) -> None:
     bs.add_argument("--json", action="store_true")
 
 
+def _emulate_parser(verbs: Any) -> None:
+    em = verbs.add_parser(
+        "emulate", help="a heterogeneous cluster on this machine: namespaces + shaped links"
+    )
+    ev = em.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    eu = ev.add_parser("up", help="one network namespace per node, NICs shaped to the cluster file (root)")
+    eu.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
+    eu.add_argument("--scale", type=float, default=0.01, help="multiply every rate (default 0.01)")
+    eu.add_argument("--prefix", default="wb", help="names of namespaces and links start with it (default wb)")
+    eu.add_argument("--force", action="store_true", help="replace an emulation with the same prefix")
+    eu.add_argument("--json", action="store_true")
+    ed = ev.add_parser("down", help="remove the emulation (also what a crashed run left behind)")
+    ed.add_argument("--prefix", default="wb")
+    es = ev.add_parser("show", help="the emulation that is up: nodes, addresses, interfaces, rates")
+    es.add_argument("--prefix", default="wb")
+    es.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wallbreak", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"wallbreak {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    for add in (_bundle_parser, _router_parsers, _serve_parser, _plan_parsers, _bench_parsers):
+    for add in (
+        _bundle_parser,
+        _router_parsers,
+        _serve_parser,
+        _plan_parsers,
+        _emulate_parser,
+        _bench_parsers,
+    ):
         add(verbs)
     return p
 
@@ -273,6 +298,8 @@ def _run(args: argparse.Namespace) -> int:
         return _plan(args)
     if args.verb == "train":
         return _train(args)
+    if args.verb == "emulate":
+        return _emulate(args)
     if args.verb == "serve":
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
@@ -342,6 +369,26 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0
     raise AssertionError(args.verb)
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from wallbreak.holmes import emulate
+
+    if args.action == "down":
+        removed = emulate.down(args.prefix)
+        print(f"removed {len(removed)} namespace(s) and link(s) of emulation {args.prefix!r}")
+        return 0
+    if args.action == "show":
+        emu = emulate.load_state(args.prefix)
+    else:
+        from wallbreak.holmes.topology import load_topology
+
+        emu = emulate.plan_emulation(load_topology(args.cluster), args.scale, args.prefix)
+        emulate.up(emu, force=args.force)
+    print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,48 @@
+"""The emulator's plan: names, addresses and shaped rates from a cluster file (no root needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wallbreak.errors import ConfigError
+from wallbreak.holmes.emulate import plan_emulation, up_commands
+from wallbreak.holmes.topology import load_topology
+
+SMALL = Path(__file__).parents[2] / "examples" / "clusters" / "emu-small.yaml"
+
+
+def test_plan_names_addresses_and_rates() -> None:
+    emu = plan_emulation(load_topology(SMALL), scale=0.01, prefix="t")
+    assert [n.netns for n in emu.nodes] == ["tn0", "tn1", "tn2", "tn3"]
+    assert [n.fabric_addr for n in emu.nodes] == ["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2"]
+    assert [n.fabric_mbit for n in emu.nodes] == [1000, 1000, 500, 500]  # IB 100G, RoCE 50G x 0.01
+    assert {n.eth_mbit for n in emu.nodes} == {100} and emu.uplink_mbit == {"ib": 100, "roce": 100}
+    assert not emu.latency_emulated
+
+
+def test_every_veth_is_shaped_at_both_ends() -> None:
+    emu = plan_emulation(load_topology(SMALL), scale=0.01, prefix="t")
+    cmds = up_commands(emu)
+    shaped = {(c[c.index("dev") + 1], c[2] if c[1] == "-n" else None) for c in cmds if c[0] == "tc"}
+    veths = [c for c in cmds if c[:2] == ["ip", "link"] and "veth" in c]
+    assert len(veths) == 2 * 4 + 2  # two NICs per node, one uplink per cluster
+    for c in veths:
+        outer = c[3]
+        inner = c[c.index("name") + 1]
+        ns = c[c.index("netns") + 1] if "netns" in c else None
+        assert (outer, None) in shaped and (inner, ns) in shaped, c
+    rates = {c[c.index("dev") + 1]: c[c.index("rate") + 1] for c in cmds if c[0] == "tc" and c[1] != "-n"}
+    assert (
+        rates["tn0f"] == "1000000000bit"
+        and rates["tn2f"] == "500000000bit"
+        and rates["tu0a"] == "100000000bit"
+    )
+    assert not any(c[:3] == ["ip", "route", "add"] for c in cmds)  # no route off the emulated nodes
+
+
+@pytest.mark.parametrize(("kw", "says"), [({"prefix": "Bad!"}, "--prefix"), ({"scale": 2.0}, "--scale")])
+def test_bad_arguments_are_named(kw: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        plan_emulation(load_topology(SMALL), **kw)  # type: ignore[arg-type]
