@@ -267,6 +267,20 @@ def _emulate_parser(verbs: Any) -> None:
     eu.add_argument("--prefix", default="wb", help="names of namespaces and links start with it (default wb)")
     eu.add_argument("--force", action="store_true", help="replace an emulation with the same prefix")
     eu.add_argument("--json", action="store_true")
+    er = ev.add_parser("run", help="the real trainer on the emulation that is up, one placement (root)")
+    er.add_argument("cluster", type=Path, help="the cluster file the emulation was built from")
+    er.add_argument("--placement", default="holmes", choices=["holmes", "megatron"])
+    er.add_argument("--prefix", default="wb")
+    er.add_argument("--steps", type=int, default=8, help="steps to run; the first 2 are warm-up (default 8)")
+    er.add_argument("--layers", type=int, default=4)
+    er.add_argument("--hidden", type=int, default=128)
+    er.add_argument("--heads", type=int, default=4)
+    er.add_argument("--seq-len", type=int, default=64)
+    er.add_argument("--global-batch", type=int, default=8)
+    er.add_argument("--micro-batch", type=int, default=2)
+    for flag in ("--tp", "--pp", "--dp"):
+        er.add_argument(flag, type=int, help="force this degree (default: the planner's choice)")
+    er.add_argument("--json", action="store_true")
     ed = ev.add_parser("down", help="remove the emulation (also what a crashed run left behind)")
     ed.add_argument("--prefix", default="wb")
     es = ev.add_parser("show", help="the emulation that is up: nodes, addresses, interfaces, rates")
@@ -379,6 +393,25 @@ def _emulate(args: argparse.Namespace) -> int:
     if args.action == "down":
         removed = emulate.down(args.prefix)
         print(f"removed {len(removed)} namespace(s) and link(s) of emulation {args.prefix!r}")
+        return 0
+    if args.action == "run":
+        from wallbreak.holmes.emulate_run import run_placement
+        from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+        from wallbreak.holmes.topology import load_topology
+
+        model = ModelSpec(f"gpt-custom-{args.layers}x{args.hidden}", args.layers, args.hidden, args.heads,
+                          args.seq_len, 256)  # fmt: skip
+        training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
+        res = run_placement(
+            emulate.load_state(args.prefix), load_topology(args.cluster), args.placement, model, training,
+            args.steps, (args.tp, args.pp, args.dp),
+        )  # fmt: skip
+        m, p = res["measured"], res["predicted"]
+        print(json.dumps(res) if args.json else (
+            f"{res['placement']} {res['degrees']}: measured {m['iteration_s']:.3f} s/iteration "
+            f"({m['tokens_per_s']:.0f} tokens/s), predicted {p['iteration_s']:.3f} s "
+            f"({res['error_pct']:+.0f}%)"
+        ))  # fmt: skip
         return 0
     if args.action == "show":
         emu = emulate.load_state(args.prefix)

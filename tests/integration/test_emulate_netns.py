@@ -93,3 +93,19 @@ def test_a_shaped_link_carries_its_set_rate(
     a, b = emu.nodes[src], emu.nodes[dst]
     got = _measure(a.netns, b.netns, b.fabric_addr if kind == "fabric" else b.eth_addr)
     assert abs(got - mbit) / mbit < 0.15, got
+
+
+def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
+    emu: emulate.Emulation,
+) -> None:
+    """The runtime checks every group's sockets against its NIC at start-up and stops on a mismatch,
+    so a run that completes had its DP groups on fab0 (holmes) or everything on eth0 (megatron)."""
+    from wallbreak.holmes.emulate_run import run_placement
+    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+
+    model = ModelSpec("tiny", 2, 64, 2, 32, 256)
+    training = TrainingSpec(8, 2, "none", "fp32")
+    for placement in ("holmes", "megatron"):
+        r = run_placement(emu, load_topology(SMALL), placement, model, training, steps=4, degrees=(1, 2, 2))
+        assert r["degrees"] == {"tp": 1, "pp": 2, "dp": 2}
+        assert r["measured"]["iteration_s"] > 0 and r["measured"]["steps"] == 2
