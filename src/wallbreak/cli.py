@@ -220,6 +220,9 @@ def _bench_parsers(verbs: Any) -> None:
     sw.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sw.add_argument("--reader-threads", type=int, default=4, help="parallel disk reads (default 4)")
     sw.add_argument("--json", action="store_true")
+    from wallbreak.holmes.emulate_cli import add_bench_holmes_parser
+
+    add_bench_holmes_parser(bb)
     bs = bb.add_parser("serve", help="the HTTP server under a Zipf workload: ours against fcfs-lru")
     bs.add_argument("--bundle", required=True, type=Path)
     bs.add_argument("--device-budget", help="e.g. 400MiB: how many experts fit at once")
@@ -256,52 +259,16 @@ def _bench_parsers(verbs: Any) -> None:
     bs.add_argument("--json", action="store_true")
 
 
-def _emulate_parser(verbs: Any) -> None:
-    em = verbs.add_parser(
-        "emulate", help="a heterogeneous cluster on this machine: namespaces + shaped links"
-    )
-    ev = em.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    eu = ev.add_parser("up", help="one network namespace per node, NICs shaped to the cluster file (root)")
-    eu.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
-    eu.add_argument("--scale", type=float, default=0.01, help="multiply every rate (default 0.01)")
-    eu.add_argument("--prefix", default="wb", help="names of namespaces and links start with it (default wb)")
-    eu.add_argument("--force", action="store_true", help="replace an emulation with the same prefix")
-    eu.add_argument("--json", action="store_true")
-    er = ev.add_parser("run", help="the real trainer on the emulation that is up, one placement (root)")
-    er.add_argument("cluster", type=Path, help="the cluster file the emulation was built from")
-    er.add_argument("--placement", default="holmes", choices=["holmes", "megatron"])
-    er.add_argument("--prefix", default="wb")
-    er.add_argument("--steps", type=int, default=8, help="steps to run; the first 2 are warm-up (default 8)")
-    er.add_argument("--layers", type=int, default=4)
-    er.add_argument("--hidden", type=int, default=128)
-    er.add_argument("--heads", type=int, default=4)
-    er.add_argument("--seq-len", type=int, default=64)
-    er.add_argument("--global-batch", type=int, default=8)
-    er.add_argument("--micro-batch", type=int, default=2)
-    for flag in ("--tp", "--pp", "--dp"):
-        er.add_argument(flag, type=int, help="force this degree (default: the planner's choice)")
-    er.add_argument("--json", action="store_true")
-    ed = ev.add_parser("down", help="remove the emulation (also what a crashed run left behind)")
-    ed.add_argument("--prefix", default="wb")
-    es = ev.add_parser("show", help="the emulation that is up: nodes, addresses, interfaces, rates")
-    es.add_argument("--prefix", default="wb")
-    es.add_argument("--json", action="store_true")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wallbreak", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"wallbreak {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    for add in (
-        _bundle_parser,
-        _router_parsers,
-        _serve_parser,
-        _plan_parsers,
-        _emulate_parser,
-        _bench_parsers,
-    ):
+    from wallbreak.holmes.emulate_cli import add_emulate_parser
+
+    for add in (_bundle_parser, _router_parsers, _serve_parser, _plan_parsers, _bench_parsers):
         add(verbs)
+    add_emulate_parser(verbs, _Parser)
     return p
 
 
@@ -312,8 +279,10 @@ def _run(args: argparse.Namespace) -> int:
         return _plan(args)
     if args.verb == "train":
         return _train(args)
-    if args.verb == "emulate":
-        return _emulate(args)
+    if args.verb == "emulate" or (args.verb == "bench" and args.what == "holmes"):
+        from wallbreak.holmes.emulate_cli import run_emulate_command
+
+        return run_emulate_command(args)
     if args.verb == "serve":
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
@@ -383,45 +352,6 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out) if args.json else format_bench_switch(out))
         return 0
     raise AssertionError(args.verb)
-
-
-def _emulate(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from wallbreak.holmes import emulate
-
-    if args.action == "down":
-        removed = emulate.down(args.prefix)
-        print(f"removed {len(removed)} namespace(s) and link(s) of emulation {args.prefix!r}")
-        return 0
-    if args.action == "run":
-        from wallbreak.holmes.emulate_run import run_placement
-        from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-        from wallbreak.holmes.topology import load_topology
-
-        model = ModelSpec(f"gpt-custom-{args.layers}x{args.hidden}", args.layers, args.hidden, args.heads,
-                          args.seq_len, 256)  # fmt: skip
-        training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
-        res = run_placement(
-            emulate.load_state(args.prefix), load_topology(args.cluster), args.placement, model, training,
-            args.steps, (args.tp, args.pp, args.dp),
-        )  # fmt: skip
-        m, p = res["measured"], res["predicted"]
-        print(json.dumps(res) if args.json else (
-            f"{res['placement']} {res['degrees']}: measured {m['iteration_s']:.3f} s/iteration "
-            f"({m['tokens_per_s']:.0f} tokens/s), predicted {p['iteration_s']:.3f} s "
-            f"({res['error_pct']:+.0f}%)"
-        ))  # fmt: skip
-        return 0
-    if args.action == "show":
-        emu = emulate.load_state(args.prefix)
-    else:
-        from wallbreak.holmes.topology import load_topology
-
-        emu = emulate.plan_emulation(load_topology(args.cluster), args.scale, args.prefix)
-        emulate.up(emu, force=args.force)
-    print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu))
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -109,3 +109,17 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
         r = run_placement(emu, load_topology(SMALL), placement, model, training, steps=4, degrees=(1, 2, 2))
         assert r["degrees"] == {"tp": 1, "pp": 2, "dp": 2}
         assert r["measured"]["iteration_s"] > 0 and r["measured"]["steps"] == 2
+
+
+def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(emu: emulate.Emulation) -> None:
+    from wallbreak.holmes.emulate_run import bench_holmes
+    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+
+    model, training = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
+    res = bench_holmes(load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX)
+    assert list(res["placements"]) == ["holmes", "megatron", "all-rdma", "all-ethernet"]
+    assert res["speedup_holmes_vs_megatron"] > 0 and res["holmes_vs_all_rdma"] > 0
+    assert emulate.load_state(PREFIX).uplink_mbit == {
+        "ib": 100,
+        "roce": 100,
+    }  # all-ethernet's, torn down after

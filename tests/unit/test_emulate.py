@@ -46,3 +46,15 @@ def test_every_veth_is_shaped_at_both_ends() -> None:
 def test_bad_arguments_are_named(kw: dict[str, object], says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         plan_emulation(load_topology(SMALL), **kw)  # type: ignore[arg-type]
+
+
+def test_reference_networks_set_every_link_to_one_rate() -> None:
+    from wallbreak.holmes.emulate_run import reference_topology
+
+    topo = load_topology(SMALL)
+    fast = plan_emulation(reference_topology(topo, "all-rdma"), scale=0.01, prefix="t")
+    slow = plan_emulation(reference_topology(topo, "all-ethernet"), scale=0.01, prefix="t")
+    assert {n.fabric_mbit for n in fast.nodes} | {n.eth_mbit for n in fast.nodes} == {1000}  # the IB NIC
+    assert set(fast.uplink_mbit.values()) == {1000}
+    assert {n.fabric_mbit for n in slow.nodes} | {n.eth_mbit for n in slow.nodes} == {100}  # the Ethernet
+    assert set(slow.uplink_mbit.values()) == {100}

@@ -20,11 +20,68 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.errors import WallbreakError
+from wallbreak.holmes import emulate
 from wallbreak.holmes.emulate import Emulation
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import Host, Topology
+from wallbreak.holmes.topology import Host, Link, Topology
 
 MASTER_PORT = 29500  # inside node 0's namespace, where nothing else listens
+PLACEMENTS = ("holmes", "megatron", "all-rdma", "all-ethernet")
+
+
+def reference_topology(topo: Topology, kind: str) -> Topology:
+    """The same nodes with every NIC and link at one rate: the best RDMA NIC's (all-rdma), or the
+    inter-cluster Ethernet's (all-ethernet) - what the planner's references assume."""
+    if kind == "all-rdma":
+        nics = [c.nic for c in topo.clusters]
+        best = max([n for n in nics if n.rdma] or nics, key=lambda n: n.total_gbps)
+        nic = Link("infiniband", best.total_gbps)
+    elif kind == "all-ethernet":
+        nic = Link("ethernet", topo.inter_cluster.total_gbps)
+    else:
+        raise WallbreakError(f"unknown reference {kind!r}; allowed: all-rdma, all-ethernet")
+    eth = Link("ethernet", nic.gbps)
+    clusters = tuple(dataclasses.replace(c, nic=nic, ethernet=eth) for c in topo.clusters)
+    return dataclasses.replace(topo, clusters=clusters, inter_cluster=eth, links={})
+
+
+def run_on_emulation(
+    topo: Topology,
+    placement: str,
+    model: ModelSpec,
+    training: TrainingSpec,
+    steps: int,
+    degrees: tuple[int | None, int | None, int | None],
+    scale: float,
+    prefix: str,
+) -> dict[str, Any]:
+    """Bring up the emulation this placement needs (the references reshape every link), then run."""
+    if placement not in PLACEMENTS:
+        raise WallbreakError(f"--placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    net = topo if placement in ("holmes", "megatron") else reference_topology(topo, placement)
+    emu = emulate.plan_emulation(net, scale, prefix)
+    current = emulate.load_state(prefix) if emulate.state_path(prefix).exists() else None
+    if current != emu:
+        emulate.up(emu, force=True)
+    return run_placement(emu, net, "megatron" if placement == "megatron" else "holmes", model, training,
+                         steps, degrees) | {"placement": placement}  # fmt: skip
+
+
+def bench_holmes(
+    topo: Topology, model: ModelSpec, training: TrainingSpec, steps: int,
+    degrees: tuple[int | None, int | None, int | None], scale: float, prefix: str,
+) -> dict[str, Any]:  # fmt: skip
+    """All four placements in one run, with holmes' degrees for every one of them."""
+    out: dict[str, Any] = {"placements": {}}
+    for placement in PLACEMENTS:
+        print(f"bench holmes: {placement} ...", file=sys.stderr, flush=True)
+        r = run_on_emulation(topo, placement, model, training, steps, degrees, scale, prefix)
+        degrees = (r["degrees"]["tp"], r["degrees"]["pp"], r["degrees"]["dp"])
+        out["placements"][placement] = r
+    m = {k: v["measured"]["iteration_s"] for k, v in out["placements"].items()}
+    out["speedup_holmes_vs_megatron"] = m["megatron"] / m["holmes"]
+    out["holmes_vs_all_rdma"] = m["all-rdma"] / m["holmes"]
+    return out
 
 
 def with_emulated_hosts(topo: Topology, emu: Emulation) -> Topology:

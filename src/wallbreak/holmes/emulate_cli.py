@@ -1,0 +1,133 @@
+"""The command line of the emulator: `wallbreak emulate up|run|show|down` and `wallbreak bench holmes`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from wallbreak.holmes import emulate
+
+PLACEMENTS = ("holmes", "megatron", "all-rdma", "all-ethernet")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/clusters/emu-small.yaml")
+    p.add_argument("--prefix", default=emulate.DEFAULT_PREFIX, help="names start with it (default wb)")
+    p.add_argument("--scale", type=float, default=emulate.DEFAULT_SCALE, help="multiply every rate (0.01)")
+    p.add_argument("--steps", type=int, default=8, help="steps per run; the first 2 are warm-up (default 8)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    for flag in ("--tp", "--pp", "--dp"):
+        p.add_argument(flag, type=int, help="force this degree (default: the planner's choice)")
+    p.add_argument("--json", action="store_true")
+
+
+def add_emulate_parser(verbs: Any, parser_class: Any) -> None:
+    em = verbs.add_parser("emulate", help="a heterogeneous cluster on this machine: namespaces, shaped links")
+    ev = em.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    eu = ev.add_parser("up", help="one network namespace per node, NICs shaped to the cluster file (root)")
+    eu.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/clusters/emu-small.yaml")
+    eu.add_argument("--scale", type=float, default=emulate.DEFAULT_SCALE, help="multiply every rate (0.01)")
+    eu.add_argument("--prefix", default=emulate.DEFAULT_PREFIX, help="names start with it (default wb)")
+    eu.add_argument("--force", action="store_true", help="replace an emulation with the same prefix")
+    eu.add_argument("--json", action="store_true")
+    er = ev.add_parser("run", help="the real trainer on the emulated cluster, one placement (root)")
+    _model_args(er)
+    er.add_argument("--placement", default="holmes", choices=PLACEMENTS)
+    ed = ev.add_parser("down", help="remove the emulation (also what a crashed run left behind)")
+    ed.add_argument("--prefix", default=emulate.DEFAULT_PREFIX)
+    es = ev.add_parser("show", help="the emulation that is up: nodes, addresses, interfaces, rates")
+    es.add_argument("--prefix", default=emulate.DEFAULT_PREFIX)
+    es.add_argument("--json", action="store_true")
+
+
+def add_bench_holmes_parser(bench: Any) -> None:
+    bh = bench.add_parser("holmes", help="all four placements on the emulated cluster: measured vs predicted")
+    _model_args(bh)
+    bh.add_argument("--plot", type=Path, help="bar chart of measured and predicted iteration times (PNG)")
+
+
+def _job(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[int | None, int | None, int | None]]:
+    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+    from wallbreak.holmes.topology import load_topology
+
+    model = ModelSpec(f"gpt-custom-{args.layers}x{args.hidden}", args.layers, args.hidden, args.heads,
+                      args.seq_len, 256)  # fmt: skip
+    training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
+    return load_topology(args.cluster), model, training, (args.tp, args.pp, args.dp)
+
+
+def _line(r: dict[str, Any]) -> str:
+    m, p = r["measured"], r["predicted"]
+    return (
+        f"{r['placement']:<13} {r['degrees']}: measured {m['iteration_s']:.3f} s/iteration "
+        f"({m['tokens_per_s']:.0f} tokens/s), predicted {p['iteration_s']:.3f} s ({r['error_pct']:+.0f}%)"
+    )
+
+
+def run_emulate_command(args: argparse.Namespace) -> int:
+    from wallbreak.holmes.emulate_run import bench_holmes, run_on_emulation
+
+    if args.verb == "bench":
+        topo, model, training, degrees = _job(args)
+        res = bench_holmes(topo, model, training, args.steps, degrees, args.scale, args.prefix)
+        if args.plot:
+            plot_bench_holmes(res, args.plot)
+        lines = [_line(r) for r in res["placements"].values()]
+        lines.append(f"holmes vs megatron, measured: {res['speedup_holmes_vs_megatron']:.2f}x")
+        lines.append(f"holmes vs all-rdma, measured: {res['holmes_vs_all_rdma']:.2f} of its speed")
+        print(json.dumps(res) if args.json else "\n".join(lines))
+        return 0
+    if args.action == "down":
+        removed = emulate.down(args.prefix)
+        print(f"removed {len(removed)} namespace(s) and link(s) of emulation {args.prefix!r}")
+        return 0
+    if args.action == "run":
+        topo, model, training, degrees = _job(args)
+        r = run_on_emulation(
+            topo, args.placement, model, training, args.steps, degrees, args.scale, args.prefix
+        )
+        print(json.dumps(r) if args.json else _line(r))
+        return 0
+    if args.action == "show":
+        emu = emulate.load_state(args.prefix)
+    else:
+        from wallbreak.holmes.topology import load_topology
+
+        emu = emulate.plan_emulation(load_topology(args.cluster), args.scale, args.prefix)
+        emulate.up(emu, force=args.force)
+    print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu), file=sys.stdout)
+    return 0
+
+
+def plot_bench_holmes(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from wallbreak.common.plots import save_figure
+
+    names = list(res["placements"])
+    measured = [res["placements"][n]["measured"]["iteration_s"] for n in names]
+    predicted = [res["placements"][n]["predicted"]["iteration_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], measured, 0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], predicted, 0.4, label="predicted")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("s / iteration (lower is better)")
+    ax.set_title(
+        f"wallbreak bench holmes: holmes {res['speedup_holmes_vs_megatron']:.2f}x megatron, measured"
+    )
+    ax.legend()
+    save_figure(fig, path, "the holmes benchmark plot")
