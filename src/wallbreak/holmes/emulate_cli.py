@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from wallbreak.holmes import emulate
-
-PLACEMENTS = ("holmes", "megatron", "all-rdma", "all-ethernet")
+from wallbreak.holmes.emulate_run import PLACEMENTS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -104,7 +102,7 @@ def run_emulate_command(args: argparse.Namespace) -> int:
 
         emu = emulate.plan_emulation(load_topology(args.cluster), args.scale, args.prefix)
         emulate.up(emu, force=args.force)
-    print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu), file=sys.stdout)
+    print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu))
     return 0
 
 

@@ -120,26 +120,24 @@ class KVCache(Cache):
         width = max(lengths)
         self.start = [width - n for n in lengths]
 
-    def positions(self, q: int, device: torch.device) -> torch.Tensor:
-        """Position ids [rows, q] of the next q columns (each row counts from its own first token)."""
-        cols = torch.arange(self.columns, self.columns + q, device=device)
-        start = torch.tensor(self.start, device=device)
-        return (cols[None, :] - start[:, None]).clamp(min=0)
-
-    def masks(
+    def step_inputs(
         self, q: int, device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Attention masks for the next q columns: one per layer kind when the model has several."""
-        if self.kinds is None:
-            return self._mask(None, q, device, dtype)
-        by_kind = dict(zip(self.kinds, self.windows, strict=True))
-        return {k: self._mask(w, q, device, dtype) for k, w in by_kind.items()}
-
-    def _mask(self, window: int | None, q: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        stored = self.columns if window is None else min(self.columns, window - 1)
-        kcol = torch.arange(self.columns - stored, self.columns + q, device=device)
-        qcol = torch.arange(self.columns, self.columns + q, device=device)
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+        """For the next q columns: the attention masks (one per layer kind when the model has
+        several) and the position ids [rows, q] (each row counts from its own first token)."""
         start = torch.tensor(self.start, device=device)
+        qcol = torch.arange(self.columns, self.columns + q, device=device)
+        positions = (qcol[None, :] - start[:, None]).clamp(min=0)
+        if self.kinds is None:
+            return self._mask(None, qcol, start, dtype), positions
+        by_kind = dict(zip(self.kinds, self.windows, strict=True))
+        return {k: self._mask(w, qcol, start, dtype) for k, w in by_kind.items()}, positions
+
+    def _mask(
+        self, window: int | None, qcol: torch.Tensor, start: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        stored = self.columns if window is None else min(self.columns, window - 1)
+        kcol = torch.arange(self.columns - stored, self.columns + qcol.numel(), device=qcol.device)
         allowed = (kcol[None, None, :] >= start[:, None, None]) & (kcol[None, None, :] <= qcol[None, :, None])
         if window is not None:
             allowed &= qcol[None, :, None] - kcol[None, None, :] < window
@@ -149,7 +147,7 @@ class KVCache(Cache):
         allowed = allowed[:, None]  # [rows, 1, q, keys]
         if self.attn_impl == "sdpa":
             return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+        return torch.zeros(allowed.shape, dtype=dtype, device=qcol.device).masked_fill_(
             ~allowed, torch.finfo(dtype).min
         )
 

@@ -97,14 +97,9 @@ class Batch:
         kw: dict[str, Any] = {self._kw["cache"]: cache}
         if "logits" in self._kw:
             kw[self._kw["logits"]] = 1  # a 262k vocabulary times a prompt would be gigabytes
+        masks, positions = cache.step_inputs(q, ids.device, dtype)
         with torch.inference_mode():
-            out = model(
-                input_ids=ids,
-                attention_mask=cache.masks(q, ids.device, dtype),
-                position_ids=cache.positions(q, ids.device),
-                use_cache=True,
-                **kw,
-            )
+            out = model(input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=True, **kw)
         cache.advance(q)
         return out.logits[:, -1]
 
