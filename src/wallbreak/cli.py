@@ -357,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import subprocess
 
-    from wallbreak.holmes.runtime.plan_file import load_plan
+    from wallbreak.holmes.plan_file import load_plan
 
     plan = load_plan(args.plan)
     nproc = args.nproc or plan.world_size

@@ -160,7 +160,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> N
         ({"stages": [{"index": 0, "cluster": "local", "layers": 3, "ranks": [0, 1]},
                      {"index": 1, "cluster": "local", "layers": 3, "ranks": [2, 3]}]}, 4, "sum to 6"),
         ({"stages": [{"index": 0, "cluster": "local", "layers": 2, "ranks": [0, 1]},
-                     {"index": 1, "cluster": "local", "layers": 2, "ranks": [2]}]}, 4, "missing [3]"),
+                     {"index": 1, "cluster": "local", "layers": 2, "ranks": [2]}]}, 4,
+         "holds ranks [2]; the layout gives it [2, 3]"),
     ],
 )  # fmt: skip
 def test_bad_plans_fail_on_every_rank_without_hanging(

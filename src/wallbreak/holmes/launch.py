@@ -9,19 +9,16 @@ creating it; the node scripts only set the job-wide defaults.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 from wallbreak.common.atomic import atomic_open
+from wallbreak.holmes.plan_file import model_json, training_json, write_plan
 from wallbreak.holmes.planner import Plan
 from wallbreak.holmes.report import PlanReport
 from wallbreak.holmes.topology import Topology
-
-PLAN_FORMAT = "wallbreak-plan"
-PLAN_VERSION = 1
 
 NCCL_ENV = {
     "infiniband": {"NCCL_NET": "IB", "NCCL_IB_DISABLE": "0"},
@@ -75,7 +72,7 @@ def job_env(p: Plan) -> dict[str, str]:
     return {}
 
 
-def plan_file(report: PlanReport) -> dict[str, Any]:
+def plan_body(report: PlanReport) -> dict[str, Any]:
     p, topo = report.plan, report.topology
     nodes = nodes_in_rank_order(p, topo)
     groups = p.groups()
@@ -88,16 +85,14 @@ def plan_file(report: PlanReport) -> dict[str, Any]:
             for g in gs:
                 g["env"] = dict(job)
     return {
-        "format": PLAN_FORMAT,
-        "version": PLAN_VERSION,
         "placement": p.placement,
         "tp": p.tp,
         "pp": p.pp,
         "dp": p.dp,
         "world_size": p.world_size,
         "microbatches": p.microbatches,
-        "model": dict(p.model.__dict__),
-        "training": dict(p.training.__dict__),
+        "model": model_json(p.model),
+        "training": training_json(p.training),
         "stages": [s.to_json() for s in p.stages],
         "groups": groups,
         "nodes": nodes,
@@ -140,12 +135,9 @@ def megatron_args(p: Plan) -> str:
 
 def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    pf = plan_file(report)
-    written = []
-    with atomic_open(out / "plan.json", "w") as f:
-        json.dump(pf, f, indent=1)
-        f.write("\n")
-    written.append(out / "plan.json")
+    pf = plan_body(report)
+    write_plan(out / "plan.json", pf)
+    written = [out / "plan.json"]
     nodes = pf["nodes"]
     master = nodes[0]["address"] or nodes[0]["host"]
     job = job_env(report.plan)

@@ -1,8 +1,7 @@
 """(topology, model, training) -> Plan: placement, layer partition and a predicted iteration time.
 
-Ranks follow Megatron's order inside the GPU sequence the placement picks: tensor-parallel fastest,
-then data-parallel, then pipeline stages outermost (rank = stage * dp * tp + d * tp + k). A stage is
-then dp * tp consecutive GPUs.
+Ranks follow Megatron's order (owned by `layout.ParallelLayout`) inside the GPU sequence the
+placement picks, so a stage is dp * tp consecutive GPUs.
 
 - `holmes`: clusters are ordered (every order is tried for up to 5 clusters) so stages sit inside
   one cluster; every group then uses its members' NIC, and only pipeline traffic crosses clusters,
@@ -23,6 +22,7 @@ from functools import cache
 from typing import Any
 
 from wallbreak.errors import ConfigError
+from wallbreak.holmes.layout import ParallelLayout
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.stages import Network, Prediction, Slot, StageCost, StageModel, layout, predict, slowest
 from wallbreak.holmes.topology import Topology
@@ -65,24 +65,19 @@ class Plan:
     def world_size(self) -> int:
         return len(self.slots)
 
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(self.tp, self.dp, self.pp)
+
     def groups(self) -> dict[str, list[dict[str, Any]]]:
-        s_size = self.tp * self.dp
+        lay = self.layout
         out: dict[str, list[dict[str, Any]]] = {"dp": [], "tp": [], "pp": []}
-        for st in self.stages:
-            base = st.index * s_size
-            for k in range(self.tp):
-                out["dp"].append(
-                    {"ranks": [base + d * self.tp + k for d in range(self.dp)], "transport": st.dp_transport}
-                )
-            for d in range(self.dp):
-                out["tp"].append(
-                    {"ranks": [base + d * self.tp + k for k in range(self.tp)], "transport": self._intra(st)}
-                )
+        for ranks in lay.groups("dp"):
+            out["dp"].append({"ranks": ranks, "transport": self.stages[lay.stage_of(ranks[0])].dp_transport})
+        for ranks in lay.groups("tp"):
+            out["tp"].append({"ranks": ranks, "transport": self._intra(self.stages[lay.stage_of(ranks[0])])})
         pp_transport = slowest([st.p2p_transport for st in self.stages[:-1]]) if self.pp > 1 else "none"
-        for d in range(self.dp):
-            for k in range(self.tp):
-                ranks = [s * s_size + d * self.tp + k for s in range(self.pp)]
-                out["pp"].append({"ranks": ranks, "transport": pp_transport})
+        out["pp"] = [{"ranks": ranks, "transport": pp_transport} for ranks in lay.groups("pp")]
         return out
 
     def _intra(self, st: Stage) -> str:
@@ -270,7 +265,8 @@ def build(
     micro = t.global_batch // (t.micro_batch * dp)
     net = Network(topo, network)
     overlap = placement == "holmes"
-    models = [StageModel(i, slots, tp, dp, pp, micro, m, t, topo, net, overlap) for i in range(pp)]
+    lay = ParallelLayout(tp, dp, pp)
+    models = [StageModel(i, slots, lay, micro, m, t, topo, net, overlap) for i in range(pp)]
     if split is None:
         if placement == "megatron":
             split = even_split(m.layers, pp)
@@ -285,13 +281,12 @@ def build(
                 return None
             split = tried[min(ok)[1]]
     pred, costs = predict(models, split, m, t, len(slots))
-    s_size = tp * dp
     stages = [
         Stage(
             i,
             models[i].cluster,
             split[i],
-            list(range(i * s_size, (i + 1) * s_size)),
+            lay.stage_ranks(i),
             models[i].dp_transport,
             models[i].p2p_transport,
             costs[i],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from wallbreak.common.plots import save_figure
+from wallbreak.holmes.plan_file import model_json
 from wallbreak.holmes.planner import Plan, Prediction, plan, references
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import Topology
@@ -32,14 +33,14 @@ class PlanReport:
                 "speedup_vs_baseline": self.speedup,
                 "cluster_order": self.plan.cluster_order,
                 "world_size": self.plan.world_size,
-                "model": self.plan.model.__dict__ | {"params": self.plan.model.params},
+                "model": model_json(self.plan.model) | {"params": self.plan.model.params},
                 "per_stage": [
                     {
                         "index": s.index,
                         "dp_transport": s.dp_transport,
                         "p2p_transport": s.p2p_transport,
                     }
-                    | (s.cost.__dict__ if s.cost else {})
+                    | (asdict(s.cost) if s.cost else {})
                     for s in self.plan.stages
                 ],
             }

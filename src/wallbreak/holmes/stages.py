@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wallbreak.holmes import cost
+from wallbreak.holmes.layout import ParallelLayout
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import Cluster, Link, Topology
 
@@ -117,9 +118,7 @@ class StageModel:
         self,
         idx: int,
         slots: list[Slot],
-        tp: int,
-        dp: int,
-        pp: int,
+        lay: ParallelLayout,
         micro: int,
         m: ModelSpec,
         t: TrainingSpec,
@@ -131,9 +130,8 @@ class StageModel:
         self.overlap = (
             overlap  # gradient sync bucketed and overlapped with backward (Holmes); stock: after it
         )
-        s_size = tp * dp
-        base = idx * s_size
-        mine = slots[base : base + s_size]
+        tp, dp, pp = lay.tp, lay.dp, lay.pp
+        mine = [slots[r] for r in lay.stage_ranks(idx)]
         self.idx, self.first, self.last = idx, idx == 0, idx == pp - 1
         self.m, self.t, self.tp, self.dp, self.micro = m, t, tp, dp, micro
         self.inflight = min(pp - idx, micro)
@@ -145,21 +143,21 @@ class StageModel:
         intra = min((c.intra_node for c in clusters), key=lambda ln: ln.gbps)
         self.tp_layer = cost.tp_seconds_per_layer(m, t, tp, intra.gbps, intra.latency_us) if tp > 1 else 0.0
         # Data-parallel group of tensor rank 0; the others are the same shape on the same nodes.
-        members = [mine[d * tp] for d in range(dp)]
+        members = [slots[r] for r in lay.group("dp", lay.rank(idx, 0, 0))]
         self.dp_transport, self.dp_gbps, self.dp_lat = self._group_link(members, clusters, intra, topo, net)
         # Point-to-point with the neighbours: every GPU of the stage sends its 1/tp share at once.
         act = cost.activation_bytes(m, t) / tp
         self.p2p_mb = 0.0
         self.p2p_transport = "none"
-        for other, towards_next in ((base + s_size, True), (base - s_size, False)):
-            if not 0 <= other < len(slots):
+        for other, towards_next in ((idx + 1, True), (idx - 1, False)):
+            if not 0 <= other < pp:
                 continue
-            a, b = slots[base], slots[other]
+            a, b = slots[lay.rank(idx, 0, 0)], slots[lay.rank(other, 0, 0)]
             if a.node == b.node:
                 kind, gbps, lat = "intra-node", intra.gbps, intra.latency_us
             else:
                 kind, ln = net.link(a.cluster, b.cluster)
-                share = min(topo.cluster(a.cluster).gpus_per_node, s_size)
+                share = min(topo.cluster(a.cluster).gpus_per_node, lay.stage_size)
                 gbps, lat = ln.total_gbps / share, ln.latency_us
             self.p2p_mb += cost.p2p_seconds(act, gbps, lat)
             if towards_next:

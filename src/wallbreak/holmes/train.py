@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from wallbreak.common.gpt import GPT, lm_loss
 from wallbreak.errors import ConfigError, WallbreakError
+from wallbreak.holmes.plan_file import RunPlan, load_plan
 from wallbreak.holmes.runtime import checkpoint
 from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
 from wallbreak.holmes.runtime.groups import build_groups
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
-from wallbreak.holmes.runtime.plan_file import RunPlan, load_plan
 from wallbreak.holmes.runtime.tensor_parallel import apply_tp, full_state, load_full_state
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -120,7 +120,7 @@ class Trainer:
         torch.manual_seed(a.seed)
         layers = plan.layer_range(self.stage)
         self.module = GPT(plan.model, a.seed, layers, self.first, self.last).to(self.device)
-        self.tp_index = rank % plan.tp
+        self.tp_index = plan.layout.tp_index(rank)
         apply_tp(self.module, self.groups.pg["tp"], plan.tp, self.device.type)
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=a.lr, weight_decay=0.0)
         pp_ranks = self.groups.ranks["pp"]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from wallbreak.common.atomic import atomic_open, atomic_write_json
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.runtime.plan_file import RunPlan
+from wallbreak.holmes.plan_file import RunPlan
 
 
 def step_dir(root: Path, step: int) -> Path:

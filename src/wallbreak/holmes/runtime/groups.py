@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from wallbreak.holmes.runtime.plan_file import RunPlan
+from wallbreak.holmes.plan_file import RunPlan
 
 SIOCGIFADDR = 0x8915
 
