@@ -196,6 +196,17 @@ def _plan_parsers(verbs: Any) -> None:
         "--emit-launch", type=Path, help="write plan.json, per-node torchrun scripts, Megatron args"
     )
     pl.add_argument("--master-port", type=int, default=29500, help="rendezvous port in the launch scripts")
+    cal = pl.add_mutually_exclusive_group()
+    cal.add_argument(
+        "--calibrate",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="fit compute efficiency, link efficiency and latency to measured runs "
+        "(`wallbreak bench holmes --json` output), then plan with them",
+    )
+    cal.add_argument("--calibration", type=Path, help="plan with a calibration saved by --save-calibration")
+    pl.add_argument("--save-calibration", type=Path, help="with --calibrate: save the fit here")
 
     tr = verbs.add_parser(
         "train",
@@ -373,6 +384,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from wallbreak.errors import ConfigError
+    from wallbreak.holmes.calibrate import calibration_for
     from wallbreak.holmes.launch import emit_launch
     from wallbreak.holmes.report import format_report, make_report, plot_report
     from wallbreak.holmes.spec import ModelSpec, TrainingSpec
@@ -394,15 +406,18 @@ def _plan(args: argparse.Namespace) -> int:
     )
     if not 0 < args.master_port < 65536:
         raise ConfigError(f"--master-port must be 1-65535, got {args.master_port}")
+    cal = calibration_for(args.calibrate, args.calibration, args.save_calibration)
+    topo = load_topology(args.cluster)
     report = make_report(
-        load_topology(args.cluster), model, training, args.placement, args.tp, args.pp, args.dp
+        cal.apply(topo) if cal else topo, model, training, args.placement, args.tp, args.pp, args.dp
     )
     if args.plot:
         plot_report(report, args.plot)
     if args.emit_launch:
         files = emit_launch(report, args.emit_launch, args.master_port)
         print(f"wrote {len(files)} launch file(s) to {args.emit_launch}", file=sys.stderr)
-    print(json.dumps(report.to_json()) if args.json else format_report(report))
+    out = report.to_json() | ({"calibration": cal.to_json()} if cal else {})
+    print(json.dumps(out) if args.json else format_report(report))
     return 0
 
 

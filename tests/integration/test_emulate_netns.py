@@ -13,6 +13,7 @@ import pytest
 
 from wallbreak.errors import ConfigError
 from wallbreak.holmes import emulate
+from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import load_topology
 
 pytestmark = pytest.mark.netns
@@ -100,23 +101,51 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
 ) -> None:
     """The runtime checks every group's sockets against its NIC at start-up and stops on a mismatch,
     so a run that completes had its DP groups on fab0 (holmes) or everything on eth0 (megatron)."""
-    from wallbreak.holmes.emulate_run import run_placement
-    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+    from wallbreak.holmes.emulate_run import EmuJob, run_placement
 
     model = ModelSpec("tiny", 2, 64, 2, 32, 256)
     training = TrainingSpec(8, 2, "none", "fp32")
+    job = EmuJob(SMALL, load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX)
+    ref = one_process_losses(model, training, 4)
     for placement in ("holmes", "megatron"):
-        r = run_placement(emu, load_topology(SMALL), placement, model, training, steps=4, degrees=(1, 2, 2))
+        r = run_placement(emu, job.topo, job, placement)
         assert r["degrees"] == {"tp": 1, "pp": 2, "dp": 2}
         assert r["measured"]["iteration_s"] > 0 and r["measured"]["steps"] == 2
+        # The emulated network changes the time, never the arithmetic: same losses as one process.
+        assert r["measured"]["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6), placement
+        assert r["job"]["split"] == [1, 1] and r["job"]["placement"] == placement
+
+
+def one_process_losses(model: ModelSpec, training: TrainingSpec, steps: int) -> list[float]:
+    """The trainer's defaults (seed 0, AdamW lr 1e-3, the default corpus) in one process."""
+    import torch
+
+    from wallbreak.common.gpt import GPT, GPTConfig, lm_loss
+    from wallbreak.holmes.plan_file import MODEL_FIELDS
+    from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
+
+    c = GPTConfig(**{f: getattr(model, f) for f in MODEL_FIELDS})
+    torch.manual_seed(0)
+    net = GPT(c, seed=0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    tokens = tokenize(read_text(default_corpus()), None, c.vocab)
+    data = Batches(tokens, c.seq_len, training.global_batch, 0)
+    out = []
+    for step in range(steps):
+        x, y = data.batch(step)
+        loss = lm_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(float(loss.detach()))
+    return out
 
 
 def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(emu: emulate.Emulation) -> None:
-    from wallbreak.holmes.emulate_run import bench_holmes
-    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+    from wallbreak.holmes.emulate_run import EmuJob, bench_holmes
 
     model, training = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
-    res = bench_holmes(load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX)
+    res = bench_holmes(EmuJob(SMALL, load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX))
     assert list(res["placements"]) == ["holmes", "megatron", "all-rdma", "all-ethernet"]
     assert res["speedup_holmes_vs_megatron"] > 0 and res["holmes_vs_all_rdma"] > 0
     assert emulate.load_state(PREFIX).uplink_mbit == {

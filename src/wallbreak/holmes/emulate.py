@@ -79,6 +79,7 @@ def plan_emulation(topo: Topology, scale: float = DEFAULT_SCALE, prefix: str = D
         raise ConfigError(f"--scale {scale}: give a factor in (0, 1], e.g. 0.01 (200 Gbit/s -> 2 Gbit/s)")
     if len(topo.clusters) > 250 or any(c.nodes > 250 for c in topo.clusters):
         raise ConfigError("the emulator supports up to 250 clusters of up to 250 nodes each")
+    shaped = topo.network_scaled(scale)  # the rates the emulation carries, and the planner predicts on
     nodes: list[EmuNode] = []
     for ci, c in enumerate(topo.clusters):
         for i in range(c.nodes):
@@ -92,17 +93,17 @@ def plan_emulation(topo: Topology, scale: float = DEFAULT_SCALE, prefix: str = D
                     netns=f"{prefix}n{g}",
                     fabric_addr=f"10.77.{ci}.{i + 1}",
                     eth_addr=f"10.78.{ci}.{i + 1}",
-                    fabric_mbit=c.nic.total_gbps * 1000 * scale,
-                    eth_mbit=topo.tcp(c.name).total_gbps * 1000 * scale,
+                    fabric_mbit=shaped.cluster(c.name).nic.total_gbps * 1000,
+                    eth_mbit=shaped.tcp(c.name).total_gbps * 1000,
                 )
             )
     uplinks: dict[str, float] = {}
     if len(topo.clusters) > 1:
         for c in topo.clusters:
             # Per pair overrides are approximated by each cluster's slowest link to any other.
-            rates = [topo.links.get(frozenset((c.name, o.name)), topo.inter_cluster).total_gbps
+            rates = [shaped.links.get(frozenset((c.name, o.name)), shaped.inter_cluster).total_gbps
                      for o in topo.clusters if o is not c]  # fmt: skip
-            uplinks[c.name] = min(rates) * 1000 * scale
+            uplinks[c.name] = min(rates) * 1000
     return Emulation(prefix, scale, tuple(nodes), uplinks)
 
 

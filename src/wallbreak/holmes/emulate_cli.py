@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.holmes import emulate
-from wallbreak.holmes.emulate_run import PLACEMENTS
+from wallbreak.holmes.emulate_run import PLACEMENTS, EmuJob
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=2)
     for flag in ("--tp", "--pp", "--dp"):
         p.add_argument(flag, type=int, help="force this degree (default: the planner's choice)")
+    p.add_argument(
+        "--calibration", type=Path, help="predict with a calibration fitted by `wallbreak plan --calibrate`"
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -53,14 +56,17 @@ def add_bench_holmes_parser(bench: Any) -> None:
     bh.add_argument("--plot", type=Path, help="bar chart of measured and predicted iteration times (PNG)")
 
 
-def _job(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[int | None, int | None, int | None]]:
+def _job(args: argparse.Namespace) -> EmuJob:
+    from wallbreak.holmes.calibrate import load_calibration
     from wallbreak.holmes.spec import ModelSpec, TrainingSpec
     from wallbreak.holmes.topology import load_topology
 
     model = ModelSpec(f"gpt-custom-{args.layers}x{args.hidden}", args.layers, args.hidden, args.heads,
                       args.seq_len, 256)  # fmt: skip
     training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
-    return load_topology(args.cluster), model, training, (args.tp, args.pp, args.dp)
+    cal = load_calibration(args.calibration) if args.calibration else None
+    return EmuJob(args.cluster, load_topology(args.cluster), model, training, args.steps,
+                  (args.tp, args.pp, args.dp), args.scale, args.prefix, cal)  # fmt: skip
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -75,8 +81,7 @@ def run_emulate_command(args: argparse.Namespace) -> int:
     from wallbreak.holmes.emulate_run import bench_holmes, run_on_emulation
 
     if args.verb == "bench":
-        topo, model, training, degrees = _job(args)
-        res = bench_holmes(topo, model, training, args.steps, degrees, args.scale, args.prefix)
+        res = bench_holmes(_job(args))
         if args.plot:
             plot_bench_holmes(res, args.plot)
         lines = [_line(r) for r in res["placements"].values()]
@@ -89,10 +94,7 @@ def run_emulate_command(args: argparse.Namespace) -> int:
         print(f"removed {len(removed)} namespace(s) and link(s) of emulation {args.prefix!r}")
         return 0
     if args.action == "run":
-        topo, model, training, degrees = _job(args)
-        r = run_on_emulation(
-            topo, args.placement, model, training, args.steps, degrees, args.scale, args.prefix
-        )
+        r = run_on_emulation(_job(args), args.placement)
         print(json.dumps(r) if args.json else _line(r))
         return 0
     if args.action == "show":

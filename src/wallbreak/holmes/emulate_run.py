@@ -16,11 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wallbreak.errors import WallbreakError
 from wallbreak.holmes import emulate
+from wallbreak.holmes.calibrate import Calibration, job_record
 from wallbreak.holmes.emulate import Emulation
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import Host, Link, Topology
@@ -45,42 +47,50 @@ def reference_topology(topo: Topology, kind: str) -> Topology:
     return dataclasses.replace(topo, clusters=clusters, inter_cluster=eth, links={})
 
 
-def run_on_emulation(
-    topo: Topology,
-    placement: str,
-    model: ModelSpec,
-    training: TrainingSpec,
-    steps: int,
-    degrees: tuple[int | None, int | None, int | None],
-    scale: float,
-    prefix: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EmuJob:
+    """One training job on the emulated cluster: what to train, where, and how predictions are made."""
+
+    cluster: Path
+    topo: Topology
+    model: ModelSpec
+    training: TrainingSpec
+    steps: int
+    degrees: tuple[int | None, int | None, int | None] = (None, None, None)
+    scale: float = emulate.DEFAULT_SCALE
+    prefix: str = emulate.DEFAULT_PREFIX
+    calibration: Calibration | None = None
+    warmup: int = 2
+    timeout_s: float = 900
+
+
+def run_on_emulation(job: EmuJob, placement: str) -> dict[str, Any]:
     """Bring up the emulation this placement needs (the references reshape every link), then run."""
     if placement not in PLACEMENTS:
         raise WallbreakError(f"--placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
-    net = topo if placement in ("holmes", "megatron") else reference_topology(topo, placement)
-    emu = emulate.plan_emulation(net, scale, prefix)
-    current = emulate.load_state(prefix) if emulate.state_path(prefix).exists() else None
+    reference = None if placement in ("holmes", "megatron") else placement
+    net = reference_topology(job.topo, reference) if reference else job.topo
+    emu = emulate.plan_emulation(net, job.scale, job.prefix)
+    current = emulate.load_state(job.prefix) if emulate.state_path(job.prefix).exists() else None
     if current != emu:
         emulate.up(emu, force=True)
-    return run_placement(emu, net, "megatron" if placement == "megatron" else "holmes", model, training,
-                         steps, degrees) | {"placement": placement}  # fmt: skip
+    return run_placement(emu, net, job, "megatron" if placement == "megatron" else "holmes", reference) | {
+        "placement": placement
+    }
 
 
-def bench_holmes(
-    topo: Topology, model: ModelSpec, training: TrainingSpec, steps: int,
-    degrees: tuple[int | None, int | None, int | None], scale: float, prefix: str,
-) -> dict[str, Any]:  # fmt: skip
+def bench_holmes(job: EmuJob) -> dict[str, Any]:
     """All four placements in one run, with holmes' degrees for every one of them."""
     out: dict[str, Any] = {"placements": {}}
     for placement in PLACEMENTS:
         print(f"bench holmes: {placement} ...", file=sys.stderr, flush=True)
-        r = run_on_emulation(topo, placement, model, training, steps, degrees, scale, prefix)
-        degrees = (r["degrees"]["tp"], r["degrees"]["pp"], r["degrees"]["dp"])
+        r = run_on_emulation(job, placement)
+        job = dataclasses.replace(job, degrees=(r["degrees"]["tp"], r["degrees"]["pp"], r["degrees"]["dp"]))
         out["placements"][placement] = r
     m = {k: v["measured"]["iteration_s"] for k, v in out["placements"].items()}
     out["speedup_holmes_vs_megatron"] = m["megatron"] / m["holmes"]
     out["holmes_vs_all_rdma"] = m["all-rdma"] / m["holmes"]
+    out["calibrated"] = job.calibration is not None
     return out
 
 
@@ -94,56 +104,60 @@ def with_emulated_hosts(topo: Topology, emu: Emulation) -> Topology:
 
 
 def run_placement(
-    emu: Emulation,
-    topo: Topology,
-    placement: str,
-    model: ModelSpec,
-    training: TrainingSpec,
-    steps: int,
-    degrees: tuple[int | None, int | None, int | None] = (None, None, None),
-    warmup: int = 2,
-    timeout_s: float = 900,
+    emu: Emulation, net: Topology, job: EmuJob, placement: str, reference: str | None = None
 ) -> dict[str, Any]:
+    """Plan on the emulated rates (calibrated if asked), launch every node, time the steps."""
     from wallbreak.holmes.launch import emit_launch
     from wallbreak.holmes.report import make_report
 
-    if steps <= warmup:
-        raise WallbreakError(f"--steps {steps}: need more than the {warmup} warm-up steps")
-    report = make_report(with_emulated_hosts(topo, emu), model, training, placement, *degrees)
+    if job.steps <= job.warmup:
+        raise WallbreakError(f"--steps {job.steps}: need more than the {job.warmup} warm-up steps")
+    shaped = net.network_scaled(emu.scale)
+    topo = job.calibration.apply(shaped) if job.calibration else shaped
+    report = make_report(with_emulated_hosts(topo, emu), job.model, job.training, placement, *job.degrees)
     with tempfile.TemporaryDirectory(prefix=f"wallbreak-emu-{placement}-") as tmp:
-        out = Path(tmp)
-        scripts = sorted(p for p in emit_launch(report, out, MASTER_PORT) if p.name.startswith("node-"))
-        log = out / "rank0.jsonl"
-        env = dict(
-            os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        )
-        procs = []
-        for i, script in enumerate(scripts):
-            args = ["--steps", str(steps)] + (["--log-file", str(log)] if i == 0 else [])
-            with open(out / f"node-{i}.err", "w") as err:  # a file, not a pipe: a full pipe stalls a node
-                procs.append(
-                    subprocess.Popen(
-                        ["ip", "netns", "exec", emu.nodes[i].netns, "sh", str(script), *args],
-                        env=env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                    )
-                )
-        _wait_all(procs, [out / f"node-{i}.err" for i in range(len(procs))], timeout_s)
-        rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    step_s = [json.loads(r)["step_s"] for r in rows][warmup:]
+        rows = _launch(emu, emit_launch(report, Path(tmp), MASTER_PORT), Path(tmp), job)
+    step_s = [float(r["step_s"]) for r in rows][job.warmup :]
     if not step_s:
         raise WallbreakError(f"placement {placement}: the run logged no step after warm-up")
     measured = statistics.median(step_s)
-    tokens = training.global_batch * model.seq_len
+    tokens = job.training.global_batch * job.model.seq_len
     predicted = report.plan.predicted.iteration_s
     return {
         "placement": placement,
         "degrees": {"tp": report.plan.tp, "pp": report.plan.pp, "dp": report.plan.dp},
-        "measured": {"iteration_s": measured, "tokens_per_s": tokens / measured, "steps": len(step_s)},
-        "predicted": {"iteration_s": predicted},
+        "measured": {
+            "iteration_s": measured,
+            "tokens_per_s": tokens / measured,
+            "steps": len(step_s),
+            "losses": [float(r["loss"]) for r in rows],
+        },
+        "predicted": {"iteration_s": predicted, "calibrated": job.calibration is not None},
         "error_pct": 100 * (predicted - measured) / measured,
+        "job": job_record(report.plan, job.cluster, reference, emu.scale),
     }
+
+
+def _launch(emu: Emulation, written: list[Path], out: Path, job: EmuJob) -> list[dict[str, Any]]:
+    """Each node script inside its namespace; rank 0's log, one record per step."""
+    scripts = sorted(p for p in written if p.name.startswith("node-"))
+    log = out / "rank0.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    procs = []
+    for i, script in enumerate(scripts):
+        args = ["--steps", str(job.steps)] + (["--log-file", str(log)] if i == 0 else [])
+        with open(out / f"node-{i}.err", "w") as err:  # a file, not a pipe: a full pipe stalls a node
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", emu.nodes[i].netns, "sh", str(script), *args],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            )
+    _wait_all(procs, [out / f"node-{i}.err" for i in range(len(procs))], job.timeout_s)
+    rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    return [json.loads(r) for r in rows]
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], errs: list[Path], timeout_s: float) -> None:

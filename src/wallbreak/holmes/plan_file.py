@@ -105,6 +105,15 @@ def training_json(t: TrainingSpec) -> dict[str, Any]:
     return {f: getattr(t, f) for f in TRAINING_FIELDS}
 
 
+def model_spec(d: dict[str, Any]) -> ModelSpec:
+    """`model_json` read back (raises KeyError or TypeError on a malformed record)."""
+    return ModelSpec(str(d["name"]), *(int(d[f]) for f in ("layers", "hidden", "heads", "seq_len", "vocab")))
+
+
+def training_spec(d: dict[str, Any]) -> TrainingSpec:
+    return TrainingSpec(**{f: d[f] for f in TRAINING_FIELDS})
+
+
 def write_plan(path: Path, body: dict[str, Any]) -> None:
     """Write a plan file: the body, stamped with this module's format and version."""
     with atomic_open(path, "w") as f:

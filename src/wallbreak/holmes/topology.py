@@ -7,7 +7,8 @@ falls back to TCP at the Ethernet rate of the link between the two sides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,19 @@ class Topology:
         return Link(
             "ethernet", self.inter_cluster.gbps, self.inter_cluster.latency_us, self.inter_cluster.count
         )
+
+    def map_network(self, fn: Callable[[Link], Link]) -> Topology:
+        """The same topology with `fn` applied to every network link (NICs, Ethernet, inter-cluster
+        links); links inside a node are left alone."""
+        clusters = tuple(
+            replace(c, nic=fn(c.nic), ethernet=fn(c.ethernet) if c.ethernet else None) for c in self.clusters
+        )
+        links = {k: fn(v) for k, v in self.links.items()}
+        return replace(self, clusters=clusters, inter_cluster=fn(self.inter_cluster), links=links)
+
+    def network_scaled(self, factor: float) -> Topology:
+        """Every network link at `factor` times its rate: what `wallbreak emulate --scale` builds."""
+        return self.map_network(lambda ln: replace(ln, gbps=ln.gbps * factor))
 
     def between(self, a: str, b: str, rdma: bool = True) -> Link:
         """The transport two nodes use: their RDMA NICs inside one cluster, else TCP over Ethernet.
