@@ -10,7 +10,7 @@ import pytest
 from wallbreak.cli import main
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.calibrate import Calibration, fit, job_record, load_calibration, load_runs
-from wallbreak.holmes.emulate_run import PLACEMENTS, reference_topology
+from wallbreak.holmes.emulate_run import PLACEMENTS, emulated_rates, reference_topology
 from wallbreak.holmes.report import make_report
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import load_topology
@@ -27,7 +27,7 @@ def results(tmp: Path, cluster: Path, model: ModelSpec, truth: Calibration, name
     placements = {}
     for name_ in PLACEMENTS:
         ref = None if name_ in ("holmes", "megatron") else name_
-        shaped = (reference_topology(topo, ref) if ref else topo).network_scaled(0.01)
+        shaped = emulated_rates(reference_topology(topo, ref) if ref else topo, 0.01, 2)
         plan = make_report(
             shaped, model, training, "megatron" if name_ == "megatron" else "holmes", 1, 2, 2
         ).plan
@@ -35,7 +35,7 @@ def results(tmp: Path, cluster: Path, model: ModelSpec, truth: Calibration, name
             "placement": name_,
             "measured": {"iteration_s": 1.0},
             "predicted": {"iteration_s": plan.predicted.iteration_s},
-            "job": job_record(plan, cluster, ref, 0.01),
+            "job": job_record(plan, cluster, ref, 0.01, 2),
         }
     path = tmp / name
     path.write_text(json.dumps({"placements": placements}))

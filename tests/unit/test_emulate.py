@@ -58,3 +58,23 @@ def test_reference_networks_set_every_link_to_one_rate() -> None:
     assert set(fast.uplink_mbit.values()) == {1000}
     assert {n.fabric_mbit for n in slow.nodes} | {n.eth_mbit for n in slow.nodes} == {100}  # the Ethernet
     assert set(slow.uplink_mbit.values()) == {100}
+
+
+def test_node_scripts_run_in_their_own_hosts_namespaces() -> None:
+    """Node ranks follow the plan's cluster order, which need not be the file's: emu-three's holmes
+    plan puts the Ethernet cluster before RoCE, so node rank 2 is an Ethernet host, not namespace 2."""
+    from wallbreak.holmes.emulate_run import emulated_rates, namespaces_in_rank_order, with_emulated_hosts
+    from wallbreak.holmes.launch import plan_body
+    from wallbreak.holmes.report import make_report
+    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+
+    topo = load_topology(SMALL.parent / "emu-three.yaml")
+    emu = plan_emulation(topo, scale=0.01, prefix="t")
+    planned = with_emulated_hosts(emulated_rates(topo, 0.01, 2), emu)
+    report = make_report(planned, ModelSpec("m", 4, 128, 4, 64, 256), TrainingSpec(8, 2, "none", "fp32"))
+    nodes = plan_body(report)["nodes"]
+    netns = namespaces_in_rank_order(emu, nodes)
+    cluster_of = {n.netns: n.cluster for n in emu.nodes}
+    assert [cluster_of[ns] for ns in netns] == [n["cluster"] for n in nodes]
+    assert sorted(netns) == sorted(n.netns for n in emu.nodes)
+    assert report.plan.cluster_order != [c.name for c in topo.clusters]  # the case that went wrong

@@ -110,12 +110,15 @@ def _read_json(path: Path, what: str) -> Any:
 # What a measured run records, and how it is re-predicted
 
 
-def job_record(plan: Plan, cluster: Path, reference: str | None, scale: float) -> dict[str, Any]:
+def job_record(
+    plan: Plan, cluster: Path, reference: str | None, scale: float, host_cores: float | None = None
+) -> dict[str, Any]:
     """Everything needed to predict this run's plan again, under other cost-model terms."""
     return {
         "cluster": str(Path(cluster).resolve()),
         "reference": reference,
         "scale": scale,
+        "host_cores": host_cores,
         "placement": plan.placement,
         "tp": plan.tp,
         "pp": plan.pp,
@@ -163,7 +166,7 @@ def _runs_in(doc: Any, where: str) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def load_runs(paths: list[Path]) -> list[_Run]:
-    from wallbreak.holmes.emulate_run import reference_topology
+    from wallbreak.holmes.emulate_run import emulated_rates, reference_topology
 
     topos: dict[str, Topology] = {}
     runs = []
@@ -186,7 +189,7 @@ def load_runs(paths: list[Path]) -> list[_Run]:
                 predicted = float(r["predicted"]["iteration_s"])
             except (KeyError, TypeError, ValueError) as e:
                 raise ConfigError(f"{label}: the job record lacks {e}; re-run the benchmark") from None
-            shaped = topo.network_scaled(job["scale"])
+            shaped = emulated_rates(topo, job["scale"], job["host_cores"])
             runs.append(_Run(label, shaped, job, model, training, measured, predicted))
     if not runs:
         raise ConfigError("no measured runs in " + ", ".join(map(str, paths)))

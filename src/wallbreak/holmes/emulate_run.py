@@ -94,6 +94,17 @@ def bench_holmes(job: EmuJob) -> dict[str, Any]:
     return out
 
 
+def host_cores() -> int:
+    """The cores every emulated GPU's process shares (one thread each)."""
+    return len(os.sched_getaffinity(0))
+
+
+def emulated_rates(net: Topology, scale: float, cores: float | None) -> Topology:
+    """What the emulation gives the planner: network rates x `scale`, and every GPU computing on one
+    machine's `cores`. The calibration re-predicts measured runs on exactly this topology."""
+    return dataclasses.replace(net.network_scaled(scale), shared_compute=cores)
+
+
 def with_emulated_hosts(topo: Topology, emu: Emulation) -> Topology:
     clusters = []
     for c in topo.clusters:
@@ -112,7 +123,8 @@ def run_placement(
 
     if job.steps <= job.warmup:
         raise WallbreakError(f"--steps {job.steps}: need more than the {job.warmup} warm-up steps")
-    shaped = net.network_scaled(emu.scale)
+    cores = host_cores()
+    shaped = emulated_rates(net, emu.scale, cores)
     topo = job.calibration.apply(shaped) if job.calibration else shaped
     report = make_report(with_emulated_hosts(topo, emu), job.model, job.training, placement, *job.degrees)
     with tempfile.TemporaryDirectory(prefix=f"wallbreak-emu-{placement}-") as tmp:
@@ -134,13 +146,23 @@ def run_placement(
         },
         "predicted": {"iteration_s": predicted, "calibrated": job.calibration is not None},
         "error_pct": 100 * (predicted - measured) / measured,
-        "job": job_record(report.plan, job.cluster, reference, emu.scale),
+        "job": job_record(report.plan, job.cluster, reference, emu.scale, cores),
     }
 
 
+def namespaces_in_rank_order(emu: Emulation, plan_nodes: list[dict[str, Any]]) -> list[str]:
+    """The namespace each node script runs in, by node rank: the one of the host it names."""
+    netns_of = {n.host: n.netns for n in emu.nodes}
+    return [netns_of[str(n["host"])] for n in plan_nodes]
+
+
 def _launch(emu: Emulation, written: list[Path], out: Path, job: EmuJob) -> list[dict[str, Any]]:
-    """Each node script inside its namespace; rank 0's log, one record per step."""
+    """Each node script inside its own host's namespace; rank 0's log, one record per step.
+
+    Node ranks follow the plan's cluster order, not the file's, so scripts are matched to namespaces
+    by host name (the plan file lists its nodes in node-rank order, as the scripts are numbered)."""
     scripts = sorted(p for p in written if p.name.startswith("node-"))
+    netns = namespaces_in_rank_order(emu, json.loads((out / "plan.json").read_text())["nodes"])
     log = out / "rank0.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     procs = []
@@ -149,7 +171,7 @@ def _launch(emu: Emulation, written: list[Path], out: Path, job: EmuJob) -> list
         with open(out / f"node-{i}.err", "w") as err:  # a file, not a pipe: a full pipe stalls a node
             procs.append(
                 subprocess.Popen(
-                    ["ip", "netns", "exec", emu.nodes[i].netns, "sh", str(script), *args],
+                    ["ip", "netns", "exec", netns[i], "sh", str(script), *args],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=err,

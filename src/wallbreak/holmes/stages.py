@@ -131,6 +131,7 @@ class StageModel:
             overlap  # gradient sync bucketed and overlapped with backward (Holmes); stock: after it
         )
         tp, dp, pp = lay.tp, lay.dp, lay.pp
+        self.size, self.shared = lay.stage_size, topo.shared_compute
         mine = [slots[r] for r in lay.stage_ranks(idx)]
         self.idx, self.first, self.last = idx, idx == 0, idx == pp - 1
         self.m, self.t, self.tp, self.dp, self.micro = m, t, tp, dp, micro
@@ -236,14 +237,24 @@ def predict(
         ends.append(pipe - lead)
         lead += (c.compute_mb + c.tp_mb) * s.bwd_share + c.p2p_mb / 2
     iteration = max(e + c.dp_exposed for e, c in zip(ends, costs, strict=True))
+    shared = stages[0].shared
+    wait = 0.0
+    if shared and shared < n_gpus:
+        # GPUs on shared compute units cannot all compute at once: the iteration lasts at least
+        # all their compute (GPU-seconds) spread over the units.
+        work = sum(s.size * micro * c.compute_mb for s, c in zip(stages, costs, strict=True))
+        wait = max(0.0, work / shared - iteration)
+        iteration += wait
     k = max(range(len(per_mb)), key=per_mb.__getitem__)
     breakdown = {
         "compute_s": micro * costs[k].compute_mb,
         "tp_comm_s": micro * costs[k].tp_mb,
         "pp_p2p_s": micro * costs[k].p2p_mb,
         "bubble_s": pipe - micro * per_mb[k],
-        "dp_sync_s": iteration - pipe,
+        "dp_sync_s": iteration - wait - pipe,
     }
+    if wait:
+        breakdown["shared_compute_s"] = wait
     flops = cost.iteration_flops(m, t.global_batch, t.recompute)
     bad = [i for i, c in enumerate(costs) if not c.fits]
     reason = ""

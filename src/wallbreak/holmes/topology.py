@@ -76,6 +76,9 @@ class Topology:
     clusters: tuple[Cluster, ...]
     inter_cluster: Link
     links: dict[frozenset[str], Link] = field(default_factory=dict)
+    # GPUs that share fewer compute units than they number (an emulation on one machine's cores):
+    # how many compute at once. None: every GPU computes on its own.
+    shared_compute: float | None = None
 
     @property
     def gpus(self) -> int:
