@@ -122,7 +122,8 @@ def plot_bench_holmes(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], measured, 0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], predicted, 0.4, label="predicted")
+    kind = "calibrated" if res.get("calibrated") else "uncalibrated"
+    ax.bar([x + 0.2 for x in xs], predicted, 0.4, label=f"predicted ({kind})")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names)
     ax.set_ylabel("s / iteration (lower is better)")
