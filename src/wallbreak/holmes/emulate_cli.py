@@ -11,16 +11,19 @@ from typing import Any
 from wallbreak.holmes import emulate
 from wallbreak.holmes.emulate_run import PLACEMENTS, EmuJob
 
+# Models a 2-core machine trains in seconds per step: (layers, hidden, heads, seq_len); byte vocabulary.
+EMU_MODELS = {"tiny": (4, 128, 4, 64), "small": (8, 256, 8, 128)}
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/clusters/emu-small.yaml")
     p.add_argument("--prefix", default=emulate.DEFAULT_PREFIX, help="names start with it (default wb)")
     p.add_argument("--scale", type=float, default=emulate.DEFAULT_SCALE, help="multiply every rate (0.01)")
     p.add_argument("--steps", type=int, default=8, help="steps per run; the first 2 are warm-up (default 8)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--model", choices=list(EMU_MODELS), default="tiny",
+                   help="tiny: 4 layers x 128 wide, seq 64 (default); small: 8 x 256, seq 128")  # fmt: skip
+    for flag in ("--layers", "--hidden", "--heads", "--seq-len"):
+        p.add_argument(flag, type=int, help="override one dimension of --model")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     for flag in ("--tp", "--pp", "--dp"):
@@ -61,8 +64,9 @@ def _job(args: argparse.Namespace) -> EmuJob:
     from wallbreak.holmes.spec import ModelSpec, TrainingSpec
     from wallbreak.holmes.topology import load_topology
 
-    model = ModelSpec(f"gpt-custom-{args.layers}x{args.hidden}", args.layers, args.hidden, args.heads,
-                      args.seq_len, 256)  # fmt: skip
+    dims = dict(zip(("layers", "hidden", "heads", "seq_len"), EMU_MODELS[args.model], strict=True))
+    dims |= {k: v for k, v in vars(args).items() if k in dims and v is not None}
+    model = ModelSpec(f"gpt-{args.model}-{dims['layers']}x{dims['hidden']}", vocab=256, **dims)
     training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
     cal = load_calibration(args.calibration) if args.calibration else None
     return EmuJob(args.cluster, load_topology(args.cluster), model, training, args.steps,

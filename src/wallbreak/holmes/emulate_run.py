@@ -100,9 +100,11 @@ def host_cores() -> int:
 
 
 def emulated_rates(net: Topology, scale: float, cores: float | None) -> Topology:
-    """What the emulation gives the planner: network rates x `scale`, and every GPU computing on one
-    machine's `cores`. The calibration re-predicts measured runs on exactly this topology."""
-    return dataclasses.replace(net.network_scaled(scale), shared_compute=cores)
+    """What the emulation gives the planner: network rates x `scale`, no link latency (the emulation
+    has none), and every GPU computing on one machine's `cores`. The calibration re-predicts
+    measured runs on exactly this topology."""
+    shaped = net.network_scaled(scale).map_network(lambda ln: dataclasses.replace(ln, latency_us=0.0))
+    return dataclasses.replace(shaped, shared_compute=cores)
 
 
 def with_emulated_hosts(topo: Topology, emu: Emulation) -> Topology:
