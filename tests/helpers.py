@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -169,3 +170,25 @@ def http(
             return r.status, dict(r.headers), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read().decode()
+
+
+def one_process_training(
+    config: Any, text: str, global_batch: int, steps: int, lr: float = 1e-3
+) -> tuple[list[float], dict[str, Any]]:
+    """What the Holmes runtime must reproduce: the same GPT, data and AdamW in one process, on the
+    whole global batch at once (the trainer's defaults: seed 0, no weight decay, byte tokens)."""
+    from wallbreak.common.gpt import GPT, lm_loss
+    from wallbreak.holmes.runtime.data import Batches, tokenize
+
+    model = GPT(config, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    data = Batches(tokenize(text, None, config.vocab), config.seq_len, global_batch, seed=0)
+    losses = []
+    for step in range(steps):
+        x, y = data.batch(step)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, {f"L{k}": v for k, v in model.state_dict().items()}

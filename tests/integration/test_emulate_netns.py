@@ -123,27 +123,13 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
 
 def one_process_losses(model: ModelSpec, training: TrainingSpec, steps: int) -> list[float]:
     """The trainer's defaults (seed 0, AdamW lr 1e-3, the default corpus) in one process."""
-    import torch
-
-    from wallbreak.common.gpt import GPT, GPTConfig, lm_loss
+    from helpers import one_process_training
+    from wallbreak.common.gpt import GPTConfig
     from wallbreak.holmes.plan_file import MODEL_FIELDS
-    from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
+    from wallbreak.holmes.runtime.data import default_corpus, read_text
 
     c = GPTConfig(**{f: getattr(model, f) for f in MODEL_FIELDS})
-    torch.manual_seed(0)
-    net = GPT(c, seed=0)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    tokens = tokenize(read_text(default_corpus()), None, c.vocab)
-    data = Batches(tokens, c.seq_len, training.global_batch, 0)
-    out = []
-    for step in range(steps):
-        x, y = data.batch(step)
-        loss = lm_loss(net(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(float(loss.detach()))
-    return out
+    return one_process_training(c, read_text(default_corpus()), training.global_batch, steps)[0]
 
 
 def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(emu: emulate.Emulation) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wallbreak.common.gpt import GPT, GPTConfig, lm_loss
+from helpers import one_process_training
+from wallbreak.common.gpt import GPTConfig
 from wallbreak.holmes.launch import emit_launch
 from wallbreak.holmes.report import make_report
-from wallbreak.holmes.runtime.data import Batches, read_text, tokenize
+from wallbreak.holmes.runtime.data import read_text
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import parse_topology
 
@@ -78,19 +79,7 @@ def torchrun(plan: Path, nproc: int, *args: str, timeout: float = 240) -> subpro
 
 def reference(corpus: Path, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The same model, data and optimizer in one process, on the whole global batch at once."""
-    c = GPTConfig(**MODEL)  # type: ignore[arg-type]
-    model = GPT(c, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    data = Batches(tokenize(read_text(corpus), None, c.vocab), c.seq_len, 8, seed=0)
-    losses = []
-    for step in range(steps):
-        x, y = data.batch(step)
-        loss = lm_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses, {f"L{k}": v for k, v in model.state_dict().items()}
+    return one_process_training(GPTConfig(**MODEL), read_text(corpus), 8, steps, LR)  # type: ignore[arg-type]
 
 
 def stage_params(ckpt: Path, step: int, layers: list[int]) -> dict[str, torch.Tensor]:
