@@ -223,6 +223,9 @@ def _plan_parsers(verbs: Any) -> None:
 def _bench_parsers(verbs: Any) -> None:
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    from wallbreak.coe.bench_fuse import add_bench_fuse_parser
+
+    add_bench_fuse_parser(bb, _names)
     sw = bb.add_parser("switch", help="expert switch time against baselines and ceilings")
     sw.add_argument("--bundle", required=True, type=Path)
     sw.add_argument("--experts", type=_names, default=None, help="comma-separated (default: first two)")
@@ -320,6 +323,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.verb in ("router", "route"):
         return _router(args)
+    if args.verb == "bench" and args.what == "fuse":
+        from wallbreak.coe.bench_fuse import run_bench_fuse_command
+
+        return run_bench_fuse_command(args)
     if args.verb == "bench" and args.what == "serve":
         from wallbreak.coe.bench_serve import (
             BenchServeArgs,
