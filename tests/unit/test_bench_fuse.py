@@ -23,17 +23,21 @@ def _next_tokens(slot: Slot, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-@pytest.mark.parametrize("expert", ["llama", "gemma"])
-def test_a_switch_rebinds_weights_without_recompiling(arch_bundle_dir: Path, expert: str) -> None:
+@pytest.mark.parametrize(("expert", "form"), [("llama", "fp32"), ("gemma", "fp32"), ("llama", "int8")])
+def test_a_switch_rebinds_weights_without_recompiling(arch_bundle_dir: Path, expert: str, form: str) -> None:
     """Two experts of one architecture: the compiled slot, switched to the second expert's weights,
-    gives that expert's eager output, and Dynamo builds no new graph."""
+    gives that expert's eager output, and Dynamo builds no new graph (int8: torchao's tensors)."""
     torch._dynamo.reset()
     bundle = Bundle.open(arch_bundle_dir)
-    model = load_expert(bundle, expert, torch.float32, torch.device("cpu"))
-    other = load_expert(bundle, expert, torch.float32, torch.device("cpu"))
+    model = load_expert(bundle, expert, form, torch.device("cpu"))
+    other = load_expert(bundle, expert, "fp32", torch.device("cpu"))
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # a different expert of the same layout
+    if form == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(other, Int8WeightOnlyConfig())
     slot = Slot(model, compiled=True, capacity=8)
     slot.weights[1] = [p.data for p in other.parameters()]
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -74,6 +78,6 @@ def test_bench_fuse_json_contract(synth_bundle_dir: Path, capsys: pytest.Capture
 def test_bench_fuse_bad_arguments(synth_bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["bench", "fuse", "--bundle", str(synth_bundle_dir)]
     assert main([*base, "--dtypes", "fp8"]) == 2
-    assert "--dtypes: unknown 'fp8'; this bench runs fp32, bf16" in capsys.readouterr().err
+    assert "--dtypes: unknown 'fp8'; this bench runs fp32, bf16, int8" in capsys.readouterr().err
     assert main([*base, "--experts", "nobody"]) == 2
     assert "nobody" in capsys.readouterr().err

@@ -29,6 +29,9 @@ from wallbreak.coe.bundle import Bundle
 from wallbreak.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Weight-only quantized forms, through torchao (optional: pip install torchao --no-deps); activations
+# stay fp32, embeddings stay as stored, every nn.Linear (the tied output layer too) is quantized.
+QUANTIZED = ("int8",)
 MODES = ("eager", "compiled")
 # A fixed English text for perplexity (its tokens under each expert's own tokenizer).
 PPL_TEXT = (
@@ -54,8 +57,9 @@ class BenchFuseArgs:
 
     def __post_init__(self) -> None:
         for d in self.dtypes:
-            if d not in DTYPES:
-                raise ConfigError(f"--dtypes: unknown {d!r}; this bench runs {', '.join(DTYPES)}")
+            if d not in DTYPES and d not in QUANTIZED:
+                allowed = ", ".join([*DTYPES, *QUANTIZED])
+                raise ConfigError(f"--dtypes: unknown {d!r}; this bench runs {allowed}")
         for m in self.modes:
             if m not in MODES:
                 raise ConfigError(f"--modes: unknown {m!r}; choose from {', '.join(MODES)}")
@@ -71,9 +75,17 @@ def graphs_built() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a quantized tensor subclass counts its inner tensors (values, scales)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        return sum(tensor_bytes(getattr(t, name)) for name in flatten()[0])
+    return t.numel() * t.element_size()
+
+
 @dataclass
 class Slot:
-    """One expert slot: a module whose parameters can be re-pointed at another weight set."""
+    """One expert slot at fixed addresses: a switch copies another expert's weights into place."""
 
     model: nn.Module
     compiled: bool
@@ -83,17 +95,21 @@ class Slot:
 
     def __post_init__(self) -> None:
         params = list(self.model.parameters())
-        own = [p.data for p in params]
-        self.weights = [own, [t.clone() for t in own]]  # the clone: another expert's bytes, same layout
+        own = [p.detach().clone() for p in params]
+        self.weights = [own, [t.clone() for t in own]]  # the second: another expert's bytes, same layout
         self.fn = torch.compile(self.model, dynamic=False) if self.compiled else self.model
 
     def switch(self, to: int) -> None:
-        for p, w in zip(self.model.parameters(), self.weights[to], strict=True):
-            p.data = w
+        """Copy, not re-point: the compiled code keeps reading the same storage (re-pointing `.data`
+        also works for plain tensors, but torchao's quantized tensors then keep serving the old
+        weights under torch.compile: copying is the one rule that holds for every format)."""
+        with torch.no_grad():
+            for p, w in zip(self.model.parameters(), self.weights[to], strict=True):
+                p.copy_(w)
 
     @property
     def expert_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights[0])
+        return sum(tensor_bytes(t) for t in self.weights[0])
 
     def generate(self, ids: torch.Tensor, new: int) -> tuple[float, float]:
         """Greedy: (seconds to the first new token, i.e. prefill; seconds for `new` more tokens)."""
@@ -126,15 +142,23 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def load_expert(bundle: Bundle, name: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The expert's module in `dtype` on `device`, its weights read from the bundle."""
+def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> nn.Module:
+    """The expert's module in `form` (fp32, bf16, int8) on `device`, its weights read from the bundle."""
     from wallbreak.coe.tiers.device import bind_to_flat, build_skeleton
 
     entry = bundle.expert(name)
     flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
     model = build_skeleton(entry, torch.device("cpu"))
     bind_to_flat(model, flat, entry)
-    return model.to(device=device, dtype=dtype)
+    if form in DTYPES:
+        return model.to(device=device, dtype=DTYPES[form])
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError(f"--dtypes {form} needs torchao: pip install torchao --no-deps") from None
+    model = model.to(device)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
@@ -189,7 +213,7 @@ def run_bench_fuse(a: BenchFuseArgs) -> dict[str, Any]:
     for name in names:
         ppl_ids = _ppl_ids(bundle, name, dev)
         for dname in a.dtypes:
-            model = load_expert(bundle, name, DTYPES[dname], dev)
+            model = load_expert(bundle, name, dname, dev)
             config: Any = model.config
             vocab = int(config.vocab_size)
             ppl = perplexity(model, ppl_ids) if ppl_ids is not None else None
