@@ -54,6 +54,7 @@ class BenchFuseArgs:
     decode_tokens: int = 32
     switches: int = 10
     device: str = "cpu"
+    repeats: int = 3  # each figure is the median of this many timed runs
 
     def __post_init__(self) -> None:
         for d in self.dtypes:
@@ -63,7 +64,7 @@ class BenchFuseArgs:
         for m in self.modes:
             if m not in MODES:
                 raise ConfigError(f"--modes: unknown {m!r}; choose from {', '.join(MODES)}")
-        for name in ("prompt_tokens", "decode_tokens", "switches"):
+        for name in ("prompt_tokens", "decode_tokens", "switches", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
@@ -173,8 +174,10 @@ def _measure(slot: Slot, a: BenchFuseArgs, vocab: int, dev: torch.device) -> dic
     p8 = torch.randint(0, vocab, (8, a.prompt_tokens), generator=gen).to(dev)
     for ids in (p1, p8):  # warm-up: compiles every shape the measurements use
         slot.generate(ids, 2)
-    prefill_s, dec1 = slot.generate(p1, a.decode_tokens)
-    _, dec8 = slot.generate(p8, a.decode_tokens)
+    runs1 = [slot.generate(p1, a.decode_tokens) for _ in range(a.repeats)]
+    prefill_s = statistics.median(r[0] for r in runs1)
+    dec1 = statistics.median(r[1] for r in runs1)
+    dec8 = statistics.median(slot.generate(p8, a.decode_tokens)[1] for _ in range(a.repeats))
     before = graphs_built()
     ttft = []
     for i in range(a.switches):
@@ -284,6 +287,7 @@ def add_bench_fuse_parser(bench: Any, names: Any) -> None:
     fu.add_argument("--decode-tokens", type=int, default=32)
     fu.add_argument("--switches", type=int, default=10, help="switches timed, and checked for recompiles")
     fu.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    fu.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians (default 3)")
     fu.add_argument("--json", action="store_true")
 
 
@@ -291,7 +295,7 @@ def run_bench_fuse_command(args: Any) -> int:
     import json
 
     a = BenchFuseArgs(args.bundle, args.experts, args.dtypes, args.modes, args.prompt_tokens,
-                      args.decode_tokens, args.switches, args.device)  # fmt: skip
+                      args.decode_tokens, args.switches, args.device, args.repeats)  # fmt: skip
     res = run_bench_fuse(a)
     print(json.dumps(res) if args.json else format_bench_fuse(res))
     return 0
