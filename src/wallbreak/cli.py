@@ -360,16 +360,17 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(res) if args.json else format_bench_serve(res))
         return 0
     if args.verb == "bench":
-        from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
-
-        out = run_bench_switch(
-            BenchSwitchArgs(
-                args.bundle, args.experts, args.cache, args.repeats, args.device, args.reader_threads
-            )
-        )
-        print(json.dumps(out) if args.json else format_bench_switch(out))
-        return 0
+        return _bench_switch(args)
     raise AssertionError(args.verb)
+
+
+def _bench_switch(args: argparse.Namespace) -> int:
+    from wallbreak.coe.bench import BenchSwitchArgs, format_bench_switch, run_bench_switch
+
+    a = BenchSwitchArgs(args.bundle, args.experts, args.cache, args.repeats, args.device, args.reader_threads)
+    out = run_bench_switch(a)
+    print(json.dumps(out) if args.json else format_bench_switch(out))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
