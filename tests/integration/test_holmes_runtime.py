@@ -122,6 +122,21 @@ def test_pp2_uneven_matches_one_process(
     assert f"rank 0 {'dp' if dp > 1 else 'tp'} group [0, 1]: interface lo" in r.stderr
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pp4_matched_by_order_alone_matches_one_process(tmp_path: Path, corpus: Path, schedule: str) -> None:
+    """Four stages, so middle stages talk to both neighbours, four micro-batches each way, and every
+    message carries the same tag (NCCL ignores tags): any send/receive order the two sides disagree
+    on hands a stage the wrong tensor (or deadlocks), and the losses would leave the reference."""
+    from wallbreak.holmes.runtime import pipeline
+
+    assert pipeline.TAG == 0  # one tag for every message, on gloo as on NCCL
+    plan = make_plan(tmp_path, layers=[1, 1, 1, 1], pp=4, dp=1)
+    r = torchrun(plan, 4, "--steps", "3", "--schedule", schedule, "--data", str(corpus), "--lr", str(LR),
+                 "--log-file", str(tmp_path / "log.jsonl"), timeout=180)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "log.jsonl") == pytest.approx(reference(corpus, 3)[0], rel=1e-5, abs=1e-6)
+
+
 def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> None:
     plan = make_plan(tmp_path, layers=[2, 2])
     full = torchrun(plan, 4, "--steps", "6", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "a"))

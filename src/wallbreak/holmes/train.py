@@ -127,7 +127,7 @@ class Trainer:
         i = pp_ranks.index(rank)
         self.p2p = P2P(
             pp_ranks[i - 1] if i > 0 else None, pp_ranks[i + 1] if i + 1 < len(pp_ranks) else None,
-            self.groups.pg["pp"],
+            self.groups.pg["pp"], self.device, torch.float32,
         )  # fmt: skip
         self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
         self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)

@@ -2,9 +2,7 @@
 
 Why not torch.distributed.pipelining: it works over gloo here, but it owns the stage split, the
 loss scaling and the gradient sync, and its schedules hide the per-step communication times we
-report. Our own layer is ~150 lines: sends are non-blocking (isend), so two neighbours sending to
-each other never deadlock; every message carries a tag (micro-batch, direction), so out-of-order
-arrival cannot mix them up.
+report. Our own layer matches messages by order alone, as NCCL does (see P2P).
 
 Data-parallel sync is bucketed and overlapped with the last micro-batch's backward: a hook on each
 parameter adds its finished gradient to a bucket, and full buckets are all-reduced asynchronously on
@@ -26,30 +24,57 @@ from torch import nn
 
 from wallbreak.holmes.runtime.tensor_parallel import local
 
+TAG = 0  # every message: NCCL ignores point-to-point tags, so order alone must keep messages apart
+
 
 class P2P:
-    def __init__(self, prev: int | None, nxt: int | None, group: Any) -> None:
+    """Point-to-point with the pipeline neighbours, matched by order alone (as NCCL matches them).
+
+    Between two neighbours, activations flow one way in micro-batch order and gradients the other
+    way in micro-batch order, and the schedules below post every send and receive in that order on
+    both sides. Where a stage sends to a neighbour and receives from it in the same step (1F1B's
+    steady state), both go in one `batch_isend_irecv`, so neither side can block in its send while
+    the other blocks in its own (the NCCL deadlock). All messages carry one tag, so a schedule whose
+    order diverged would hand a stage the wrong tensor and break the parity tests, on gloo too.
+    Receive buffers live on the stage's device.
+    """
+
+    def __init__(
+        self, prev: int | None, nxt: int | None, group: Any, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.prev, self.next, self.group = prev, nxt, group
+        self.device, self.dtype = device, dtype
         self.pending: list[Any] = []
         self.wait_s = 0.0  # time blocked on receives: exposed pipeline communication
 
-    def send(self, t: torch.Tensor, forward: bool, mb: int) -> None:
-        dst = self.next if forward else self.prev
-        assert dst is not None
-        self.pending.append(
-            dist.isend(t.contiguous(), dst, group=self.group, tag=2 * mb + (0 if forward else 1))
-        )
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, device=self.device, dtype=self.dtype)
 
-    def recv(self, shape: tuple[int, ...], forward: bool, mb: int) -> torch.Tensor:
-        src = self.prev if forward else self.next
-        assert src is not None
-        buf = torch.empty(shape)
+    def exchange(
+        self, sends: list[tuple[torch.Tensor, int | None]], recvs: list[tuple[tuple[int, ...], int | None]]
+    ) -> list[torch.Tensor | None]:
+        """Post these sends and receives together (peers of None are skipped); wait for the receives.
+        Returns one buffer per receive (None where the peer is None)."""
+        ops, out = [], []
+        for t, dst in sends:
+            if dst is not None:
+                ops.append(dist.P2POp(dist.isend, t.contiguous(), dst, self.group, TAG))
+        for shape, src in recvs:
+            buf = self._buffer(shape) if src is not None else None
+            if buf is not None:
+                ops.append(dist.P2POp(dist.irecv, buf, src, self.group, TAG))
+            out.append(buf)
+        if not ops:
+            return out
         t0 = time.perf_counter()
-        work = dist.irecv(buf, src, group=self.group, tag=2 * mb + (0 if forward else 1))
-        if work is not None:
-            work.wait()
+        works = dist.batch_isend_irecv(ops)
+        if recvs:
+            for w in works:
+                w.wait()
+        else:
+            self.pending.extend(works)  # sends alone complete in the background until flush()
         self.wait_s += time.perf_counter() - t0
-        return buf
+        return out
 
     def flush(self) -> None:
         t0 = time.perf_counter()
@@ -117,6 +142,70 @@ class GradSync:
         self.wait_s += time.perf_counter() - t0
 
 
+class _Stage:
+    """One stage's forward and backward passes for a list of micro-batches, and its neighbours."""
+
+    def __init__(self, module: nn.Module, p2p: P2P, sync: GradSync, inputs: list[torch.Tensor],
+                 targets: list[torch.Tensor], first: bool, last: bool, act_shape: tuple[int, ...],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:  # fmt: skip
+        self.module, self.p2p, self.sync = module, p2p, sync
+        self.inputs, self.targets, self.first, self.last = inputs, targets, first, last
+        self.act_shape, self.loss_fn = act_shape, loss_fn
+        self.saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.total = 0.0
+
+    def input_of(self, mb: int, received: torch.Tensor | None) -> torch.Tensor:
+        return self.inputs[mb] if self.first else received.requires_grad_()  # type: ignore[union-attr]
+
+    def forward(self, mb: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Runs the micro-batch; returns the activation to send on (None on the last stage)."""
+        out = self.module(x)
+        keep = None if self.first else x
+        if self.last:
+            loss = self.loss_fn(out, self.targets[mb]) / len(self.inputs)
+            self.total += float(loss.detach())
+            self.saved[mb] = (keep, loss)
+            return None
+        self.saved[mb] = (keep, out)
+        return out.detach()
+
+    def backward(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward of a micro-batch given its output gradient; returns the input gradient to send."""
+        x, out = self.saved.pop(mb)
+        ctx = self.sync.final_backward() if mb == len(self.inputs) - 1 else contextlib.nullcontext()
+        with ctx:
+            if self.last:
+                out.backward()
+            else:
+                out.backward(grad)
+        return x.grad if x is not None else None
+
+    # The four exchanges of Megatron's schedules; a None peer (first or last stage) is skipped.
+    def recv_forward(self) -> torch.Tensor | None:
+        return self.p2p.exchange([], [(self.act_shape, self.p2p.prev)])[0]
+
+    def send_forward(self, out: torch.Tensor | None) -> None:
+        if out is not None:
+            self.p2p.exchange([(out, self.p2p.next)], [])
+
+    def recv_backward(self) -> torch.Tensor | None:
+        return None if self.last else self.p2p.exchange([], [(self.act_shape, self.p2p.next)])[0]
+
+    def send_backward(self, grad: torch.Tensor | None) -> None:
+        if grad is not None:
+            self.p2p.exchange([(grad, self.p2p.prev)], [])
+
+    def send_forward_recv_backward(self, out: torch.Tensor | None) -> torch.Tensor | None:
+        if self.last:
+            return None
+        assert out is not None
+        return self.p2p.exchange([(out, self.p2p.next)], [(self.act_shape, self.p2p.next)])[0]
+
+    def send_backward_recv_forward(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        sends = [(grad, self.p2p.prev)] if grad is not None else []
+        return self.p2p.exchange(sends, [(self.act_shape, self.p2p.prev)])[0]
+
+
 def run_schedule(
     schedule: str,
     module: nn.Module,
@@ -130,51 +219,37 @@ def run_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> float:
     """One iteration's forwards and backwards for this stage; returns the summed loss (last stage)."""
+    st = _Stage(module, p2p, sync, inputs, targets, stage == 0, stage == stages - 1, act_shape, loss_fn)
     m = len(inputs)
-    first, last = stage == 0, stage == stages - 1
-    saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-    total = 0.0
-
-    def forward(mb: int) -> None:
-        nonlocal total
-        x = inputs[mb] if first else p2p.recv(act_shape, True, mb).requires_grad_()
-        out = module(x)
-        if last:
-            loss = loss_fn(out, targets[mb]) / m
-            total += float(loss.detach())
-            saved[mb] = (None if first else x, loss)
-        else:
-            p2p.send(out.detach(), True, mb)
-            saved[mb] = (None if first else x, out)
-
-    def backward(mb: int) -> None:
-        x, out = saved.pop(mb)
-        ctx = sync.final_backward() if mb == m - 1 else contextlib.nullcontext()
-        with ctx:
-            if last:
-                out.backward()
-            else:
-                out.backward(p2p.recv(act_shape, False, mb))
-        if x is not None:
-            assert x.grad is not None
-            p2p.send(x.grad, False, mb)
-
     if schedule == "gpipe":
         for mb in range(m):
-            forward(mb)
+            st.send_forward(st.forward(mb, st.input_of(mb, st.recv_forward())))
         for mb in range(m):
-            backward(mb)
+            st.send_backward(st.backward(mb, st.recv_backward()))
     elif schedule == "1f1b":
-        warmup = min(stages - stage - 1, m)
-        for mb in range(warmup):
-            forward(mb)
-        for i in range(m - warmup):
-            forward(warmup + i)
-            backward(i)
-        for mb in range(m - warmup, m):
-            backward(mb)
+        _one_f_one_b(st, m, min(stages - stage - 1, m))
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     p2p.flush()
     sync.finish()
-    return total
+    return st.total
+
+
+def _one_f_one_b(st: _Stage, m: int, warmup: int) -> None:
+    """Megatron's non-interleaved 1F1B: warm-up forwards, then one forward and one backward per step
+    (their opposite-direction messages paired in one batch), then the remaining backwards."""
+    for mb in range(warmup):
+        st.send_forward(st.forward(mb, st.input_of(mb, st.recv_forward())))
+    steady = m - warmup
+    received = st.recv_forward() if steady > 0 else None
+    for i in range(steady):
+        mb = warmup + i
+        out = st.forward(mb, st.input_of(mb, received))
+        grad = st.send_forward_recv_backward(out)
+        x_grad = st.backward(i, grad)
+        if i == steady - 1:
+            st.send_backward(x_grad)
+        else:
+            received = st.send_backward_recv_forward(x_grad)
+    for mb in range(steady, m):
+        st.send_backward(st.backward(mb, st.recv_backward()))
