@@ -1,10 +1,12 @@
 """`wallbreak plan --emit-launch DIR`: the plan file the runtime reads, one torchrun script per node,
 and the matching Megatron-LM arguments.
 
-The NCCL variables per transport follow what Holmes does per process group: InfiniBand and RoCE
-groups use NCCL's IB transport (RoCE with GID index 3), mixed or cross-cluster groups use sockets.
-NCCL reads them when a communicator is created, so the runtime sets a group's variables just before
-creating it; the node scripts only set the job-wide defaults.
+NCCL variables go where NCCL reads them (rules and sources in ARCHITECTURE.md):
+- per group, only `NCCL_NET` (IB for InfiniBand and RoCE groups, Socket for TCP groups): NCCL reads
+  it for each communicator, so the runtime sets it while creating that group;
+- per node, once, in the node script, before any communicator: `NCCL_IB_HCA` (the host's `hca`),
+  `NCCL_IB_GID_INDEX=3` on RoCE nodes, `NCCL_IB_DISABLE=1` on nodes without an RDMA NIC, and
+  `NCCL_SOCKET_IFNAME`: NCCL reads these once per process, and every rank of a node shares them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from wallbreak.common.atomic import atomic_open
 from wallbreak.holmes.plan_file import model_json, training_json, write_plan
 from wallbreak.holmes.planner import Plan
 from wallbreak.holmes.report import PlanReport
-from wallbreak.holmes.topology import Topology
+from wallbreak.holmes.topology import Cluster, Host, Topology
 
-NCCL_ENV = {
-    "infiniband": {"NCCL_NET": "IB", "NCCL_IB_DISABLE": "0"},
-    "roce": {"NCCL_NET": "IB", "NCCL_IB_DISABLE": "0", "NCCL_IB_GID_INDEX": "3"},
-    "tcp": {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"},
-}
+NCCL_NET = {"infiniband": "IB", "roce": "IB", "tcp": "Socket"}  # per communicator, by group transport
+ROCE_GID_INDEX = "3"  # RoCE v2 over IPv4 on the usual Mellanox/NVIDIA setup
+# Stock Megatron-LM's one transport for a job that spans clusters or NIC kinds.
+MEGATRON_TCP_JOB = {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"}
 
 
 def nodes_in_rank_order(plan: Plan, topo: Topology) -> list[dict[str, Any]]:
@@ -47,10 +48,28 @@ def nodes_in_rank_order(plan: Plan, topo: Topology) -> list[dict[str, Any]]:
                 "tcp_ifname": (host.tcp_ifname or host.ifname) if host else None,
                 "nproc": len(gpus),
                 "first_rank": first,
+                "env": node_env(cluster, host),
             }
         )
         first += len(gpus)
     return out
+
+
+def node_env(cluster: Cluster, host: Host | None) -> dict[str, str]:
+    """What NCCL reads once per process, so the same for every rank of the node: the union of what
+    its groups need (sockets for TCP groups, the HCAs and GID index for IB or RoCE groups)."""
+    env: dict[str, str] = {}
+    tcp = host and (host.tcp_ifname or host.ifname)
+    if tcp:
+        env["NCCL_SOCKET_IFNAME"] = tcp
+    if not cluster.nic.rdma:
+        env["NCCL_IB_DISABLE"] = "1"  # no RDMA NIC: no group of this node can use IB
+        return env
+    if host and host.hca:
+        env["NCCL_IB_HCA"] = host.hca
+    if cluster.nic.kind == "roce":
+        env["NCCL_IB_GID_INDEX"] = ROCE_GID_INDEX
+    return env
 
 
 def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -59,7 +78,7 @@ def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, An
     for n in nodes:
         for r in range(n["first_rank"], n["first_rank"] + n["nproc"]):
             node_of[r] = n
-    env = dict(NCCL_ENV.get(kind, {}))
+    env = {"NCCL_NET": NCCL_NET[kind]} if kind in NCCL_NET else {}
     key = "tcp_ifname" if kind == "tcp" else "ifname"
     ifnames = sorted({str(node_of[r][key]) for r in ranks if node_of[r][key]})
     return {"env": env, "ifname": ifnames[0] if len(ifnames) == 1 else None, "ifnames": ifnames}
@@ -68,7 +87,7 @@ def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, An
 def job_env(p: Plan) -> dict[str, str]:
     """Stock Megatron's one transport for the whole job: sockets everywhere if any group needs them."""
     if p.placement == "megatron" and any("tcp" in (s.dp_transport, s.p2p_transport) for s in p.stages):
-        return dict(NCCL_ENV["tcp"])
+        return dict(MEGATRON_TCP_JOB)
     return {}
 
 
@@ -142,14 +161,14 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list
     master = nodes[0]["address"] or nodes[0]["host"]
     job = job_env(report.plan)
     for n in nodes:
-        env = dict(job)
+        env = n["env"] | job  # stock Megatron's job-wide transport overrides the node's
         if n["tcp_ifname"]:
-            env.update(GLOO_SOCKET_IFNAME=n["tcp_ifname"], NCCL_SOCKET_IFNAME=n["tcp_ifname"])
+            env["GLOO_SOCKET_IFNAME"] = n["tcp_ifname"]
         lines = [
             "#!/bin/sh",
             f"# node {n['node_rank']} of {len(nodes)}: {n['host']} in cluster {n['cluster']}, "
             f"ranks {n['first_rank']}-{n['first_rank'] + n['nproc'] - 1}",
-            "# Per-group NIC variables are set by the runtime from plan.json when each group is created.",
+            "# NCCL reads these once per process; per group, the runtime sets only NCCL_NET (plan.json).",
             "set -e",
             'HERE=$(cd "$(dirname "$0")" && pwd)',
         ]

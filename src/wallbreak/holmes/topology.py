@@ -52,6 +52,7 @@ class Host:
     address: str | None = None
     ifname: str | None = None  # the interface of the cluster NIC (RDMA traffic, or all traffic)
     tcp_ifname: str | None = None  # the Ethernet interface for socket traffic; None: ifname
+    hca: str | None = None  # RDMA devices for NCCL_IB_HCA, e.g. "mlx5_0,mlx5_1" (None: NCCL picks)
 
 
 @dataclass(frozen=True)
@@ -284,14 +285,15 @@ def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
             if not isinstance(h, dict):
                 raise doc.err(hp, "must be a mapping like {name: a0, address: 10.0.0.1, ifname: ib0}")
             for k in h:
-                if k not in {"name", "address", "ifname", "tcp_ifname"}:
-                    raise doc.err(f"{hp}.{k}", "unknown key; allowed: address, ifname, name, tcp_ifname")
+                if k not in {"name", "address", "ifname", "tcp_ifname", "hca"}:
+                    raise doc.err(f"{hp}.{k}", "unknown key; allowed: address, hca, ifname, name, tcp_ifname")
             hosts.append(
                 Host(
                     _get(doc, h, hp, "name", str),
                     _get(doc, h, hp, "address", str, None),
                     _get(doc, h, hp, "ifname", str, None),
                     _get(doc, h, hp, "tcp_ifname", str, None),
+                    _get(doc, h, hp, "hca", str, None),
                 )
             )
         if hosts and len(hosts) != nodes:

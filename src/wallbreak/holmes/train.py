@@ -105,6 +105,8 @@ class Trainer:
             is_master=rank == 0 and not hosted,
             timeout=timedelta(seconds=a.timeout),
         )
+        # No device_id: bound, torch may split new NCCL groups from this one (pytorch#112889), and a
+        # split child inherits the parent's network; every group must get its own NCCL_NET.
         dist.init_process_group(
             backend,
             store=dist.PrefixStore(f"wallbreak/attempt-{attempt}", store),

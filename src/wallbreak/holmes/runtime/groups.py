@@ -93,9 +93,8 @@ def build_groups(plan: RunPlan, rank: int, timeout_s: float, backend: str) -> Gr
     out = Groups()
     for g in plan.groups:
         env = dict(g.env)
-        if g.ifname:
+        if g.ifname:  # gloo reads it per group; NCCL_SOCKET_IFNAME is per process (node scripts)
             env["GLOO_SOCKET_IFNAME"] = g.ifname
-            env.setdefault("NCCL_SOCKET_IFNAME", g.ifname)
         mine = rank in g.ranks
         before = socket_inodes() if mine else set()
         with environment(env):

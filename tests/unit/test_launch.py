@@ -1,0 +1,72 @@
+"""NCCL variables where NCCL reads them: NCCL_NET per group, the process-wide ones once per node."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from wallbreak.holmes.launch import emit_launch
+from wallbreak.holmes.report import make_report
+from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.topology import parse_topology
+
+# IB + RoCE + Ethernet-only clusters, one GPU per node, with hosts and their RDMA devices.
+MIXED = """
+name: mixed
+gpu: {name: A100-80GB, peak_tflops: 312, memory_gib: 80}
+clusters:
+  - name: ib
+    nodes: 2
+    gpus_per_node: 1
+    nic: {kind: infiniband, gbps: 200}
+    hosts: [{name: i0, address: 10.0.0.1, ifname: ib0, tcp_ifname: eth0, hca: "mlx5_0,mlx5_1"},
+            {name: i1, address: 10.0.0.2, ifname: ib0, tcp_ifname: eth0, hca: "mlx5_0,mlx5_1"}]
+  - name: roce
+    nodes: 2
+    gpus_per_node: 1
+    nic: {kind: roce, gbps: 100}
+    hosts: [{name: r0, address: 10.0.1.1, ifname: ens1, tcp_ifname: eth0, hca: mlx5_2},
+            {name: r1, address: 10.0.1.2, ifname: ens1, tcp_ifname: eth0, hca: mlx5_2}]
+  - name: eth
+    nodes: 2
+    gpus_per_node: 1
+    nic: {kind: ethernet, gbps: 25}
+    hosts: [{name: e0, address: 10.0.2.1, ifname: eth0}, {name: e1, address: 10.0.2.2, ifname: eth0}]
+inter_cluster: {kind: ethernet, gbps: 25}
+"""
+PER_PROCESS = re.compile(r"NCCL_IB_|NCCL_SOCKET_IFNAME")
+
+
+def _emit(tmp: Path, placement: str) -> tuple[dict, dict[str, str]]:
+    report = make_report(parse_topology(MIXED, "mixed.yaml"), ModelSpec("m", 6, 1024, 16, 512, 51200),
+                         TrainingSpec(16, 1), placement, 1, 3, 2)  # fmt: skip
+    emit_launch(report, tmp)
+    scripts = {p.name.split("-", 2)[2].removesuffix(".sh"): p.read_text() for p in tmp.glob("node-*.sh")}
+    return json.loads((tmp / "plan.json").read_text()), scripts
+
+
+def test_holmes_sets_nccl_net_per_group_and_the_rest_once_per_node(tmp_path: Path) -> None:
+    pf, scripts = _emit(tmp_path, "holmes")
+    nets = {g["transport"]: g["env"] for gs in pf["groups"].values() for g in gs}
+    assert nets["infiniband"] == {"NCCL_NET": "IB"} and nets["roce"] == {"NCCL_NET": "IB"}
+    assert nets["tcp"] == {"NCCL_NET": "Socket"}
+    for gs in pf["groups"].values():  # no group toggles a variable NCCL reads once per process
+        for g in gs:
+            assert not [k for k in g["env"] if PER_PROCESS.match(k)], g
+    env = {n["host"]: n["env"] for n in pf["nodes"]}
+    assert env["i0"] == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5_0,mlx5_1"}
+    assert env["r1"] == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5_2", "NCCL_IB_GID_INDEX": "3"}
+    assert env["e0"] == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "1"}
+    # The scripts export exactly the node's variables (plus gloo's interface), before torchrun.
+    for host, text in scripts.items():
+        exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, re.M))
+        assert exported == env[host] | {"GLOO_SOCKET_IFNAME": "eth0"}, host
+
+
+def test_megatron_forces_one_tcp_transport_for_the_job(tmp_path: Path) -> None:
+    pf, scripts = _emit(tmp_path, "megatron")
+    assert {json.dumps(g["env"]) for gs in pf["groups"].values() for g in gs} == {
+        json.dumps({"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"})
+    }
+    assert all("export NCCL_IB_DISABLE=1" in t and "export NCCL_NET=Socket" in t for t in scripts.values())
