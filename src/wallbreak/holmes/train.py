@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -23,9 +24,10 @@ import torch.distributed as dist
 from wallbreak.common.gpt import GPT, lm_loss
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.holmes.plan_file import RunPlan, load_plan
-from wallbreak.holmes.runtime import checkpoint
+from wallbreak.holmes.runtime import checkpoint, nccl_check
 from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
 from wallbreak.holmes.runtime.groups import build_groups
+from wallbreak.holmes.runtime.nccl_check import DebugLog
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
 from wallbreak.holmes.runtime.tensor_parallel import apply_tp, full_state, load_full_state
 
@@ -105,6 +107,9 @@ class Trainer:
             is_master=rank == 0 and not hosted,
             timeout=timedelta(seconds=a.timeout),
         )
+        # NCCL reads its logging settings once per process: on before any communicator exists.
+        nccl_dir = Path(tempfile.gettempdir()) / "wallbreak-nccl"
+        nccl_log = DebugLog.enable(nccl_dir) if backend == "nccl" else None
         # No device_id: bound, torch may split new NCCL groups from this one (pytorch#112889), and a
         # split child inherits the parent's network; every group must get its own NCCL_NET.
         dist.init_process_group(
@@ -115,7 +120,7 @@ class Trainer:
             timeout=timedelta(seconds=a.timeout),
         )
         t0 = time.perf_counter()
-        self.groups = build_groups(plan, rank, a.timeout, backend)
+        self.groups = build_groups(plan, rank, a.timeout, backend, nccl_log)
         self.setup_s = time.perf_counter() - t0
         self.stage = plan.stage_of(rank)
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
@@ -135,6 +140,14 @@ class Trainer:
         self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
 
     def announce(self) -> None:
+        for kind, report in self.groups.nccl.items():
+            wanted = self.groups.nccl_wanted.get(kind)
+            print(f"wallbreak: rank {self.rank} {kind} group {list(self.groups.ranks[kind])}: NCCL "
+                  f"{report.describe()}" + (f" (plan: NCCL_NET={wanted})" if wanted else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            why = nccl_check.mismatch(wanted, report)
+            if why:
+                raise ConfigError(f"{kind} group: {why}")
         for kind in ("dp", "pp", "tp"):
             want = self.groups.wanted.get(kind)
             seen = self.groups.interfaces.get(kind, [])

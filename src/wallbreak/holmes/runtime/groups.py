@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 
 from wallbreak.holmes.plan_file import RunPlan
+from wallbreak.holmes.runtime.nccl_check import DebugLog, NetworkReport, parse
 
 SIOCGIFADDR = 0x8915
 
@@ -86,9 +87,13 @@ class Groups:
     ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
     interfaces: dict[str, list[str]] = field(default_factory=dict)  # kind -> interfaces seen in use
     wanted: dict[str, str | None] = field(default_factory=dict)
+    nccl: dict[str, NetworkReport] = field(default_factory=dict)  # kind -> what NCCL says it used
+    nccl_wanted: dict[str, str | None] = field(default_factory=dict)  # kind -> the group's NCCL_NET
 
 
-def build_groups(plan: RunPlan, rank: int, timeout_s: float, backend: str) -> Groups:
+def build_groups(
+    plan: RunPlan, rank: int, timeout_s: float, backend: str, nccl_log: DebugLog | None = None
+) -> Groups:
     """Create every group of the plan (all ranks, same order) and record what this rank's use."""
     out = Groups()
     for g in plan.groups:
@@ -101,6 +106,11 @@ def build_groups(plan: RunPlan, rank: int, timeout_s: float, backend: str) -> Gr
             pg = dist.new_group(list(g.ranks), timeout=timedelta(seconds=timeout_s), backend=backend)
             if mine and len(g.ranks) > 1:
                 dist.barrier(group=pg)  # connect now, while this group's variables are set
+        if nccl_log is not None:
+            lines = nccl_log.new_lines()  # read by every rank, so the next group's lines start fresh
+            if mine:
+                out.nccl[g.kind] = parse(lines)
+                out.nccl_wanted[g.kind] = g.env.get("NCCL_NET")
         if mine:
             out.pg[g.kind] = pg
             out.ranks[g.kind] = g.ranks
