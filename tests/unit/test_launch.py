@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from wallbreak.holmes.launch import emit_launch
 from wallbreak.holmes.report import make_report
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
@@ -35,6 +37,7 @@ clusters:
     hosts: [{name: e0, address: 10.0.2.1, ifname: eth0}, {name: e1, address: 10.0.2.2, ifname: eth0}]
 inter_cluster: {kind: ethernet, gbps: 25}
 """
+EXAMPLES = Path(__file__).parents[2] / "examples"
 PER_PROCESS = re.compile(r"NCCL_IB_|NCCL_SOCKET_IFNAME")
 
 
@@ -70,3 +73,27 @@ def test_megatron_forces_one_tcp_transport_for_the_job(tmp_path: Path) -> None:
         json.dumps({"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"})
     }
     assert all("export NCCL_IB_DISABLE=1" in t and "export NCCL_NET=Socket" in t for t in scripts.values())
+
+
+@pytest.mark.parametrize(
+    ("cluster", "model"),
+    [("two-clusters.yaml", "gpt-7.5b"), ("clusters/three-clusters.yaml", "gpt-7.5b"),
+     ("clusters/three-clusters.yaml", "gpt-1.7b")],
+)  # fmt: skip
+def test_example_clusters_emit_nccl_net_per_group_and_hcas_per_node(
+    tmp_path: Path, cluster: str, model: str
+) -> None:
+    from wallbreak.holmes.topology import load_topology
+
+    topo = load_topology(EXAMPLES / cluster)
+    report = make_report(topo, ModelSpec.preset(model), TrainingSpec(512, 2))
+    emit_launch(report, tmp_path)
+    pf = json.loads((tmp_path / "plan.json").read_text())
+    for gs in pf["groups"].values():
+        for g in gs:
+            assert set(g["env"]) <= {"NCCL_NET"}, g  # never a per-group NCCL_IB_* toggle
+            if g["transport"] in ("infiniband", "roce", "tcp"):
+                assert g["env"]["NCCL_NET"] == ("Socket" if g["transport"] == "tcp" else "IB")
+    for n in pf["nodes"]:
+        rdma = topo.cluster(n["cluster"]).nic.rdma
+        assert ("NCCL_IB_HCA" in n["env"]) == rdma and ("NCCL_IB_DISABLE" in n["env"]) == (not rdma)
