@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.common.atomic import atomic_open
+from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.plan_file import model_json, model_spec, training_json, training_spec
 from wallbreak.holmes.planner import Plan, build
@@ -32,7 +33,7 @@ from wallbreak.holmes.topology import Topology, load_topology
 
 CALIBRATION_FORMAT = "wallbreak-calibration"
 CALIBRATION_VERSION = 1
-# The coarse grid the fit starts from; a pattern search then refines the best point.
+# The coarse grid the fit starts from; Nelder-Mead then refines its best points.
 _EFFICIENCY_GRID = [10 ** (-3 + 3 * i / 15) for i in range(16)]  # 0.001 .. 1
 _LINK_GRID = [10 ** (-2 + 2.3 * i / 11) for i in range(12)]  # 0.01 .. 2
 _LATENCY_GRID = [0.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0]
@@ -78,7 +79,7 @@ def rms_error_pct(rows: list[dict[str, Any]]) -> float:
 
 
 def load_calibration(path: Path) -> Calibration:
-    raw = _read_json(path, "calibration")
+    raw = read_json(path, "calibration")
     if not isinstance(raw, dict) or raw.get("format") != CALIBRATION_FORMAT:
         raise ConfigError(
             f"{path}: not a wallbreak calibration (write one with `wallbreak plan ... --calibrate`)"
@@ -95,15 +96,6 @@ def load_calibration(path: Path) -> Calibration:
             raise ConfigError(f"{path}: {key} must be a {kind} number, got {v!r}")
         vals[key] = float(v)
     return Calibration(fitted_on=list(raw.get("fitted_on") or []), **vals)
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +163,7 @@ def load_runs(paths: list[Path]) -> list[_Run]:
     topos: dict[str, Topology] = {}
     runs = []
     for path in paths:
-        for label, r in _runs_in(_read_json(path, "results"), str(path)):
+        for label, r in _runs_in(read_json(path, "results"), str(path)):
             job = r.get("job")
             measured = (r.get("measured") or {}).get("iteration_s")
             if not isinstance(job, dict) or not isinstance(measured, int | float) or measured <= 0:

@@ -72,7 +72,7 @@ def node_env(cluster: Cluster, host: Host | None) -> dict[str, str]:
     return env
 
 
-def _group_nic(kind: str, ranks: list[int], plan: Plan, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+def _group_nic(kind: str, ranks: list[int], nodes: list[dict[str, Any]]) -> dict[str, Any]:
     """The environment and interface a group's communicator is built with."""
     node_of = {}
     for n in nodes:
@@ -97,7 +97,7 @@ def plan_body(report: PlanReport) -> dict[str, Any]:
     groups = p.groups()
     for gs in groups.values():
         for g in gs:
-            g.update(_group_nic(g["transport"], g["ranks"], p, nodes))
+            g.update(_group_nic(g["transport"], g["ranks"], nodes))
     job = job_env(p)
     if job:  # one transport for the job, whatever the group
         for gs in groups.values():

@@ -15,6 +15,7 @@ from typing import Any
 
 from wallbreak.common.atomic import atomic_open
 from wallbreak.common.gpt import GPTConfig
+from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.layout import GROUP_KINDS, ParallelLayout
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
@@ -218,12 +219,7 @@ def _groups(raw: dict[str, Any], where: str, lay: ParallelLayout) -> tuple[Group
 def load_plan(path: str | Path, world_size: int | None = None) -> RunPlan:
     """Read and check a plan file; every problem is one ConfigError naming the file and the field."""
     p = Path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read plan {p}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    raw = read_json(p, "plan")
     where = str(p)
     _header(raw, where)
     lay = _layout(raw, where, world_size)

@@ -238,6 +238,30 @@ _CLUSTER_KEYS = {"name", "nodes", "gpus_per_node", "nic", "intra_node", "gpu", "
 _TOP_KEYS = {"name", "gpu", "clusters", "inter_cluster", "links"}
 
 
+def _hosts(doc: _Doc, c: dict[str, Any], path: str, nodes: int) -> tuple[Host, ...]:
+    """A cluster's optional host list: one per node, for launch files."""
+    hosts: list[Host] = []
+    for j, h in enumerate(_get(doc, c, path, "hosts", list, [])):
+        hp = f"{path}.hosts[{j}]"
+        if not isinstance(h, dict):
+            raise doc.err(hp, "must be a mapping like {name: a0, address: 10.0.0.1, ifname: ib0}")
+        for k in h:
+            if k not in {"name", "address", "ifname", "tcp_ifname", "hca"}:
+                raise doc.err(f"{hp}.{k}", "unknown key; allowed: address, hca, ifname, name, tcp_ifname")
+        hosts.append(
+            Host(
+                _get(doc, h, hp, "name", str),
+                _get(doc, h, hp, "address", str, None),
+                _get(doc, h, hp, "ifname", str, None),
+                _get(doc, h, hp, "tcp_ifname", str, None),
+                _get(doc, h, hp, "hca", str, None),
+            )
+        )
+    if hosts and len(hosts) != nodes:
+        raise doc.err(f"{path}.hosts", f"lists {len(hosts)} host(s) but nodes is {nodes}")
+    return tuple(hosts)
+
+
 def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
     doc = _Doc(text, source)
     top = doc.value
@@ -279,31 +303,13 @@ def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
             if "intra_node" in c
             else Link("nvlink", 2400.0)
         )
-        hosts: list[Host] = []
-        for j, h in enumerate(_get(doc, c, path, "hosts", list, [])):
-            hp = f"{path}.hosts[{j}]"
-            if not isinstance(h, dict):
-                raise doc.err(hp, "must be a mapping like {name: a0, address: 10.0.0.1, ifname: ib0}")
-            for k in h:
-                if k not in {"name", "address", "ifname", "tcp_ifname", "hca"}:
-                    raise doc.err(f"{hp}.{k}", "unknown key; allowed: address, hca, ifname, name, tcp_ifname")
-            hosts.append(
-                Host(
-                    _get(doc, h, hp, "name", str),
-                    _get(doc, h, hp, "address", str, None),
-                    _get(doc, h, hp, "ifname", str, None),
-                    _get(doc, h, hp, "tcp_ifname", str, None),
-                    _get(doc, h, hp, "hca", str, None),
-                )
-            )
-        if hosts and len(hosts) != nodes:
-            raise doc.err(f"{path}.hosts", f"lists {len(hosts)} host(s) but nodes is {nodes}")
+        hosts = _hosts(doc, c, path, nodes)
         eth = (
             _link(doc, c["ethernet"], f"{path}.ethernet", ("ethernet",), with_count=True)
             if "ethernet" in c
             else None
         )
-        clusters.append(Cluster(name, nodes, gpn, nic, intra, gpu, tuple(hosts), eth))
+        clusters.append(Cluster(name, nodes, gpn, nic, intra, gpu, hosts, eth))
     names = {c.name for c in clusters}
     inter = (
         _link(doc, top["inter_cluster"], "inter_cluster", NIC_KINDS, with_count=True)

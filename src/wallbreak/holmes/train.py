@@ -141,7 +141,7 @@ class Trainer:
 
     def announce(self) -> None:
         for kind, report in self.groups.nccl.items():
-            wanted = self.groups.nccl_wanted.get(kind)
+            wanted = self.plan.group_of(kind, self.rank).env.get("NCCL_NET")
             print(f"wallbreak: rank {self.rank} {kind} group {list(self.groups.ranks[kind])}: NCCL "
                   f"{report.describe()}" + (f" (plan: NCCL_NET={wanted})" if wanted else ""),
                   file=sys.stderr, flush=True)  # fmt: skip

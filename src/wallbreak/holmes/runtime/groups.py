@@ -88,7 +88,6 @@ class Groups:
     interfaces: dict[str, list[str]] = field(default_factory=dict)  # kind -> interfaces seen in use
     wanted: dict[str, str | None] = field(default_factory=dict)
     nccl: dict[str, NetworkReport] = field(default_factory=dict)  # kind -> what NCCL says it used
-    nccl_wanted: dict[str, str | None] = field(default_factory=dict)  # kind -> the group's NCCL_NET
 
 
 def build_groups(
@@ -110,7 +109,6 @@ def build_groups(
             lines = nccl_log.new_lines()  # read by every rank, so the next group's lines start fresh
             if mine:
                 out.nccl[g.kind] = parse(lines)
-                out.nccl_wanted[g.kind] = g.env.get("NCCL_NET")
         if mine:
             out.pg[g.kind] = pg
             out.ranks[g.kind] = g.ranks
