@@ -14,6 +14,9 @@ $PY - <<'PY'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())),
       "gpu", torch.cuda.get_device_name(0))
+import torch.distributed as dist
+cfg = getattr(dist.ProcessGroupNCCL.Options(), "config", None)
+print("ProcessGroupNCCL.Options().config.net_name bound:", cfg is not None and hasattr(cfg, "net_name"))
 PY
 cat > "$OUT/one-gpu.yaml" <<'YAML'
 name: one-gpu

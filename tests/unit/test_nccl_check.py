@@ -53,3 +53,24 @@ def test_debug_log_reads_each_groups_lines_once(tmp_path: Path, monkeypatch: pyt
     assert parse(log.new_lines()).networks == {"Socket"}  # only the second group's lines
     monkeypatch.setenv("NCCL_DEBUG", "WARN")
     assert DebugLog.enable(tmp_path) is None  # the user's own NCCL_DEBUG is left alone
+
+
+def test_group_network_goes_to_config_net_name_where_torch_binds_it(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from wallbreak.holmes.runtime.groups import nccl_options
+
+    assert nccl_options(None) == (None, "NCCL chooses")
+    if not hasattr(dist, "ProcessGroupNCCL"):  # CPU builds of torch: only NCCL_NET carries it
+        opts, via = nccl_options("IB")
+        assert opts is None and "no ncclConfig_t.netName" in via
+
+    class Options:  # the shape torch binds with NCCL >= 2.17: Options().config.net_name
+        def __init__(self):
+            self.config = SimpleNamespace(net_name=None)
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", SimpleNamespace(Options=Options), raising=False)
+    opts, via = nccl_options("Socket")
+    assert opts.config.net_name == "Socket" and via == "NCCL_NET=Socket and config.net_name=Socket"

@@ -140,10 +140,14 @@ class Trainer:
         self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
 
     def announce(self) -> None:
+        if self.groups.nccl and self.rank == 0:  # the versions that decide which NCCL knobs exist
+            nccl_version = ".".join(map(str, torch.cuda.nccl.version()))
+            print(f"wallbreak: torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl_version}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         for kind, report in self.groups.nccl.items():
             wanted = self.plan.group_of(kind, self.rank).env.get("NCCL_NET")
             print(f"wallbreak: rank {self.rank} {kind} group {list(self.groups.ranks[kind])}: NCCL "
-                  f"{report.describe()}" + (f" (plan: NCCL_NET={wanted})" if wanted else ""),
+                  f"{report.describe()}" + (f" (plan: {self.groups.nccl_via[kind]})" if wanted else ""),
                   file=sys.stderr, flush=True)  # fmt: skip
             why = nccl_check.mismatch(wanted, report)
             if why:

@@ -81,6 +81,23 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
+def nccl_options(net: str | None) -> tuple[Any, str]:
+    """ProcessGroupNCCL options carrying the group's network as `config.net_name`, and how it was set.
+
+    torch binds `ncclConfig_t.netName` as `ProcessGroupNCCL.Options().config.net_name` in builds
+    with NCCL 2.17+ (torch/csrc/distributed/c10d/init.cpp); elsewhere only `NCCL_NET` carries it.
+    """
+    if not net:
+        return None, "NCCL chooses"
+    cls = getattr(dist, "ProcessGroupNCCL", None)
+    opts = cls.Options() if cls is not None else None
+    config = getattr(opts, "config", None)
+    if config is None or not hasattr(config, "net_name"):
+        return None, f"NCCL_NET={net} (this torch has no ncclConfig_t.netName binding)"
+    config.net_name = net
+    return opts, f"NCCL_NET={net} and config.net_name={net}"
+
+
 @dataclass
 class Groups:
     pg: dict[str, Any] = field(default_factory=dict)  # kind -> this rank's ProcessGroup
@@ -88,6 +105,7 @@ class Groups:
     interfaces: dict[str, list[str]] = field(default_factory=dict)  # kind -> interfaces seen in use
     wanted: dict[str, str | None] = field(default_factory=dict)
     nccl: dict[str, NetworkReport] = field(default_factory=dict)  # kind -> what NCCL says it used
+    nccl_via: dict[str, str] = field(default_factory=dict)  # kind -> how the network was requested
 
 
 def build_groups(
@@ -101,8 +119,11 @@ def build_groups(
             env["GLOO_SOCKET_IFNAME"] = g.ifname
         mine = rank in g.ranks
         before = socket_inodes() if mine else set()
+        opts, via = nccl_options(g.env.get("NCCL_NET")) if backend == "nccl" else (None, "")
         with environment(env):
-            pg = dist.new_group(list(g.ranks), timeout=timedelta(seconds=timeout_s), backend=backend)
+            pg = dist.new_group(
+                list(g.ranks), timeout=timedelta(seconds=timeout_s), backend=backend, pg_options=opts
+            )
             if mine and len(g.ranks) > 1:
                 dist.barrier(group=pg)  # connect now, while this group's variables are set
         if nccl_log is not None:
@@ -113,6 +134,8 @@ def build_groups(
             out.pg[g.kind] = pg
             out.ranks[g.kind] = g.ranks
             out.wanted[g.kind] = g.ifname
+            if via:
+                out.nccl_via[g.kind] = via
             if len(g.ranks) > 1:
                 ips = local_addresses(socket_inodes() - before)
                 out.interfaces[g.kind] = sorted({interface_of(ip) or ip for ip in ips})
