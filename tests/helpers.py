@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from wallbreak.coe.engine import Engine, Event
+    from wallbreak.coe.tiers import TierManager
 
 
 def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
@@ -192,3 +197,49 @@ def one_process_training(
         opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses, {f"L{k}": v for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine runs
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event) -> None:
+        self.text.append(ev.text)
+        self.tokens.extend(ev.tokens)
+        if ev.error:
+            self.error = ev.error
+        if ev.finish_reason:
+            self.finish = ev.finish_reason
+            self.done.set()
+
+
+def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager]:
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.engine import Engine, EngineConfig
+    from wallbreak.coe.tiers import TierConfig, TierManager
+    from wallbreak.coe.tokenization import load_tokenizers
+
+    bundle = Bundle.open(bundle_dir)
+    size = max(e.total_bytes for e in bundle.experts.values())
+    tiers = TierManager(
+        bundle, TierConfig(host_budget=4 * size + (1 << 20), device_budget=2 * size + (1 << 20))
+    )
+    cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, **config})  # type: ignore[arg-type]
+    return Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), cfg), tiers
+
+
+def run(eng: Engine, expert: str, prompt: list[int], n: int, stop: tuple[str, ...] = ()) -> Collector:
+    from wallbreak.coe.engine import Request, SamplingParams
+
+    c = Collector()
+    detok = eng.tokenizers[expert].stream(stop)
+    eng.submit(Request(expert, prompt, SamplingParams(max_tokens=n, temperature=0), c, detok))
+    return c

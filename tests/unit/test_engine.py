@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import Collector, make_engine, run
 from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.engine import POLICIES, Engine, EngineConfig, Event, Request, SamplingParams
+from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
 from wallbreak.coe.engine.scheduler import Scheduler
-from wallbreak.coe.tiers import TierConfig, TierManager
-from wallbreak.coe.tokenization import load_tokenizers
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.error: str | None = None
-        self.done = threading.Event()
-
-    def __call__(self, ev: Event) -> None:
-        self.text.append(ev.text)
-        self.tokens.extend(ev.tokens)
-        if ev.error:
-            self.error = ev.error
-        if ev.finish_reason:
-            self.finish = ev.finish_reason
-            self.done.set()
-
-
-def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager]:
-    bundle = Bundle.open(bundle_dir)
-    size = max(e.total_bytes for e in bundle.experts.values())
-    tiers = TierManager(
-        bundle, TierConfig(host_budget=4 * size + (1 << 20), device_budget=2 * size + (1 << 20))
-    )
-    cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, **config})  # type: ignore[arg-type]
-    return Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), cfg), tiers
 
 
 @pytest.fixture()
@@ -53,13 +23,6 @@ def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
     finally:
         eng.stop(timeout=5)
         tiers.close()
-
-
-def run(eng: Engine, expert: str, prompt: list[int], n: int, stop: tuple[str, ...] = ()) -> Collector:
-    c = Collector()
-    detok = eng.tokenizers[expert].stream(stop)
-    eng.submit(Request(expert, prompt, SamplingParams(max_tokens=n, temperature=0), c, detok))
-    return c
 
 
 def test_batched_greedy_decoding_equals_decoding_alone(engine: Engine) -> None:

@@ -42,6 +42,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# What a tensor may be stored as: the float dtypes, plus the integer payloads of compact experts.
+TENSOR_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8, "uint8": torch.uint8}
+TENSOR_DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
+# An expert's form: a float dtype, or a compact form (coe/compact.py owns those).
+EXPERT_FORMS = (*DTYPES, "int8", "int4")
 
 
 def align_up(n: int, a: int) -> int:
@@ -64,7 +69,7 @@ _TENSOR_SCHEMA = {
     "required": ["name", "dtype", "shape", "offset", "nbytes", "sha256"],
     "properties": {
         "name": {"type": "string", "minLength": 1},
-        "dtype": {"enum": sorted(DTYPES)},
+        "dtype": {"enum": sorted(TENSOR_DTYPES)},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "offset": {"type": "integer", "minimum": 0},
         "nbytes": {"type": "integer", "minimum": 0},
@@ -91,7 +96,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                         "required": ["model_type", "config"],
                         "properties": {"model_type": {"type": "string"}, "config": {"type": "object"}},
                     },
-                    "dtype": {"enum": sorted(DTYPES)},
+                    "dtype": {"enum": sorted(EXPERT_FORMS)},
+                    "quant": {"type": ["object", "null"]},
                     "blob": {"type": "string", "pattern": "^experts/[^/]+$"},
                     "total_bytes": {"type": "integer", "minimum": 0, "multipleOf": BLOB_ALIGN},
                     "tensors": {"type": "array", "minItems": 1, "items": _TENSOR_SCHEMA},
@@ -123,7 +129,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return TENSOR_DTYPES[self.dtype]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,6 +156,7 @@ class ExpertEntry:
     description: str = ""
     examples: tuple[str, ...] = ()
     source: str = ""
+    quant: dict[str, Any] | None = None  # compact experts: form, group, kernel layout (coe/compact.py)
 
     @functools.cached_property
     def layout_key(self) -> str:
@@ -172,6 +179,7 @@ class ExpertEntry:
             "examples": list(self.examples),
             "arch": {"model_type": self.model_type, "config": self.config},
             "dtype": self.dtype,
+            "quant": self.quant,
             "blob": self.blob,
             "total_bytes": self.total_bytes,
             "tensors": [t.to_json() for t in self.tensors],
@@ -198,6 +206,7 @@ class ExpertEntry:
             description=d.get("description", ""),
             examples=tuple(d.get("examples", ())),
             source=d.get("source", ""),
+            quant=d.get("quant"),
         )
 
 
@@ -406,8 +415,16 @@ class BundleWriter:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def add(self, src: ExpertSource, dtype: torch.dtype | None = None, progress: Any = None) -> ExpertEntry:
-        """Write one expert's blob and tokenizer under fresh names; returns its manifest entry."""
+    def add(
+        self,
+        src: ExpertSource,
+        dtype: torch.dtype | None = None,
+        progress: Any = None,
+        quant: dict[str, Any] | None = None,
+    ) -> ExpertEntry:
+        """Write one expert's blob and tokenizer under fresh names; returns its manifest entry.
+
+        `quant`: the record of a compact expert whose tensors `compact.compact_tensors` produced."""
         check_expert_name(src.name)
         if any(e.name == src.name for e in self._entries):
             raise ConfigError(f"expert {src.name!r} is added twice in one write")
@@ -421,7 +438,7 @@ class BundleWriter:
             t = t.detach().to("cpu")
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            if t.dtype not in DTYPE_NAMES:
+            if t.dtype not in TENSOR_DTYPE_NAMES or (quant is None and t.dtype not in DTYPE_NAMES):
                 raise ConfigError(f"tensor {tname!r} has dtype {t.dtype}; bundles hold {', '.join(DTYPES)}")
             tensors.append((tname, t.contiguous()))
         if not tensors:
@@ -443,7 +460,7 @@ class BundleWriter:
                 entries.append(
                     TensorEntry(
                         tname,
-                        DTYPE_NAMES[t.dtype],
+                        TENSOR_DTYPE_NAMES[t.dtype],
                         tuple(t.shape),
                         off,
                         len(mv),
@@ -464,7 +481,7 @@ class BundleWriter:
             name=src.name,
             model_type=src.model_type,
             config=src.config,
-            dtype=dtypes.pop() if len(dtypes) == 1 else "float32",
+            dtype=quant["form"] if quant else (dtypes.pop() if len(dtypes) == 1 else "float32"),
             blob=blob_rel,
             total_bytes=total,
             tensors=tuple(entries),
@@ -473,6 +490,7 @@ class BundleWriter:
             description=src.description,
             examples=tuple(src.examples),
             source=src.source,
+            quant=quant,
         )
         self._entries.append(entry)
         return entry

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from wallbreak.coe.bundle import DTYPES, BundleWriter, ExpertSource, check_expert_name
+from wallbreak.coe import compact
+from wallbreak.coe.bundle import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
 from wallbreak.errors import ConfigError, WallbreakError
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,28 @@ GEMMA_TEMPLATE = (
 DEFAULT_TEMPLATES = {"gemma3_text": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE, "gemma": GEMMA_TEMPLATE}
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+FORM_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_form(name: str | None) -> str | None:
+    """An expert's stored form from --dtype: None (keep), a float dtype name, int8 or int4."""
     if name in (None, "auto"):
         return None
-    try:
-        return DTYPES[str(name)]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
+    form = FORM_ALIASES.get(str(name), str(name))
+    if form not in EXPERT_FORMS:
+        allowed = ", ".join(["auto", *EXPERT_FORMS, *FORM_ALIASES])
+        raise ConfigError(f"unknown --dtype {name!r}; use {allowed}")
+    return form
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """The float dtype of a form (None for auto); compact forms have no single dtype."""
+    form = parse_form(name)
+    if form is None:
+        return None
+    if form not in DTYPES:
+        raise ConfigError(f"--dtype {name} is a compact form; this command takes {', '.join(DTYPES)}")
+    return DTYPES[form]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,21 +129,27 @@ def import_expert(
 ) -> None:
     """Add (or replace) one expert in the bundle at `out`, creating the bundle if needed."""
     check_expert_name(name)
-    to = parse_dtype(dtype)
+    form = parse_form(dtype)
     with tempfile.TemporaryDirectory(prefix="wallbreak-import-") as tmp:
         es = hf_source(Path(src), name, Path(tmp), description, examples, chat_template)
-        _write(out, [es], to)
+        _write(out, [es], form)
 
 
-def _write(out: str | Path, sources: Sequence[ExpertSource], dtype: torch.dtype | None) -> None:
+def _write(out: str | Path, sources: Sequence[ExpertSource], form: str | None) -> None:
+    """Write experts in `form`: a float dtype casts, a compact form quantizes (coe/compact.py)."""
+    dtype = DTYPES.get(form) if form else None
     with BundleWriter(out) as w:
         for es in sources:
+            quant = None
+            if form in compact.FORMS:
+                tqdm.write(f"quantizing {es.name} to {form}")
+                es.tensors, quant = compact.compact_tensors(es.model_type, es.config, es.tensors, form)
             tensors = list(es.tensors)
             unique = {t.untyped_storage().data_ptr(): t for _, t in tensors}.values()  # tied weights once
             total = sum(t.numel() * (dtype.itemsize if dtype else t.element_size()) for t in unique)
             es.tensors = tensors
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {es.name}", leave=False) as bar:
-                w.add(es, dtype=dtype, progress=bar.update)
+                w.add(es, dtype=dtype, progress=bar.update, quant=quant)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,24 +43,39 @@ def _no_init() -> Iterator[None]:
         yield
 
 
-def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
-    """The transformers module for an expert's architecture, on `device`, weights uninitialised."""
+def skeleton_on(
+    model_type: str, config: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str
+) -> nn.Module:
+    """The transformers module for an architecture, on `device`, weights uninitialised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(entry.config)
+    cfg = dict(config)
     cfg.pop("model_type", None)
     try:
-        config = AutoConfig.for_model(entry.model_type, **cfg)
+        hf_config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise BundleError(
-            f"expert {entry.name!r}: architecture {entry.model_type!r} is unknown to this transformers: {e}"
+            f"expert {name!r}: architecture {model_type!r} is unknown to this transformers: {e}"
         ) from None
-    dtype = torch.float32 if entry.dtype not in ("float16", "bfloat16") else getattr(torch, entry.dtype)
     with _no_init(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.tie_weights()
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
+    """The expert's module on `device`, in its stored form (compact experts get compact modules)."""
+    from wallbreak.coe import compact
+
+    if entry.quant:
+        dtype = compact.COMPUTE_DTYPE
+    else:
+        dtype = torch.float32 if entry.dtype not in ("float16", "bfloat16") else getattr(torch, entry.dtype)
+    model = skeleton_on(entry.model_type, entry.config, device, dtype, entry.name)
+    if entry.quant:
+        compact.make_compact(model, entry, device)
     return model
 
 
