@@ -2,19 +2,25 @@
 
 What it measures is the execution path a slot would use: the expert's transformers module with a
 static KV cache (fixed capacity, so every step has one shape), called eagerly or through
-torch.compile (Inductor) compiled once. A switch re-points the slot's parameters at another weight
-set of the same architecture (`p.data = w`), the way the device tier binds a slot to an expert's
-bytes; the compiled code reads parameters as inputs, so a switch must not recompile, and the bench
-counts the graphs Dynamo builds across the switches to prove it.
+torch.compile (Inductor) compiled once, or on CUDA with CUDA graphs (`mode="reduce-overhead"`,
+captured once per shape). A switch copies another weight set of the same layout into the slot's
+tensors, the way the device tier copies an expert's bytes into a slot's fixed buffer; the compiled
+code and any captured graph read those same addresses, so a switch must not recompile, and the
+bench counts the graphs Dynamo builds across the switches to prove it.
 
-This is the slot's forward alone, outside the serving engine (which still runs eager with its own
-dynamic KV layout): the engine integration is future work, stated in the README.
+Forms: fp32 and bf16 cast the stored float expert; int8 and int4 are the compact experts of
+`coe/compact.py`, quantized into a temporary bundle and loaded exactly as `wallbreak serve` loads
+them (an expert already stored compact runs in its own form only).
+
+This is the slot's forward alone, outside the serving engine (which runs eager with its own
+dynamic KV layout): compiling the engine's step is not done, as the README states.
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe import compact
+from wallbreak.coe.bundle import Bundle, BundleWriter, ExpertSource, iter_blob_tensors
 from wallbreak.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Weight-only quantized forms, through torchao (optional: pip install torchao --no-deps); activations
-# stay fp32, embeddings stay as stored, every nn.Linear (the tied output layer too) is quantized.
-QUANTIZED = ("int8",)
-MODES = ("eager", "compiled")
+QUANTIZED = compact.FORMS
+MODES = ("eager", "compiled", "graphs")
 # A fixed English text for perplexity (its tokens under each expert's own tokenizer).
 PPL_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -76,12 +81,15 @@ def graphs_built() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds; a quantized tensor subclass counts its inner tensors (values, scales)."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-        return sum(tensor_bytes(getattr(t, name)) for name in flatten()[0])
-    return t.numel() * t.element_size()
+def slot_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor a switch rewrites: parameters and buffers (compact weights are buffers), once each."""
+    seen: set[int] = set()
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
 
 
 @dataclass
@@ -94,23 +102,30 @@ class Slot:
     weights: list[list[torch.Tensor]] = field(default_factory=list)  # weight sets it switches between
     fn: Any = None
 
+    mode: str = "eager"
+
     def __post_init__(self) -> None:
-        params = list(self.model.parameters())
-        own = [p.detach().clone() for p in params]
+        own = [t.detach().clone() for _, t in slot_tensors(self.model)]
         self.weights = [own, [t.clone() for t in own]]  # the second: another expert's bytes, same layout
-        self.fn = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        if self.mode == "graphs" and next(self.model.parameters()).device.type != "cuda":
+            raise ConfigError("mode graphs (CUDA graphs) needs a CUDA device; use --device cuda")
+        if self.compiled:
+            kind = "reduce-overhead" if self.mode == "graphs" else "default"
+            self.fn = torch.compile(self.model, dynamic=False, mode=kind)
+        else:
+            self.fn = self.model
 
     def switch(self, to: int) -> None:
-        """Copy, not re-point: the compiled code keeps reading the same storage (re-pointing `.data`
-        also works for plain tensors, but torchao's quantized tensors then keep serving the old
-        weights under torch.compile: copying is the one rule that holds for every format)."""
+        """Copy, not re-point: compiled code and captured graphs keep reading the same storage
+        (re-pointing `.data` also works for plain tensors, but tensor subclasses such as torchao's
+        then kept serving the old weights under torch.compile, and graphs bake in addresses)."""
         with torch.no_grad():
-            for p, w in zip(self.model.parameters(), self.weights[to], strict=True):
-                p.copy_(w)
+            for (_, t), w in zip(slot_tensors(self.model), self.weights[to], strict=True):
+                t.copy_(w)
 
     @property
     def expert_bytes(self) -> int:
-        return sum(tensor_bytes(t) for t in self.weights[0])
+        return sum(t.numel() * t.element_size() for t in self.weights[0])
 
     def generate(self, ids: torch.Tensor, new: int) -> tuple[float, float]:
         """Greedy: (seconds to the first new token, i.e. prefill; seconds for `new` more tokens)."""
@@ -144,22 +159,34 @@ def _sync(dev: torch.device) -> None:
 
 
 def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> nn.Module:
-    """The expert's module in `form` (fp32, bf16, int8) on `device`, its weights read from the bundle."""
+    """The expert's module in `form` (fp32, bf16, int8, int4) on `device`, as a slot would run it."""
     from wallbreak.coe.tiers.device import bind_to_flat, build_skeleton
 
     entry = bundle.expert(name)
+    stored = entry.quant["form"] if entry.quant else None
+    if stored is not None and form != stored:
+        raise ConfigError(f"expert {name!r} is stored as {stored}; it runs as {stored} only")
+    if stored is None and form in QUANTIZED:
+        with tempfile.TemporaryDirectory(prefix="wallbreak-fuse-") as tmp:
+            return load_expert(quantized_copy(bundle, name, form, Path(tmp)), name, form, device)
     flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
     model = build_skeleton(entry, torch.device("cpu"))
     bind_to_flat(model, flat, entry)
-    if form in DTYPES:
-        return model.to(device=device, dtype=DTYPES[form])
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise ConfigError(f"--dtypes {form} needs torchao: pip install torchao --no-deps") from None
-    model = model.to(device)
-    quantize_(model, Int8WeightOnlyConfig())
-    return model
+    if stored is not None:
+        return model.to(device)
+    return model.to(device=device, dtype=DTYPES[form])
+
+
+def quantized_copy(bundle: Bundle, name: str, form: str, out: Path) -> Bundle:
+    """A one-expert bundle at `out` holding `name` in a compact form, written as import writes it."""
+    entry = bundle.expert(name)
+    flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
+    tensors, quant = compact.compact_tensors(
+        entry.model_type, entry.config, iter_blob_tensors(flat, entry), form
+    )
+    with BundleWriter(out) as w:
+        w.add(ExpertSource(name, entry.model_type, entry.config, tensors), quant=quant)
+    return Bundle.open(out)
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
@@ -224,7 +251,7 @@ def run_bench_fuse(a: BenchFuseArgs) -> dict[str, Any]:
                 print(f"bench fuse: {name} {dname} {mode} ...", file=sys.stderr, flush=True)
                 row: dict[str, Any] = {"expert": name, "mode": mode, "dtype": dname, "perplexity": ppl}
                 try:
-                    slot = Slot(model, mode == "compiled", a.prompt_tokens + a.decode_tokens)
+                    slot = Slot(model, mode != "eager", a.prompt_tokens + a.decode_tokens, mode=mode)
                     row |= _measure(slot, a, vocab, dev)
                 except Exception as e:
                     if mode == "eager":
@@ -281,8 +308,10 @@ def add_bench_fuse_parser(bench: Any, names: Any) -> None:
     )
     fu.add_argument("--bundle", required=True, type=Path)
     fu.add_argument("--experts", type=names, help="comma-separated (default: the bundle's first expert)")
-    fu.add_argument("--dtypes", type=names, default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
-    fu.add_argument("--modes", type=names, default=list(MODES), help="eager,compiled (default: both)")
+    fu.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int8", "int4"],
+                    help="fp32,bf16,int8,int4 (default: all four)")  # fmt: skip
+    fu.add_argument("--modes", type=names, default=None,
+                    help="eager,compiled,graphs (default: eager,compiled; graphs added on CUDA)")  # fmt: skip
     fu.add_argument("--prompt-tokens", type=int, default=128)
     fu.add_argument("--decode-tokens", type=int, default=32)
     fu.add_argument("--switches", type=int, default=10, help="switches timed, and checked for recompiles")
@@ -294,7 +323,8 @@ def add_bench_fuse_parser(bench: Any, names: Any) -> None:
 def run_bench_fuse_command(args: Any) -> int:
     import json
 
-    a = BenchFuseArgs(args.bundle, args.experts, args.dtypes, args.modes, args.prompt_tokens,
+    modes = args.modes or (["eager", "compiled"] + (["graphs"] if args.device.startswith("cuda") else []))
+    a = BenchFuseArgs(args.bundle, args.experts, args.dtypes, modes, args.prompt_tokens,
                       args.decode_tokens, args.switches, args.device, args.repeats)  # fmt: skip
     res = run_bench_fuse(a)
     print(json.dumps(res) if args.json else format_bench_fuse(res))
