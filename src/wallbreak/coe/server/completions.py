@@ -228,7 +228,8 @@ class Reply:
                 ev = await self.queue.get()
                 if ev.error:
                     self.account(ev.status)
-                    raise ApiError(ev.status, ev.error)
+                    retry = {"Retry-After": "1"} if ev.status in (429, 503) else None
+                    raise ApiError(ev.status, ev.error, headers=retry)
                 parts.append(ev.text)
                 lps.extend(ev.logprobs)
                 if ev.finish_reason:

@@ -81,7 +81,9 @@ def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tup
     return host, device
 
 
-def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
+def build(
+    opts: ServeOptions, with_router: bool = True
+) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
     root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
     bundle = Bundle.open(root, lenient=True)
     for name, why in bundle.damaged.items():
@@ -105,7 +107,7 @@ def build(opts: ServeOptions) -> tuple[Engine, Router | None, TierManager, dict[
             tokenizers,
             EngineConfig(opts.policy, opts.max_batch, opts.max_wait_s, opts.max_queue, opts.kv_budget),
         )
-        router = Router.load(bundle) if len(bundle.names) > 1 else None
+        router = Router.load(bundle) if with_router and len(bundle.names) > 1 else None
     except BaseException:
         tiers.close()
         raise

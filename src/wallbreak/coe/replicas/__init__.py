@@ -1,0 +1,1 @@
+"""Serving one bundle from several engine replicas (Ray Serve)."""

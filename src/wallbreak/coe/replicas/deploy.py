@@ -1,0 +1,188 @@
+"""`wallbreak serve --ray`: the bundle served by N replica deployments behind one ingress, on Ray Serve.
+
+- **Replicas** (`replica-0` ... `replica-{N-1}`, one Ray Serve deployment each, so the ingress can
+  address each one): each runs `wallbreak serve`'s own engine (tiers with their own budgets,
+  per-expert batching, prefetch) over the same bundle path, and streams the engine's events.
+  Ray restarts a replica that dies.
+- **Ingress** (`ingress`, exposed over HTTP by Ray Serve's proxy): the very FastAPI app of
+  `wallbreak serve` (OpenAI endpoints, errors, auth, router), over a `RemoteEngine` that relays
+  each request to the replica the placement table picks (`placement.py`), and retries elsewhere
+  when one fails.
+
+Bundles are shared, not copied: every replica opens the same path. On one host, or with a shared file
+system, that is all; on several hosts, put the bundle at the same path on every node (or copy it and
+run `wallbreak bundle verify` there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingParams
+from wallbreak.coe.engine import Request as EngineRequest
+from wallbreak.coe.server.serve import ServeOptions
+from wallbreak.errors import ConfigError
+
+APP = "wallbreak"
+
+
+def replica_name(i: int) -> str:
+    return f"replica-{i}"
+
+
+class ReplicaServer:
+    """One replica: `wallbreak serve`'s engine, tiers and tokenizers over the shared bundle."""
+
+    def __init__(self, index: int, opts: ServeOptions) -> None:
+        from wallbreak.coe.server.serve import build
+
+        self.index = index
+        self.engine, _, self.tiers, self.tokenizers = build(opts, with_router=False)
+        self.engine.start()
+
+    async def generate(
+        self, expert: str, ids: list[int], params: SamplingParams, stops: tuple[str, ...]
+    ) -> AsyncIterator[Event]:
+        """The engine's events for one request, as they come; the request ends if the caller leaves."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        tok = self.tokenizers[expert]
+
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        req = EngineRequest(expert, ids, params, emit, tok.stream(stops))
+        try:
+            self.engine.submit(req)
+        except QueueFull as e:
+            yield Event(finish_reason="error", error=str(e), status=429)
+            return
+        except ExpertUnavailable as e:
+            yield Event(finish_reason="error", error=str(e), status=503)
+            return
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            req.cancel()  # no-op when finished; frees the batch slot when the ingress cancelled
+
+    def status(self) -> dict[str, Any]:
+        snap = self.tiers.snapshot()
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "device": sorted({s["expert"] for s in snap["slots"] if s["expert"]}),
+            "host": sorted(snap["host"]),
+            "queue": self.engine.queue_depth(),
+            "active": self.engine.active(),
+            "kv_bytes": self.engine.kv_bytes(),
+            "engine": dict(self.engine.stats.__dict__),
+            "tiers": self.tiers.stats.summary(),
+        }
+
+    def check_health(self) -> None:
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self) -> None:  # Ray Serve calls it when it stops the replica: drain, then free
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+            self.tiers.close()
+
+
+def build_ingress_app(opts: ServeOptions, replicas: int) -> Any:
+    """The ingress's ASGI app; Ray Serve calls this on the ingress replica, not in the driver."""
+    from ray import serve
+
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.replicas.placement import Placement
+    from wallbreak.coe.replicas.remote import RemoteEngine, ReplicaCollector
+    from wallbreak.coe.router import Router
+    from wallbreak.coe.server.app import create_app
+    from wallbreak.coe.tokenization import load_tokenizers
+
+    assert opts.bundle is not None
+    bundle = Bundle.open(opts.bundle, lenient=True)
+    entries = [bundle.expert(n) for n in bundle.names if n not in bundle.damaged]
+    tokenizers = load_tokenizers(bundle, entries)
+    router = Router.load(bundle) if len(bundle.names) > 1 else None
+    handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
+    placement = Placement.spread([e.name for e in entries], replicas)
+    remote = RemoteEngine(bundle, handles, placement, opts.max_queue * replicas)
+    app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote)  # type: ignore[arg-type]
+    app.state.metrics.registry.register(ReplicaCollector(remote))
+    return app
+
+
+def deployment_graph(opts: ServeOptions, replicas: int) -> Any:
+    """The Ray Serve application: the ingress, bound to the N replica deployments it relays to."""
+    from ray import serve
+
+    replica: Any = serve.deployment(
+        ReplicaServer,
+        ray_actor_options={"num_cpus": 0},  # the engine uses the cores it finds; Ray need not count them
+        max_ongoing_requests=opts.max_queue + opts.max_batch,
+        graceful_shutdown_timeout_s=30,
+        health_check_period_s=5,
+    )
+    bound = [replica.options(name=replica_name(i)).bind(i, opts) for i in range(replicas)]
+
+    def builder() -> Any:
+        return build_ingress_app(opts, replicas)
+
+    class Ingress:
+        def __init__(self, *replica_handles: Any) -> None:
+            self.replica_handles = replica_handles  # bound so that Serve deploys them with the app
+
+    ingress: Any = serve.deployment(
+        serve.ingress(builder)(Ingress),
+        name="ingress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(1000, 4 * opts.max_queue * replicas),
+        graceful_shutdown_timeout_s=30,
+    )
+    return ingress.bind(*bound)
+
+
+def serve_ray(opts: ServeOptions, address: str | None, replicas: int) -> None:
+    """Deploy on the local Ray (address None: start one on 127.0.0.1) or a cluster, then block."""
+    from wallbreak.coe.server.serve import ensure_default_bundle
+
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ConfigError("--ray needs Ray Serve: pip install 'wallbreak[ray]'") from None
+    root = Path(opts.bundle) if opts.bundle is not None else ensure_default_bundle()
+    opts = dataclasses.replace(opts, bundle=root.resolve())
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: stop.set())
+    try:
+        serve.start(http_options={"host": opts.host, "port": opts.port})
+        serve.run(deployment_graph(opts, replicas), name=APP, route_prefix="/")
+        print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 through Ray Serve, {replicas} "
+              "replica(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
+        stop.wait()
+        print("wallbreak: draining in-flight requests", file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()  # replicas finish their in-flight requests (graceful_shutdown_timeout_s)
+        ray.shutdown()

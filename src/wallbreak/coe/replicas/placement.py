@@ -1,0 +1,95 @@
+"""Which replica serves which expert: a static spread by expected load, then hot experts replicated.
+
+The ingress owns this table (one owner: replicas never decide placement). Rules:
+1. **Start**: experts are spread over the replicas greedily, heaviest expected load first, each to the
+   replica with the least load so far (ties: fewest experts, then lowest index). Without measured
+   load every expert counts the same, which deals them round-robin.
+2. **Route**: a request goes to the expert's holder with the fewest requests in flight.
+3. **Replicate when hot**: if every holder of an expert has at least `hot_queue` requests in flight
+   and some other live replica has at most half that, that replica becomes a holder too (it loads
+   the expert from the shared bundle on its first request). The table only grows this way;
+   replicas keep their own tier policies for what stays on their device.
+4. **Faults**: a replica that failed a call is marked down; its experts are routed to their other
+   holders, or, where none is left, to the least-busy live replica, which becomes a holder. A
+   replica is marked up again when it answers a status call (Ray restarts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from wallbreak.errors import ConfigError
+
+
+@dataclass
+class Placement:
+    replicas: int
+    holders: dict[str, list[int]]  # expert -> replica indices that serve it, first placed first
+    hot_queue: int = 4
+    inflight: list[int] = field(default_factory=list)
+    down: set[int] = field(default_factory=set)
+    load: dict[str, int] = field(default_factory=dict)  # requests routed per expert (measured)
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
+        if not self.inflight:
+            self.inflight = [0] * self.replicas
+
+    @staticmethod
+    def spread(
+        experts: Sequence[str], replicas: int, expected: Mapping[str, float] | None = None, hot_queue: int = 4
+    ) -> Placement:
+        if replicas < 1:
+            raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+        weight = {e: float((expected or {}).get(e, 1.0)) for e in experts}
+        total = [0.0] * replicas
+        count = [0] * replicas
+        holders: dict[str, list[int]] = {}
+        for e in sorted(experts, key=lambda e: (-weight[e], list(experts).index(e))):
+            r = min(range(replicas), key=lambda i: (total[i], count[i], i))
+            holders[e] = [r]
+            total[r] += weight[e]
+            count[r] += 1
+        return Placement(replicas, holders, hot_queue)
+
+    def experts_of(self, replica: int) -> list[str]:
+        return sorted(e for e, rs in self.holders.items() if replica in rs)
+
+    def live(self) -> list[int]:
+        return [r for r in range(self.replicas) if r not in self.down]
+
+    def choose(self, expert: str, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """The replica for the next request of `expert` (None: no live replica is left to try)."""
+        self.load[expert] = self.load.get(expert, 0) + 1
+        self._replicate_if_hot(expert)
+        held = [r for r in self.holders.setdefault(expert, []) if r not in self.down and r not in exclude]
+        if held:
+            return min(held, key=lambda r: (self.inflight[r], r))
+        spare = [r for r in self.live() if r not in exclude]
+        if not spare:
+            return None
+        r = min(spare, key=lambda r: (self.inflight[r], len(self.experts_of(r)), r))
+        self.holders[expert].append(r)  # it loads the expert from the shared bundle
+        return r
+
+    def _replicate_if_hot(self, expert: str) -> None:
+        held = [r for r in self.holders.get(expert, []) if r not in self.down]
+        if not held or min(self.inflight[r] for r in held) < self.hot_queue:
+            return
+        idle = [r for r in self.live() if r not in held and self.inflight[r] <= self.hot_queue // 2]
+        if idle:
+            self.holders[expert].append(min(idle, key=lambda r: (self.inflight[r], r)))
+
+    def started(self, replica: int) -> None:
+        self.inflight[replica] += 1
+
+    def finished(self, replica: int) -> None:
+        self.inflight[replica] -= 1
+
+    def mark_down(self, replica: int) -> None:
+        self.down.add(replica)
+
+    def mark_up(self, replica: int) -> None:
+        self.down.discard(replica)

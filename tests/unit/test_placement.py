@@ -1,0 +1,45 @@
+"""The ingress's placement table: static spread, routing by queue, hot replication, faults."""
+
+from __future__ import annotations
+
+import pytest
+
+from wallbreak.coe.replicas.placement import Placement
+from wallbreak.errors import ConfigError
+
+
+def test_spread_deals_equal_experts_round_robin_and_heavy_ones_apart() -> None:
+    p = Placement.spread([f"e{i}" for i in range(6)], 2)
+    assert p.experts_of(0) == ["e0", "e2", "e4"] and p.experts_of(1) == ["e1", "e3", "e5"]
+    p = Placement.spread(["a", "b", "c", "d"], 2, expected={"a": 10, "b": 9, "c": 1, "d": 1})
+    assert p.holders["a"] != p.holders["b"]  # the two hot experts on different replicas
+    loads = [sum({"a": 10, "b": 9, "c": 1, "d": 1}[e] for e in p.experts_of(r)) for r in (0, 1)]
+    assert sorted(loads) == [10, 11]
+
+
+def test_requests_go_to_the_holder_and_a_hot_expert_gets_a_second_replica() -> None:
+    p = Placement.spread(["a", "b"], 2, hot_queue=2)
+    ra = p.choose("a")
+    assert ra == p.holders["a"][0]
+    p.started(ra)
+    assert p.choose("a") == ra  # one in flight: not hot yet
+    p.started(ra)
+    other = 1 - ra
+    assert p.choose("a") == other  # two in flight on its only holder, the other replica is idle
+    assert p.holders["a"] == [ra, other]
+
+
+def test_a_down_replica_is_routed_around_and_its_experts_move() -> None:
+    p = Placement.spread(["a", "b"], 2)
+    ra = p.holders["a"][0]
+    p.mark_down(ra)
+    r = p.choose("a")
+    assert r == 1 - ra and r in p.holders["a"]
+    assert p.choose("a", exclude={r}) is None  # nobody left to try
+    p.mark_up(ra)
+    assert p.choose("a") in (0, 1)
+
+
+def test_bad_replica_counts_are_one_clear_message() -> None:
+    with pytest.raises(ConfigError, match="--replicas must be at least 1"):
+        Placement.spread(["a"], 0)
