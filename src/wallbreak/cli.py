@@ -564,6 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wallbreak: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `wallbreak bundle show DIR | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

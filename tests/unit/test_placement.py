@@ -21,12 +21,25 @@ def test_requests_go_to_the_holder_and_a_hot_expert_gets_a_second_replica() -> N
     p = Placement.spread(["a", "b"], 2, hot_queue=2)
     ra = p.choose("a")
     assert ra == p.holders["a"][0]
-    p.started(ra)
+    p.started(ra, "a")
     assert p.choose("a") == ra  # one in flight: not hot yet
-    p.started(ra)
+    p.started(ra, "a")
     other = 1 - ra
-    assert p.choose("a") == other  # two in flight on its only holder, the other replica is idle
+    assert p.choose("a") == other  # two of its own in flight on its only holder; the other is idle
     assert p.holders["a"] == [ra, other]
+
+
+def test_a_replica_busy_with_other_experts_does_not_make_an_expert_hot() -> None:
+    p = Placement.spread(["a", "b"], 2, hot_queue=2)
+    ra, rb = p.holders["a"][0], p.holders["b"][0]
+    for _ in range(5):
+        p.started(ra, "x")  # the replica is busy, but not with "a"
+    assert p.choose("a") == ra and p.holders["a"] == [ra]
+    for _ in range(5):
+        p.started(rb, "b")
+    p.started(ra, "a")
+    p.started(ra, "a")
+    assert p.choose("a") == ra  # hot, but the only other replica is busier: stay
 
 
 def test_a_down_replica_is_routed_around_and_its_experts_move() -> None:

@@ -104,7 +104,8 @@ class _Server:
             return dict(json.loads(r.read()))
 
     def __enter__(self) -> _Server:
-        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        # stdout: Ray prints its own status lines there, which must not mix with the bench's JSON.
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -238,6 +239,9 @@ def _one_run(
     dt = e1["switch_seconds"] - e0["switch_seconds"]
     res["switches"] = e1["switches"] - e0["switches"]
     res["switches_per_request"] = res["switches"] / len(seq)
+    # Engine switches count every change of the running expert, resident or not; these count loads.
+    res["device_loads"] = t1["switches"] - t0["switches"]
+    res["host_evictions"] = t1["evictions"]["host"] - t0["evictions"]["host"]
     if "replicas" in h1:
         res["replicas"] = [{k: r.get(k) for k in ("index", "placed", "device")} for r in h1["replicas"]]
         res["retried_requests"] = h1["retried_requests"]

@@ -5,10 +5,12 @@ The ingress owns this table (one owner: replicas never decide placement). Rules:
    replica with the least load so far (ties: fewest experts, then lowest index). Without measured
    load every expert counts the same, which deals them round-robin.
 2. **Route**: a request goes to the expert's holder with the fewest requests in flight.
-3. **Replicate when hot**: if every holder of an expert has at least `hot_queue` requests in flight
-   and some other live replica has at most half that, that replica becomes a holder too (it loads
-   the expert from the shared bundle on its first request). The table only grows this way;
-   replicas keep their own tier policies for what stays on their device.
+3. **Replicate when hot**: if every holder of an expert has at least `hot_queue` requests *for that
+   expert* in flight (a batch's worth is waiting) and some other live replica has at most half as
+   many requests of any kind in flight, that replica becomes a holder too (it loads the expert from
+   the shared bundle on its first request). Busy replicas alone are not a reason: copying an
+   expert to a replica that is busy with others only adds switches there. The table only grows this
+   way; replicas keep their own tier policies for what stays on their device.
 4. **Faults**: a replica that failed a call is marked down; its experts are routed to their other
    holders, or, where none is left, to the least-busy live replica, which becomes a holder. A
    replica is marked up again when it answers a status call (Ray restarts it).
@@ -26,8 +28,9 @@ from wallbreak.errors import ConfigError
 class Placement:
     replicas: int
     holders: dict[str, list[int]]  # expert -> replica indices that serve it, first placed first
-    hot_queue: int = 4
-    inflight: list[int] = field(default_factory=list)
+    hot_queue: int = 8
+    inflight: list[int] = field(default_factory=list)  # per replica, all experts
+    per_expert: dict[tuple[str, int], int] = field(default_factory=dict)  # (expert, replica) -> in flight
     down: set[int] = field(default_factory=set)
     load: dict[str, int] = field(default_factory=dict)  # requests routed per expert (measured)
 
@@ -39,7 +42,7 @@ class Placement:
 
     @staticmethod
     def spread(
-        experts: Sequence[str], replicas: int, expected: Mapping[str, float] | None = None, hot_queue: int = 4
+        experts: Sequence[str], replicas: int, expected: Mapping[str, float] | None = None, hot_queue: int = 8
     ) -> Placement:
         if replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {replicas}")
@@ -76,17 +79,22 @@ class Placement:
 
     def _replicate_if_hot(self, expert: str) -> None:
         held = [r for r in self.holders.get(expert, []) if r not in self.down]
-        if not held or min(self.inflight[r] for r in held) < self.hot_queue:
+        if not held:
             return
-        idle = [r for r in self.live() if r not in held and self.inflight[r] <= self.hot_queue // 2]
+        queued = min(self.per_expert.get((expert, r), 0) for r in held)
+        if queued < self.hot_queue:
+            return
+        idle = [r for r in self.live() if r not in held and self.inflight[r] <= queued // 2]
         if idle:
             self.holders[expert].append(min(idle, key=lambda r: (self.inflight[r], r)))
 
-    def started(self, replica: int) -> None:
+    def started(self, replica: int, expert: str) -> None:
         self.inflight[replica] += 1
+        self.per_expert[(expert, replica)] = self.per_expert.get((expert, replica), 0) + 1
 
-    def finished(self, replica: int) -> None:
+    def finished(self, replica: int, expert: str) -> None:
         self.inflight[replica] -= 1
+        self.per_expert[(expert, replica)] -= 1
 
     def mark_down(self, replica: int) -> None:
         self.down.add(replica)

@@ -98,7 +98,7 @@ class RemoteEngine:
                     Event(finish_reason="error", error=f"expert {req.expert!r}: {why}; retry", status=503),
                 )
                 return
-            self.placement.started(r)
+            self.placement.started(r, req.expert)
             try:
                 await self._attempt(req, r, produced)
                 return
@@ -108,7 +108,7 @@ class RemoteEngine:
                 tried.add(r)
                 self.retries += 1
             finally:
-                self.placement.finished(r)
+                self.placement.finished(r, req.expert)
 
     async def _attempt(self, req: EngineRequest, r: int, produced: list[int]) -> None:
         """Stream one replica's events into the request; ReplicaFailed if the replica fails."""
