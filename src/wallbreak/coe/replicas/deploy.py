@@ -168,7 +168,9 @@ def serve_ray(opts: ServeOptions, address: str | None, replicas: int) -> None:
     except ImportError:
         raise ConfigError("--ray needs Ray Serve: pip install 'wallbreak[ray]'") from None
     root = Path(opts.bundle) if opts.bundle is not None else ensure_default_bundle()
-    opts = dataclasses.replace(opts, bundle=root.resolve())
+    # Resolved here, in the driver: the ingress runs in a Ray worker, whose environment may differ.
+    api_key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
+    opts = dataclasses.replace(opts, bundle=root.resolve(), api_key=api_key)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
