@@ -297,6 +297,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`wallbreak serve`, on this machine or (--ray) from Ray Serve replicas."""
+    from wallbreak.coe.server.serve import ServeOptions, serve
+    from wallbreak.units import parse_size
+
+    run: Any = serve
+    if args.ray is not None:
+        from wallbreak.coe.replicas.deploy import serve_ray
+
+        run = functools.partial(serve_ray, address=args.ray or None, replicas=args.replicas)
+    run(
+        ServeOptions(
+            bundle=args.bundle,
+            host=args.host,
+            port=args.port,
+            device_budget=parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
+            host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
+            max_queue=args.max_queue,
+            api_key=args.api_key,
+            device=args.device,
+            policy=serving_policy(args.policy, args.scheduler, args.eviction, args.prefetch),
+            max_batch=args.max_batch,
+            max_wait_s=args.max_wait,
+            kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
+            direct_io=args.direct_io,
+        )
+    )
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from wallbreak.coe.bench_serve import (
+        BenchServeArgs,
+        format_bench_serve,
+        plot_bench_serve,
+        run_bench_serve,
+    )
+    from wallbreak.units import parse_size
+
+    for name in args.policy or ():
+        serving_policy(name)  # an unknown name fails here, before any server starts
+    res = run_bench_serve(
+        BenchServeArgs(
+            args.bundle,
+            parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
+            parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
+            args.workload,
+            args.requests,
+            tuple(args.concurrency),
+            tuple(args.policy) if args.policy else tuple(POLICIES),
+            args.max_tokens,
+            args.seed,
+            not args.no_alone,
+            args.max_wait,
+            args.drop_caches,
+            args.direct_io,
+            args.replicas if args.ray else None,
+        )
+    )
+    if args.plot:
+        plot_bench_serve(res, args.plot)
+    print(json.dumps(res) if args.json else format_bench_serve(res))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "bundle":
         return _bundle(args)
@@ -309,34 +374,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_emulate_command(args)
     if args.verb == "serve":
-        from wallbreak.coe.server.serve import ServeOptions, serve
-        from wallbreak.units import parse_size
-
-        run: Any = serve
-        if args.ray is not None:
-            from wallbreak.coe.replicas.deploy import serve_ray
-
-            run = functools.partial(serve_ray, address=args.ray or None, replicas=args.replicas)
-        run(
-            ServeOptions(
-                bundle=args.bundle,
-                host=args.host,
-                port=args.port,
-                device_budget=parse_size(args.device_budget, "--device-budget")
-                if args.device_budget
-                else None,
-                host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
-                max_queue=args.max_queue,
-                api_key=args.api_key,
-                device=args.device,
-                policy=serving_policy(args.policy, args.scheduler, args.eviction, args.prefetch),
-                max_batch=args.max_batch,
-                max_wait_s=args.max_wait,
-                kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
-                direct_io=args.direct_io,
-            )
-        )
-        return 0
+        return _serve(args)
     if args.verb in ("router", "route"):
         return _router(args)
     if args.verb == "bench" and args.what == "fuse":
@@ -344,38 +382,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_bench_fuse_command(args)
     if args.verb == "bench" and args.what == "serve":
-        from wallbreak.coe.bench_serve import (
-            BenchServeArgs,
-            format_bench_serve,
-            plot_bench_serve,
-            run_bench_serve,
-        )
-        from wallbreak.units import parse_size
-
-        for name in args.policy or ():
-            serving_policy(name)  # an unknown name fails here, before any server starts
-        res = run_bench_serve(
-            BenchServeArgs(
-                args.bundle,
-                parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
-                parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
-                args.workload,
-                args.requests,
-                tuple(args.concurrency),
-                tuple(args.policy) if args.policy else tuple(POLICIES),
-                args.max_tokens,
-                args.seed,
-                not args.no_alone,
-                args.max_wait,
-                args.drop_caches,
-                args.direct_io,
-                args.replicas if args.ray else None,
-            )
-        )
-        if args.plot:
-            plot_bench_serve(res, args.plot)
-        print(json.dumps(res) if args.json else format_bench_serve(res))
-        return 0
+        return _bench_serve(args)
     if args.verb == "bench":
         return _bench_switch(args)
     raise AssertionError(args.verb)

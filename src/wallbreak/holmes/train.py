@@ -172,21 +172,58 @@ class Trainer:
         model, optim = full_state(self.module, self.opt)
         return {"step": step, "model": model, "optimizer": optim}
 
+    def resume(self) -> int:
+        """The step to start after: a checkpoint's (--resume, or after an elastic restart), else 0."""
+        a = self.a
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if not (a.checkpoint_dir and (a.resume or restarted)):
+            return 0
+        step = checkpoint.latest(a.checkpoint_dir)
+        if step is None:
+            if a.resume:
+                raise ConfigError(f"--resume: no complete checkpoint in {a.checkpoint_dir}")
+            return 0
+        st = checkpoint.load(a.checkpoint_dir, step, self.plan, self.stage)
+        load_full_state(self.module, self.opt, st["model"], st["optimizer"])
+        if self.rank == 0:
+            print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}", file=sys.stderr)
+        return int(step)
+
+    def step(self, step: int, act: tuple[int, int, int], tokens_per_step: int) -> dict[str, Any]:
+        """One optimizer step over the global batch; its log record (loss known on every rank)."""
+        a, plan = self.a, self.plan
+        shard = self.data.shard(step, plan.dp_index(self.rank), plan.dp, plan.micro_batch)
+        t0 = time.perf_counter()
+        self.p2p.wait_s = self.sync.wait_s = 0.0
+        loss = run_schedule(
+            a.schedule, self.module, self.p2p, self.sync,
+            [x.to(self.device) for x, _ in shard], [y.to(self.device) for _, y in shard],
+            self.stage, plan.pp, act, lm_loss,
+        )  # fmt: skip
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        # The last stage's replicas hold the loss; one world all-reduce tells every rank.
+        t = torch.tensor(
+            [loss / plan.dp if self.last and self.tp_index == 0 else 0.0],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        dist.all_reduce(t)
+        dt = time.perf_counter() - t0
+        return {
+            "step": step + 1,
+            "loss": float(t.item()),
+            "step_s": dt,
+            "tokens_per_s": tokens_per_step / dt,
+            "pp_wait_s": self.p2p.wait_s,
+            "dp_sync_wait_s": self.sync.wait_s,
+            "schedule": a.schedule,
+        }
+
     def run(self) -> int:
         a, plan = self.a, self.plan
         self.announce()
-        start = 0
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if a.checkpoint_dir and (a.resume or restarted):
-            step = checkpoint.latest(a.checkpoint_dir)
-            if step is not None:
-                st = checkpoint.load(a.checkpoint_dir, step, plan, self.stage)
-                load_full_state(self.module, self.opt, st["model"], st["optimizer"])
-                start = step
-                if self.rank == 0:
-                    print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}", file=sys.stderr)
-            elif a.resume:
-                raise ConfigError(f"--resume: no complete checkpoint in {a.checkpoint_dir}")
+        start = self.resume()
         log = None
         if self.log_path and self.rank == 0:
             try:
@@ -206,33 +243,8 @@ class Trainer:
         try:
             with prof:
                 for step in range(start, a.steps):
-                    shard = self.data.shard(step, plan.dp_index(self.rank), plan.dp, plan.micro_batch)
-                    t0 = time.perf_counter()
-                    self.p2p.wait_s = self.sync.wait_s = 0.0
-                    loss = run_schedule(
-                        a.schedule, self.module, self.p2p, self.sync,
-                        [x.to(self.device) for x, _ in shard], [y.to(self.device) for _, y in shard],
-                        self.stage, plan.pp, act, lm_loss,
-                    )  # fmt: skip
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    # The last stage's replicas hold the loss; one world all-reduce tells every rank.
-                    t = torch.tensor(
-                        [loss / plan.dp if self.last and self.tp_index == 0 else 0.0],
-                        dtype=torch.float64,
-                        device=self.device,
-                    )
-                    dist.all_reduce(t)
-                    dt = time.perf_counter() - t0
-                    rec = {
-                        "step": step + 1,
-                        "loss": float(t.item()),
-                        "step_s": dt,
-                        "tokens_per_s": tokens_per_step / dt,
-                        "pp_wait_s": self.p2p.wait_s,
-                        "dp_sync_wait_s": self.sync.wait_s,
-                        "schedule": a.schedule,
-                    }
+                    rec = self.step(step, act, tokens_per_step)
+                    dt = rec["step_s"]
                     if self.rank == 0:
                         print(
                             f"step {step + 1}/{a.steps}  loss {rec['loss']:.4f}  {dt:.3f} s  "
