@@ -13,16 +13,8 @@ from wallbreak.cli import main
 from wallbreak.coe import compact
 from wallbreak.coe.bundle import Bundle, iter_blob_tensors
 from wallbreak.coe.importers import import_expert
-from wallbreak.coe.tiers.device import bind_to_flat, build_skeleton
+from wallbreak.coe.tiers.device import load_standalone
 from wallbreak.errors import BundleError
-
-
-def _load(bundle: Bundle, name: str) -> torch.nn.Module:
-    entry = bundle.expert(name)
-    flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
-    model = build_skeleton(entry, torch.device("cpu"))
-    bind_to_flat(model, flat, entry)
-    return model
 
 
 def test_quantizers_reconstruct_weights_and_the_kernels_agree_with_them() -> None:
@@ -70,7 +62,7 @@ def test_compact_experts_round_trip_through_the_bundle_and_verify(
         assert small.total_bytes < full.total_bytes / 2
         stored = {t.name: t.dtype for t in small.tensors}
         assert "uint8" in stored.values() if form == "int4" else "int8" in stored.values()
-        ref, got = _load(bundle, name), _load(bundle, f"{name}-{form}")
+        ref, got = load_standalone(bundle, name), load_standalone(bundle, f"{name}-{form}")
         assert any(isinstance(m, compact.QuantLinear) for m in got.modules())
         with torch.inference_mode():
             a, b = ref(input_ids=ids).logits.float(), got(input_ids=ids).logits.float()
@@ -98,7 +90,7 @@ def test_the_int8_tied_head_reads_the_embedding_table(sources: dict[str, Path], 
     bundle = Bundle.open(tmp_path / "b")
     names = [t.name for t in bundle.expert("tied").tensors]
     assert "lm_head.weight" not in names  # stored once
-    model = _load(bundle, "tied")
+    model = load_standalone(bundle, "tied")
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.table is table
     flat_names = dict(iter_blob_tensors(torch.zeros(bundle.expert("tied").total_bytes, dtype=torch.uint8),
@@ -113,7 +105,7 @@ def test_an_int4_layout_from_another_torch_is_refused(sources: dict[str, Path], 
     manifest["experts"][0]["quant"]["layout"] = "cpu-int4pack-0000000000000000"
     (out / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="re-import the expert"):
-        _load(Bundle.open(out), "x")
+        load_standalone(Bundle.open(out), "x")
 
 
 def test_an_unknown_dtype_is_one_clear_message(

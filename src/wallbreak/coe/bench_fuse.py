@@ -160,7 +160,7 @@ def _sync(dev: torch.device) -> None:
 
 def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> nn.Module:
     """The expert's module in `form` (fp32, bf16, int8, int4) on `device`, as a slot would run it."""
-    from wallbreak.coe.tiers.device import bind_to_flat, build_skeleton
+    from wallbreak.coe.tiers.device import load_standalone
 
     entry = bundle.expert(name)
     stored = entry.quant["form"] if entry.quant else None
@@ -169,9 +169,7 @@ def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> n
     if stored is None and form in QUANTIZED:
         with tempfile.TemporaryDirectory(prefix="wallbreak-fuse-") as tmp:
             return load_expert(quantized_copy(bundle, name, form, Path(tmp)), name, form, device)
-    flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
-    model = build_skeleton(entry, torch.device("cpu"))
-    bind_to_flat(model, flat, entry)
+    model = load_standalone(bundle, name)
     if stored is not None:
         return model.to(device)
     return model.to(device=device, dtype=DTYPES[form])
@@ -180,10 +178,8 @@ def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> n
 def quantized_copy(bundle: Bundle, name: str, form: str, out: Path) -> Bundle:
     """A one-expert bundle at `out` holding `name` in a compact form, written as import writes it."""
     entry = bundle.expert(name)
-    flat = torch.frombuffer(bytearray(bundle.blob_path(name).read_bytes()), dtype=torch.uint8)
-    tensors, quant = compact.compact_tensors(
-        entry.model_type, entry.config, iter_blob_tensors(flat, entry), form
-    )
+    blob = iter_blob_tensors(bundle.read_blob(name), entry)
+    tensors, quant = compact.compact_tensors(entry.model_type, entry.config, blob, form)
     with BundleWriter(out) as w:
         w.add(ExpertSource(name, entry.model_type, entry.config, tensors), quant=quant)
     return Bundle.open(out)

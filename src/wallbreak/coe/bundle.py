@@ -242,6 +242,10 @@ class Bundle:
     def blob_path(self, name: str) -> Path:
         return self.root / self.expert(name).blob
 
+    def read_blob(self, name: str) -> torch.Tensor:
+        """The expert's whole blob as a writable uint8 tensor (outside the tiers: benches, checks)."""
+        return torch.frombuffer(bytearray(self.blob_path(name).read_bytes()), dtype=torch.uint8)
+
     def tokenizer_path(self, name: str) -> Path | None:
         e = self.expert(name)
         return None if e.tokenizer_dir is None else self.root / e.tokenizer_dir

@@ -32,7 +32,6 @@ class Placement:
     inflight: list[int] = field(default_factory=list)  # per replica, all experts
     per_expert: dict[tuple[str, int], int] = field(default_factory=dict)  # (expert, replica) -> in flight
     down: set[int] = field(default_factory=set)
-    load: dict[str, int] = field(default_factory=dict)  # requests routed per expert (measured)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -65,7 +64,6 @@ class Placement:
 
     def choose(self, expert: str, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
         """The replica for the next request of `expert` (None: no live replica is left to try)."""
-        self.load[expert] = self.load.get(expert, 0) + 1
         self._replicate_if_hot(expert)
         held = [r for r in self.holders.setdefault(expert, []) if r not in self.down and r not in exclude]
         if held:

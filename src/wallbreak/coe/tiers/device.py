@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wallbreak.coe.bundle import ExpertEntry, iter_blob_tensors
+from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
 from wallbreak.errors import BundleError, CapacityError
 from wallbreak.units import format_bytes
 
@@ -76,6 +76,15 @@ def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
     model = skeleton_on(entry.model_type, entry.config, device, dtype, entry.name)
     if entry.quant:
         compact.make_compact(model, entry, device)
+    return model
+
+
+def load_standalone(bundle: Bundle, name: str) -> nn.Module:
+    """The expert's module on the CPU, in its stored form, its weights read whole from the bundle
+    (outside the tiers: for benchmarks and checks)."""
+    entry = bundle.expert(name)
+    model = build_skeleton(entry, torch.device("cpu"))
+    bind_to_flat(model, bundle.read_blob(name), entry)
     return model
 
 
