@@ -19,7 +19,7 @@ from typing import Any
 from wallbreak import __version__
 from wallbreak.coe import defaults
 from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS, serving_policy
-from wallbreak.errors import WallbreakError
+from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.units import format_bytes, parse_count
 
 
@@ -173,11 +173,21 @@ def _serve_parser(verbs: Any) -> None:
         help="KV cache one batch may grow to before it stops admitting "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
+    sv.add_argument("--compile", choices=["auto", "on", "off"], default=defaults.COMPILE,
+                    help="compiled decode steps, built in the background while serving: auto (compact "
+                         "experts on CPU, at one row; every expert on CUDA), on (every expert, every "
+                         f"batch size), off (default {defaults.COMPILE})")  # fmt: skip
+    sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                    help="the same as --compile off")  # fmt: skip
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
                          "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip
     sv.add_argument("--replicas", type=int, default=2,
                     help="with --ray: replica deployments, each with these budgets (default 2)")  # fmt: skip
+    sv.add_argument("--expert-load", type=Path, metavar="FILE",
+                    help="with --ray: spread experts over replicas by measured load: a saved /health "
+                         "of an earlier deployment (its requests_by_expert), or {expert: requests} "
+                         "JSON")  # fmt: skip
 
 
 def _plan_parsers(verbs: Any) -> None:
@@ -306,7 +316,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from wallbreak.coe.replicas.deploy import serve_ray
 
-        run = functools.partial(serve_ray, address=args.ray or None, replicas=args.replicas)
+        run = functools.partial(
+            serve_ray, address=args.ray or None, replicas=args.replicas, expert_load=args.expert_load
+        )
+    elif args.expert_load is not None:
+        raise ConfigError("--expert-load places experts on Ray replicas; use it with --ray")
     run(
         ServeOptions(
             bundle=args.bundle,
@@ -322,6 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_wait_s=args.max_wait,
             kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
             direct_io=args.direct_io,
+            compile=args.compile,
         )
     )
     return 0
@@ -415,7 +430,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from wallbreak.errors import ConfigError
     from wallbreak.holmes.calibrate import calibration_for
     from wallbreak.holmes.launch import emit_launch
     from wallbreak.holmes.report import format_report, make_report, plot_report

@@ -22,6 +22,8 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.engine.compiled import POLICIES as COMPILE_POLICIES
+from wallbreak.coe.engine.compiled import CompiledSteps
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.engine.scheduler import Scheduler
@@ -49,6 +51,7 @@ class EngineConfig:
     max_queue: int = defaults.MAX_QUEUE
     kv_budget: int = defaults.KV_BUDGET
     prefill_chunk: int = defaults.PREFILL_CHUNK
+    compile: str = defaults.COMPILE
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
@@ -57,6 +60,10 @@ class EngineConfig:
             raise ConfigError(f"max wait must be positive, got {self.max_wait_s}")
         if self.kv_budget <= 0 or self.prefill_chunk < 1:
             raise ConfigError("the KV budget and the prefill chunk must be positive")
+        if self.compile not in COMPILE_POLICIES:
+            raise ConfigError(
+                f"--compile: unknown {self.compile!r}; choose from {', '.join(COMPILE_POLICIES)}"
+            )
 
 
 @dataclass
@@ -91,6 +98,8 @@ class Engine:
             raise ConfigError(f"no tokenizer facts for expert(s) {', '.join(missing)}")
         self.tokenizers = tokenizers
         self.scheduler = Scheduler(self.config.policy, self.config.max_batch, self.config.max_wait_s)
+        self.steps = CompiledSteps(self.config.compile)
+        self.layouts = {e.name: e.layout_key for e in tiers.entries}
         self.listeners: list[EngineListener] = []
         self.batches: dict[str, Batch] = {}
         self._batches_lock = threading.Lock()  # the HTTP thread reads `batches` while we change it
@@ -134,6 +143,16 @@ class Engine:
         """Bytes held by the KV caches of running and paused batches."""
         with self._batches_lock:
             return sum(b.cache.nbytes() for b in self.batches.values() if b.cache is not None)
+
+    def compile_summary(self) -> dict[str, object]:
+        """Per expert: whether its decode step is compiled (ready), compiling, or eager."""
+        state = self.steps.state
+        return {
+            "policy": self.steps.policy,
+            "experts": {e: state.get(k, "not run yet") for e, k in self.layouts.items()},
+            "compiled_steps": self.steps.compiled_steps,
+            "recompiles": self.steps.recompiles,
+        }
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to `timeout`), fail the rest, stop the thread."""
@@ -219,7 +238,12 @@ class Engine:
             if batch is None:
                 tok = self.tokenizers[expert]
                 batch = self.batches[expert] = Batch(
-                    expert, tok.eos_ids, tok.context, self.config.prefill_chunk
+                    expert,
+                    tok.eos_ids,
+                    tok.context,
+                    self.config.prefill_chunk,
+                    self.layouts[expert],
+                    self.steps,
                 )
             return batch
 

@@ -1,24 +1,31 @@
 """The KV layout of one expert's running batch, owned here rather than by transformers' cache classes.
 
-Rows are sequences; columns are one shared time axis, right-aligned: every row's tokens occupy the
-last columns, and row b's first real token sits at column `start[b]` (left padding before it).
-Full-attention layers hold every column; sliding-window layers hold only the last `window - 1`
-columns, which is all a future query can see. Rows join (`merge`) and leave (`select`) between
-steps, and the masks for each step are built here from `start`, the column count and each layer
-kind's window, so there is one source of truth for what a query may attend to. That is what the
-earlier layout lacked: it patched transformers' caches, whose sliding layers keep a length counter
-of their own, and the two disagreed after a merge (the 503 "size of tensor a must match b").
+Rows are sequences; columns are time, left-aligned: row b's tokens sit in columns 0..length[b]-1,
+so a token's column is its position. Each layer holds a block of fixed capacity,
+[rows, kv_heads, capacity, head_dim], and every forward writes its q new columns at each row's own
+length (`scatter_`), never concatenating. The capacity grows by doubling when a row would pass it,
+so between growths every decode step has the same shapes: that is what lets the compiled decode
+step (`engine.compiled`) run without recompiling, and it makes an eager step O(1) in the context
+instead of the O(context) copy a concatenating cache pays per layer per step.
 
-Why padding and not per-sequence or paged caches: on the CPU and for the small experts we serve,
-one batched SDPA call per layer over a padded block is faster than a call per sequence, and it
-needs no attention kernel of our own. Its cost is padding when lengths differ: rows are padded up
-to the longest row in the batch (memory and attention work ~ rows x longest), which the engine
-bounds with a KV budget per batch (it stops admitting before the block would pass it), and the
-leading all-padding columns are trimmed whenever a long row leaves.
+The masks for each step are built here from the row lengths and each layer kind's window, so there
+is one source of truth for what a query may attend to (an earlier layout patched transformers'
+caches, whose sliding layers kept a length counter of their own; the two disagreed after a merge,
+the 503 "size of tensor a must match b"). Sliding-window layers keep every column too and the mask
+hides what the window excludes: simpler than a ring buffer, at the cost of memory for long prompts
+on sliding models (`kv_bytes_per_row` counts it, so the KV budget stays honest).
+
+Prefill feeds every new row the same columns (prompts right-padded to the longest); the padding
+columns a short prompt wrote are never visible, because a row's decode writes column length[b]
+before any query may see it, and queries see only columns up to their own. Rows join (`merge`) and
+leave (`select`) between steps. Why padded blocks and not paged caches: on the CPU and for the
+small experts we serve, one batched SDPA call per layer over a padded block is faster than a call
+per sequence, and it needs no attention kernel of our own.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,56 +33,15 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+MIN_CAPACITY = 64  # columns: the smallest block a batch starts with
 
-class PaddedLayer(CacheLayerMixin):
-    """One layer's keys and values, [rows, kv_heads, columns, head_dim], right-aligned in time."""
 
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, window: int | None) -> None:
-        super().__init__()
-        self.window = window
-        self.is_sliding = window is not None
-
-    def keep(self, columns: int) -> int:
-        """How many of the last `columns` time columns this layer stores."""
-        return columns if self.window is None else min(columns, self.window - 1)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (*key_states.shape[:2], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self.keys is not None and self.values is not None
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        n = self.keep(keys.shape[-2])
-        self.keys, self.values = keys[:, :, keys.shape[-2] - n :], values[:, :, values.shape[-2] - n :]
-        return keys, values  # this step's queries see every column they may need
-
-    def stored(self) -> int:
-        return 0 if self.keys is None else int(self.keys.shape[-2])
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.stored() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.stored()
-
-    def get_max_length(self) -> int:
-        return -1 if self.window is None else self.window - 1
-
-    def nbytes(self) -> int:
-        if self.keys is None or self.values is None:
-            return 0
-        return self.keys.numel() * self.keys.element_size() * 2
+def capacity_for(columns: int) -> int:
+    """The block width that holds `columns`: a power of two, at least MIN_CAPACITY."""
+    cap = MIN_CAPACITY
+    while cap < columns:
+        cap *= 2
+    return cap
 
 
 def layer_windows(config: Any) -> list[int | None]:
@@ -88,62 +54,141 @@ def layer_windows(config: Any) -> list[int | None]:
     return [int(window) if k == "sliding_attention" else None for k in kinds[:n]]
 
 
+_KWARGS: dict[type, dict[str, str]] = {}
+
+
+def forward_kwargs(model: Any) -> dict[str, str]:
+    """What this transformers version calls the cache and logits-to-keep arguments of `forward`."""
+    kw = _KWARGS.get(type(model))
+    if kw is None:
+        params = inspect.signature(model.forward).parameters
+        kw = {"cache": "cache" if "cache" in params else "past_key_values"}
+        if "logits_to_keep" in params:
+            kw["logits"] = "logits_to_keep"
+        _KWARGS[type(model)] = kw
+    return kw
+
+
+class BlockLayer(CacheLayerMixin):
+    """One layer's keys and values, [rows, kv_heads, capacity, head_dim], written in place."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: KVCache, window: int | None) -> None:
+        super().__init__()
+        self.owner = owner
+        self.window = window
+        self.is_sliding = window is not None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, cap = key_states.shape[0], self.owner.capacity
+        self.keys = key_states.new_zeros((rows, key_states.shape[1], cap, key_states.shape[-1]))
+        self.values = value_states.new_zeros((rows, value_states.shape[1], cap, value_states.shape[-1]))
+        mark_dynamic(self.keys, self.values)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        idx = self.owner.write_index  # [rows, 1, q, 1]: each row's next q columns
+        self.keys.scatter_(2, idx.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
+        self.values.scatter_(
+            2, idx.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states
+        )
+        width = self.owner.width
+        if width is None:  # compiled: the whole block, whose width is symbolic
+            return self.keys, self.values
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (self.owner.capacity if self.keys is None else self.keys.shape[2]), 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+def mark_dynamic(*blocks: torch.Tensor) -> None:
+    """Rows and capacity vary between steps: tell the compiler not to bake them in."""
+    for t in blocks:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+
+
 class KVCache(Cache):
-    """A batch's KV cache plus the row geometry (`start`, `columns`) that its masks come from."""
+    """A batch's KV blocks plus the row lengths that its masks and write positions come from."""
 
     def __init__(self, config: Any, attn_impl: str) -> None:
         self.windows = layer_windows(config)
-        super().__init__(layers=[PaddedLayer(w) for w in self.windows])
+        super().__init__(layers=[BlockLayer(self, w) for w in self.windows])
         kinds = getattr(config, "layer_types", None)
         self.kinds: list[str] | None = list(kinds[: len(self.windows)]) if kinds else None
         self.attn_impl = attn_impl
-        self.columns = 0  # time columns seen so far (the width of a full-attention layer)
-        self.start: list[int] = []  # per row: its first real column
+        self.lengths: list[int] = []  # per row: columns holding its tokens (its next write column)
+        self.capacity = MIN_CAPACITY
+        self.write_index = torch.zeros(0, 1, 1, 1, dtype=torch.long)
+        self.width: int | None = None  # columns the attention reads; None: the whole block
 
     @property
     def rows(self) -> int:
-        return len(self.start)
+        return len(self.lengths)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.columns
+        return self._layers()[layer_idx].get_seq_length()
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self._layers())
 
-    def _layers(self) -> list[PaddedLayer]:
+    def _layers(self) -> list[BlockLayer]:
         return self.layers  # type: ignore[return-value]
+
+    def _blocks(self) -> list[BlockLayer]:
+        return [layer for layer in self._layers() if layer.keys is not None and layer.values is not None]
 
     # -- what the next forward needs --------------------------------------------------------------
 
-    def open_rows(self, lengths: Sequence[int]) -> None:
-        """Start an empty cache for new rows of these prompt lengths, right-aligned to the longest."""
-        width = max(lengths)
-        self.start = [width - n for n in lengths]
+    def open_rows(self, rows: int) -> None:
+        """Start an empty cache for `rows` new rows (prefill feeds them the same columns)."""
+        self.lengths = [0] * rows
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """After a padded prefill: each row's real length (columns past it are never seen)."""
+        assert len(lengths) == self.rows
+        self.lengths = list(lengths)
 
     def step_inputs(
-        self, q: int, device: torch.device, dtype: torch.dtype
+        self, q: int, device: torch.device, dtype: torch.dtype, whole: bool = False
     ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
-        """For the next q columns: the attention masks (one per layer kind when the model has
-        several) and the position ids [rows, q] (each row counts from its own first token)."""
-        start = torch.tensor(self.start, device=device)
-        qcol = torch.arange(self.columns, self.columns + q, device=device)
-        positions = (qcol[None, :] - start[:, None]).clamp(min=0)
+        """Prepare the next q columns of every row: grow the blocks if needed, set the write
+        positions, and return the attention masks (one per layer kind when the model has several)
+        and the position ids [rows, q]. `whole`: attend over the whole block (the compiled step,
+        whose shapes must not change per step) rather than just the columns in use."""
+        self._grow(max(self.lengths) + q)
+        qcol = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(q, device=device)
+        self.write_index = qcol[:, None, :, None]
+        self.width = None if whole else max(self.lengths) + q
+        width = self.capacity if whole else max(self.lengths) + q
         if self.kinds is None:
-            return self._mask(None, qcol, start, dtype), positions
+            return self._mask(None, qcol, width, dtype), qcol
         by_kind = dict(zip(self.kinds, self.windows, strict=True))
-        return {k: self._mask(w, qcol, start, dtype) for k, w in by_kind.items()}, positions
+        return {k: self._mask(w, qcol, width, dtype) for k, w in by_kind.items()}, qcol
 
-    def _mask(
-        self, window: int | None, qcol: torch.Tensor, start: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        stored = self.columns if window is None else min(self.columns, window - 1)
-        kcol = torch.arange(self.columns - stored, self.columns + qcol.numel(), device=qcol.device)
-        allowed = (kcol[None, None, :] >= start[:, None, None]) & (kcol[None, None, :] <= qcol[None, :, None])
+    def _mask(self, window: int | None, qcol: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        kcol = torch.arange(width, device=qcol.device)
+        allowed = kcol[None, None, :] <= qcol[:, :, None]  # every query sees at least itself
         if window is not None:
-            allowed &= qcol[None, :, None] - kcol[None, None, :] < window
-        # A padding query sees itself, so no row of the softmax is empty (an empty one gives NaN,
-        # and NaN in a padding column's values would leak into real rows through 0 * NaN).
-        allowed |= kcol[None, None, :] == qcol[None, :, None]
+            allowed &= qcol[:, :, None] - kcol[None, None, :] < window
         allowed = allowed[:, None]  # [rows, 1, q, keys]
         if self.attn_impl == "sdpa":
             return allowed
@@ -152,14 +197,26 @@ class KVCache(Cache):
         )
 
     def advance(self, q: int) -> None:
-        self.columns += q
+        self.lengths = [n + q for n in self.lengths]
+
+    def _grow(self, columns: int) -> None:
+        if columns <= self.capacity:
+            return
+        self._resize(capacity_for(columns))
+
+    def _resize(self, capacity: int) -> None:
+        for layer in self._blocks():
+            assert layer.keys is not None and layer.values is not None
+            layer.keys, layer.values = _fit(layer.keys, capacity), _fit(layer.values, capacity)
+            mark_dynamic(layer.keys, layer.values)
+        self.capacity = capacity
 
     # -- rows joining and leaving -------------------------------------------------------------------
 
     def merge(self, other: KVCache) -> None:
-        """Append `other`'s rows, right-aligning both blocks on one time axis (left padding)."""
+        """Append `other`'s rows (both blocks widened to the larger capacity)."""
         if not self.rows:
-            self.columns, self.start = other.columns, list(other.start)
+            self.lengths, self.capacity = list(other.lengths), other.capacity
             for mine, theirs in zip(self._layers(), other._layers(), strict=True):
                 mine.keys, mine.values, mine.is_initialized = (
                     theirs.keys,
@@ -167,39 +224,36 @@ class KVCache(Cache):
                     theirs.is_initialized,
                 )
             return
-        width = max(self.columns, other.columns)
-        shift_a, shift_b = width - self.columns, width - other.columns
-        for a, b in zip(self._layers(), other._layers(), strict=True):
-            n = a.keep(width)
+        cap = max(self.capacity, other.capacity)
+        self._resize(cap)
+        other._resize(cap)
+        for a, b in zip(self._blocks(), other._blocks(), strict=True):
             assert a.keys is not None and a.values is not None and b.keys is not None and b.values is not None
-            a.keys = torch.cat([_pad_left(a.keys, n), _pad_left(b.keys, n)])
-            a.values = torch.cat([_pad_left(a.values, n), _pad_left(b.values, n)])
-        self.start = [s + shift_a for s in self.start] + [s + shift_b for s in other.start]
-        self.columns = width
+            a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+            mark_dynamic(a.keys, a.values)
+        self.lengths += other.lengths
 
     def select(self, keep: Sequence[int]) -> None:
-        """Keep only these rows, and trim the columns that are padding in every remaining row."""
+        """Keep only these rows; shrink the blocks when the longest remaining row needs a quarter."""
         if not keep:
-            self.start, self.columns = [], 0
+            self.lengths, self.capacity = [], MIN_CAPACITY
             for layer in self._layers():
                 layer.keys = layer.values = None
                 layer.is_initialized = False
             return
-        start = [self.start[i] for i in keep]
-        lead = min(start)
-        width = self.columns - lead
-        idx = torch.tensor(list(keep))
-        for layer in self._layers():
-            if layer.keys is None or layer.values is None:
-                continue
-            n = layer.keep(width)
-            rows = idx.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, rows)[:, :, layer.keys.shape[-2] - n :]
-            layer.values = layer.values.index_select(0, rows)[:, :, layer.values.shape[-2] - n :]
-        self.start = [s - lead for s in start]
-        self.columns = width
+        self.lengths = [self.lengths[i] for i in keep]
+        for layer in self._blocks():
+            assert layer.keys is not None and layer.values is not None
+            rows = torch.tensor(list(keep), device=layer.keys.device)
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+            mark_dynamic(layer.keys, layer.values)
+        need = capacity_for(max(self.lengths) + 1)
+        if need * 4 <= self.capacity:
+            self._resize(need * 2)
 
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zero columns on the left of a [rows, heads, columns, dim] block until it has n columns."""
-    return F.pad(t, (0, 0, n - t.shape[-2], 0))
+def _fit(t: torch.Tensor, columns: int) -> torch.Tensor:
+    """A [rows, heads, columns, dim] block cut or zero-padded on the right to `columns`."""
+    if t.shape[2] >= columns:
+        return t[:, :, :columns].contiguous()
+    return F.pad(t, (0, 0, 0, columns - t.shape[2]))

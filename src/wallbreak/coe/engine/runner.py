@@ -9,7 +9,6 @@ strings.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.engine.kv import KVCache, layer_windows
+from wallbreak.coe.engine.compiled import CompiledSteps, run_step
+from wallbreak.coe.engine.kv import KVCache, capacity_for, forward_kwargs, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
 
 
@@ -47,11 +47,12 @@ def logprob_of(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
 
 
 def kv_bytes_per_row(config: Any, dtype: torch.dtype, columns: int) -> int:
-    """KV bytes one row of a batch needs at `columns` time columns (sliding layers stop growing)."""
+    """KV bytes one row of a batch holds at `columns` time columns (the block rounds up to its
+    capacity; sliding layers keep every column too, see `engine.kv`)."""
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     per_column = 2 * kv_heads * head_dim * dtype.itemsize
-    return sum(per_column * (columns if w is None else min(columns, w - 1)) for w in layer_windows(config))
+    return per_column * capacity_for(columns) * len(layer_windows(config))
 
 
 @dataclass
@@ -70,7 +71,15 @@ class Seq:
 
 
 class Batch:
-    def __init__(self, expert: str, eos_ids: frozenset[int], context: int, prefill_chunk: int) -> None:
+    def __init__(
+        self,
+        expert: str,
+        eos_ids: frozenset[int],
+        context: int,
+        prefill_chunk: int,
+        layout: str = "",
+        steps: CompiledSteps | None = None,
+    ) -> None:
         self.expert = expert
         self.eos_ids = eos_ids
         self.context = context
@@ -78,37 +87,41 @@ class Batch:
         self.seqs: list[Seq] = []
         self.cache: KVCache | None = None
         self.next: list[int] = []  # the token each sequence feeds next
-        self._kw: dict[str, str] | None = None
+        self.layout = layout  # the architecture key its compiled step is known by
+        self.steps = steps
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     # -- model calls --------------------------------------------------------------------------
 
-    def _forward(self, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed ids [rows, q] at the cache's next columns; the last column's logits [rows, vocab]."""
-        if self._kw is None:
-            params = inspect.signature(model.forward).parameters
-            self._kw = {"cache": "cache" if "cache" in params else "past_key_values"}
-            if "logits_to_keep" in params:
-                self._kw["logits"] = "logits_to_keep"
+    def _forward(
+        self, model: nn.Module, ids: torch.Tensor, cache: KVCache, keep: Sequence[int] = (-1,)
+    ) -> torch.Tensor:
+        """Feed ids [rows, q] at each row's next columns; the logits at columns `keep` of this
+        chunk, [rows, len(keep), vocab]."""
+        names = forward_kwargs(model)
         q = ids.shape[1]
         dtype = next(model.parameters()).dtype
-        kw: dict[str, Any] = {self._kw["cache"]: cache}
-        if "logits" in self._kw:
-            kw[self._kw["logits"]] = 1  # a 262k vocabulary times a prompt would be gigabytes
+        kw: dict[str, Any] = {names["cache"]: cache}
+        if "logits" in names:  # a 262k vocabulary times a prompt would be gigabytes
+            rel = [k % q for k in keep]
+            kw[names["logits"]] = 1 if rel == [q - 1] else torch.tensor(rel, device=ids.device)
         masks, positions = cache.step_inputs(q, ids.device, dtype)
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=True, **kw)
         cache.advance(q)
-        return out.logits[:, -1]
+        logits = out.logits
+        if "logits" not in names:
+            logits = logits[:, [k % q for k in keep]]
+        return logits
 
     def _new_cache(self, model: nn.Module) -> KVCache:
         cfg: Any = model.config
         return KVCache(cfg, getattr(cfg, "_attn_implementation", None) or "eager")
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
-        """Prefill the new requests together (left-padded to one length) and merge them in."""
+        """Prefill the new requests together and merge them into the running batch."""
         live = []
         for req in reqs:
             if req.cancelled.is_set():
@@ -117,17 +130,8 @@ class Batch:
                 live.append(req)
         if not live:
             return
-        device = next(model.parameters()).device
         cache = self._new_cache(model)
-        lengths = [len(r.prompt_ids) for r in live]
-        cache.open_rows(lengths)
-        width = max(lengths)
-        ids = torch.zeros(len(live), width, dtype=torch.long)
-        for i, r in enumerate(live):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        ids = ids.to(device)
-        for c0 in range(0, width, self.prefill_chunk):
-            logits = self._forward(model, ids[:, c0 : c0 + self.prefill_chunk], cache)
+        logits = self._prefill(model, cache, [r.prompt_ids for r in live])
         if self.cache is None:
             self.cache = cache
         else:
@@ -142,6 +146,28 @@ class Batch:
         self._take_all(logits, first)
         self._drop_finished()
 
+    def _prefill(self, model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prefill new rows together, prompts right-padded to the longest, in chunks (so a 32k-token
+        prompt never builds a 32k x 32k mask); each row's logits at its own last prompt token."""
+        device = next(model.parameters()).device
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(device)
+        cache.open_rows(len(prompts))
+        last: list[torch.Tensor | None] = [None] * len(prompts)
+        for c0 in range(0, width, self.prefill_chunk):
+            q = min(self.prefill_chunk, width - c0)
+            ends = sorted({n - 1 - c0 for n in lengths if c0 <= n - 1 < c0 + q})
+            logits = self._forward(model, ids[:, c0 : c0 + q], cache, ends or [-1])
+            for i, n in enumerate(lengths):
+                if c0 <= n - 1 < c0 + q:
+                    last[i] = logits[i, ends.index(n - 1 - c0)]
+        cache.set_lengths(lengths)
+        return torch.stack([t for t in last if t is not None])
+
     def step(self, model: nn.Module) -> int:
         """One decode step for every live sequence; returns how many tokens were produced."""
         self._drop_finished()
@@ -150,7 +176,10 @@ class Batch:
         assert self.cache is not None
         device = next(model.parameters()).device
         ids = torch.tensor(self.next, device=device)[:, None]
-        logits = self._forward(model, ids, self.cache)
+        if self.steps is None:
+            logits = run_step(model, ids, self.cache, None)
+        else:
+            logits = self.steps.step(self.layout, model, ids, self.cache)
         n = len(self.seqs)
         self._take_all(logits, 0)
         self._drop_finished()

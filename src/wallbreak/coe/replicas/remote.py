@@ -87,6 +87,7 @@ class RemoteEngine:
     async def _relay(self, req: EngineRequest) -> None:
         produced: list[int] = []
         tried: set[int] = set()
+        self.placement.requested(req.expert)
         while True:
             if self.placement.down and time.monotonic() - self._refreshed > REFRESH_S:
                 await self.refresh()
@@ -194,6 +195,10 @@ class RemoteEngine:
                 setattr(tiers, k, getattr(tiers, k) + int(t.get(k, 0)))
         self.stats, self.tiers.stats = engine, tiers
 
+    def compile_summary(self) -> dict[str, Any]:
+        """Each replica compiles its own decode steps; its /health would say which."""
+        return {"policy": "per replica"}
+
     def health(self) -> dict[str, Any]:
         """The replicas part of /health: who is up, which experts each is placed with and holds."""
         return {
@@ -208,6 +213,7 @@ class RemoteEngine:
                 for i in range(len(self.handles))
             ],
             "retried_requests": self.retries,
+            "requests_by_expert": dict(sorted(self.placement.requests.items())),  # for --expert-load
         }
 
 

@@ -66,6 +66,7 @@ def create_app(
             "active": engine.active(),
             "kv_bytes": engine.kv_bytes(),
             "engine": dict(engine.stats.__dict__),
+            "compile": engine.compile_summary(),
             "tiers": engine.tiers.stats.summary(),
         }
 

@@ -38,6 +38,7 @@ class ServeOptions:
     max_wait_s: float = defaults.MAX_WAIT_S
     kv_budget: int = defaults.KV_BUDGET
     direct_io: str = "auto"  # O_DIRECT disk reads: auto (when not cached), on, off
+    compile: str = defaults.COMPILE
 
     def __post_init__(self) -> None:
         if self.direct_io not in ("auto", "on", "off"):
@@ -105,7 +106,14 @@ def build(
             bundle,
             tiers,
             tokenizers,
-            EngineConfig(opts.policy, opts.max_batch, opts.max_wait_s, opts.max_queue, opts.kv_budget),
+            EngineConfig(
+                opts.policy,
+                opts.max_batch,
+                opts.max_wait_s,
+                opts.max_queue,
+                opts.kv_budget,
+                compile=opts.compile,
+            ),
         )
         router = Router.load(bundle) if with_router and len(bundle.names) > 1 else None
     except BaseException:

@@ -1,0 +1,116 @@
+"""The serving engine's compiled decode step: same tokens as eager, no recompiles across switches,
+continuous batching intact, and a clean fall back to eager."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import make_engine, run
+from wallbreak.coe.engine import Engine
+from wallbreak.coe.engine import compiled as compiled_mod
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [90, 91, 92, 93], [3] * 70]  # the last crosses 64 columns
+
+
+def serve(eng: Engine, jobs: list[tuple[str, list[int]]], n: int, together: bool) -> list[list[int]]:
+    if together:
+        cs = [run(eng, e, p, n) for e, p in jobs]
+    else:
+        cs = []
+        for e, p in jobs:
+            cs.append(run(eng, e, p, n))
+            assert cs[-1].done.wait(120)
+    for c in cs:
+        assert c.done.wait(120) and c.finish == "length", c.error
+    return [c.tokens for c in cs]
+
+
+def wait_ready(eng: Engine, expert: str) -> None:
+    """Serve one request (eagerly, while the step compiles in the background) until it is ready."""
+    key = eng.layouts[expert]
+    deadline = time.monotonic() + 600
+    while eng.steps.state.get(key) != "ready":
+        assert eng.steps.state.get(key) != "eager", "the compiled step gave up"
+        assert time.monotonic() < deadline, "compiling took over 10 minutes"
+        serve(eng, [(expert, [1, 2, 3])], 2, together=False)
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("bundle", ["synth_bundle_dir", "arch_bundle_dir"])
+def test_compiled_decode_gives_eager_tokens_and_never_recompiles_on_switch(
+    bundle: str, request: pytest.FixtureRequest
+) -> None:
+    path: Path = request.getfixturevalue(bundle)
+    eager, tiers_e = make_engine(path, compile="off")
+    eager.start()
+    comp, tiers_c = make_engine(path, compile="on")
+    comp.start()
+    try:
+        experts = eager.experts
+        jobs = [(experts[i % len(experts)], p) for i, p in enumerate(PROMPTS)]
+        want_alone = serve(eager, jobs, 12, together=False)
+        want_together = serve(eager, jobs, 12, together=True)
+        assert want_together == want_alone
+        for e in experts:
+            wait_ready(comp, e)
+        before = comp.steps.compiled_steps
+        # Alone and together, every expert switched in and out of the slots several times.
+        assert serve(comp, jobs, 12, together=False) == want_alone
+        assert serve(comp, jobs, 12, together=True) == want_alone
+        assert serve(comp, jobs[::-1], 12, together=True) == want_alone[::-1]
+        assert comp.stats.switches >= len(experts)
+        assert comp.steps.compiled_steps > before
+        assert comp.steps.recompiles == 0
+    finally:
+        for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
+            eng.stop(timeout=5)
+            tiers.close()
+
+
+def test_a_compiled_step_that_fails_falls_back_to_eager_with_one_warning(
+    synth_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> object:
+        def fn(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("no C++ compiler here\nsecond line")
+
+        return fn
+
+    monkeypatch.setattr(compiled_mod, "_compiled_decode", broken)
+    eng, tiers = make_engine(synth_bundle_dir, compile="on")
+    eng.start()
+    try:
+        expert = eng.experts[0]
+        with caplog.at_level(logging.WARNING, logger="wallbreak.coe.engine.compiled"):
+            first = serve(eng, [(expert, PROMPTS[0])], 8, together=False)
+            deadline = time.monotonic() + 60
+            while eng.steps.state.get(eng.layouts[expert]) == "compiling" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = serve(eng, [(expert, PROMPTS[0])], 8, together=False)
+        assert eng.steps.state[eng.layouts[expert]] == "eager"
+        assert first == again
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            len(warnings) == 1 and "no C++ compiler here" in warnings[0] and "second line" not in warnings[0]
+        )
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()
+
+
+def test_auto_compiles_compact_experts_and_leaves_fp32_eager_on_the_cpu() -> None:
+    import torch
+
+    steps = compiled_mod.CompiledSteps("auto")
+    fp32 = torch.nn.Linear(2, 2)
+    bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert not steps.wanted(fp32) and steps.wanted(bf16)
+    assert not compiled_mod.CompiledSteps("off").wanted(bf16)
+    assert steps.max_rows(bf16) == 1 and compiled_mod.CompiledSteps("on").max_rows(bf16) > 8
+    assert compiled_mod.CompiledSteps("on").wanted(fp32)
+    with pytest.raises(Exception, match="choose from auto, on, off"):
+        compiled_mod.CompiledSteps("fast")
