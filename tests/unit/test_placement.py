@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from wallbreak.coe.replicas.placement import Placement
+from wallbreak.coe.replicas.placement import Placement, read_load
 from wallbreak.errors import ConfigError
 
 
@@ -56,3 +59,39 @@ def test_a_down_replica_is_routed_around_and_its_experts_move() -> None:
 def test_bad_replica_counts_are_one_clear_message() -> None:
     with pytest.raises(ConfigError, match="--replicas must be at least 1"):
         Placement.spread(["a"], 0)
+
+
+def test_expert_load_files_measured_or_written_by_hand(tmp_path: Path) -> None:
+    experts = ["a", "b", "c", "d"]
+    health = tmp_path / "health.json"  # what an earlier deployment's /health said
+    health.write_text(json.dumps({"status": "ok", "requests_by_expert": {"a": 120, "b": 100, "c": 3}}))
+    load = read_load(health, experts)
+    assert load == {"a": 120.0, "b": 100.0, "c": 3.0, "d": 0.0}
+    p = Placement.spread(experts, 2, load)
+    assert p.holders["a"] != p.holders["b"]
+    plain = tmp_path / "load.json"
+    plain.write_text(json.dumps({"d": 2.5}))
+    assert read_load(plain, experts)["d"] == 2.5
+    for text, msg in [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "want a JSON object"),
+        ('{"zz": 1}', "not in the bundle"),
+        ('{"a": -1}', "numbers >= 0"),
+        ('{"a": "many"}', "numbers >= 0"),
+    ]:
+        plain.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            read_load(plain, experts)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_load(tmp_path / "missing.json", experts)
+
+
+def test_the_table_counts_requests_once_each_for_the_next_spread() -> None:
+    p = Placement.spread(["a", "b"], 2)
+    for e in ["a", "a", "b"]:
+        p.requested(e)
+        r = p.choose(e)
+        assert r is not None
+        p.started(r, e)
+        p.finished(r, e)
+    assert p.requests == {"a": 2, "b": 1}

@@ -102,7 +102,7 @@ class ReplicaServer:
             self.tiers.close()
 
 
-def build_ingress_app(opts: ServeOptions, replicas: int) -> Any:
+def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
     """The ingress's ASGI app; Ray Serve calls this on the ingress replica, not in the driver."""
     from ray import serve
 
@@ -119,14 +119,14 @@ def build_ingress_app(opts: ServeOptions, replicas: int) -> Any:
     tokenizers = load_tokenizers(bundle, entries)
     router = Router.load(bundle) if len(bundle.names) > 1 else None
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
-    placement = Placement.spread([e.name for e in entries], replicas)
+    placement = Placement.spread([e.name for e in entries], replicas, load)
     remote = RemoteEngine(bundle, handles, placement, opts.max_queue * replicas)
     app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote)  # type: ignore[arg-type]
     app.state.metrics.registry.register(ReplicaCollector(remote))
     return app
 
 
-def deployment_graph(opts: ServeOptions, replicas: int) -> Any:
+def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
     """The Ray Serve application: the ingress, bound to the N replica deployments it relays to."""
     from ray import serve
 
@@ -140,7 +140,7 @@ def deployment_graph(opts: ServeOptions, replicas: int) -> Any:
     bound = [replica.options(name=replica_name(i)).bind(i, opts) for i in range(replicas)]
 
     def builder() -> Any:
-        return build_ingress_app(opts, replicas)
+        return build_ingress_app(opts, replicas, load)
 
     class Ingress:
         def __init__(self, *replica_handles: Any) -> None:
@@ -156,8 +156,13 @@ def deployment_graph(opts: ServeOptions, replicas: int) -> Any:
     return ingress.bind(*bound)
 
 
-def serve_ray(opts: ServeOptions, address: str | None, replicas: int) -> None:
-    """Deploy on the local Ray (address None: start one on 127.0.0.1) or a cluster, then block."""
+def serve_ray(
+    opts: ServeOptions, address: str | None, replicas: int, expert_load: Path | None = None
+) -> None:
+    """Deploy on the local Ray (address None: start one on 127.0.0.1) or a cluster, then block.
+    `expert_load`: measured requests per expert for the initial spread (`placement.read_load`)."""
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.replicas.placement import read_load
     from wallbreak.coe.server.serve import ensure_default_bundle
 
     if replicas < 1:
@@ -168,6 +173,7 @@ def serve_ray(opts: ServeOptions, address: str | None, replicas: int) -> None:
     except ImportError:
         raise ConfigError("--ray needs Ray Serve: pip install 'wallbreak[ray]'") from None
     root = Path(opts.bundle) if opts.bundle is not None else ensure_default_bundle()
+    load = read_load(expert_load, Bundle.open(root, lenient=True).names) if expert_load else None
     # Resolved here, in the driver: the ingress runs in a Ray worker, whose environment may differ.
     api_key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
     opts = dataclasses.replace(opts, bundle=root.resolve(), api_key=api_key)
@@ -180,7 +186,7 @@ def serve_ray(opts: ServeOptions, address: str | None, replicas: int) -> None:
         signal.signal(sig, lambda s, _f: stop.set())
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
-        serve.run(deployment_graph(opts, replicas), name=APP, route_prefix="/")
+        serve.run(deployment_graph(opts, replicas, load), name=APP, route_prefix="/")
         print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 through Ray Serve, {replicas} "
               "replica(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()

@@ -1,9 +1,11 @@
 """Which replica serves which expert: a static spread by expected load, then hot experts replicated.
 
 The ingress owns this table (one owner: replicas never decide placement). Rules:
-1. **Start**: experts are spread over the replicas greedily, heaviest expected load first, each to the
-   replica with the least load so far (ties: fewest experts, then lowest index). Without measured
-   load every expert counts the same, which deals them round-robin.
+1. **Start**: experts are spread over the replicas greedily, heaviest load first, each to the
+   replica with the least load so far (ties: fewest experts, then lowest index). The load is
+   measured: `--expert-load FILE` reads the requests per expert that an earlier deployment's
+   /health reported (`requests_by_expert`, counted by this table), or any {expert: weight} JSON.
+   Without it every expert counts the same, which deals them round-robin.
 2. **Route**: a request goes to the expert's holder with the fewest requests in flight.
 3. **Replicate when hot**: if every holder of an expert has at least `hot_queue` requests *for that
    expert* in flight (a batch's worth is waiting) and some other live replica has at most half as
@@ -18,10 +20,40 @@ The ingress owns this table (one owner: replicas never decide placement). Rules:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wallbreak.errors import ConfigError
+
+
+def read_load(path: Path, experts: Sequence[str]) -> dict[str, float]:
+    """An --expert-load file: {expert: requests or weight}, or a saved /health answer (its
+    `requests_by_expert`). Experts it does not name weigh 0; names the bundle lacks are an error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--expert-load {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--expert-load {path}: not JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("requests_by_expert"), dict):
+        data = data["requests_by_expert"]
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(
+            f"--expert-load {path}: want a JSON object {{expert: requests}}, or a saved /health answer"
+        )
+    unknown = sorted(set(data) - set(experts))
+    if unknown:
+        raise ConfigError(
+            f"--expert-load {path}: {len(unknown)} expert(s) not in the bundle, e.g. {unknown[:3]}; "
+            f"the bundle has {', '.join(list(experts)[:5])}{'...' if len(experts) > 5 else ''}"
+        )
+    bad = [k for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int | float) or v < 0]
+    if bad:
+        first = bad[0]
+        raise ConfigError(f"--expert-load {path}: loads must be numbers >= 0; {first!r} has {data[first]!r}")
+    return {e: float(data.get(e, 0.0)) for e in experts}
 
 
 @dataclass
@@ -32,6 +64,7 @@ class Placement:
     inflight: list[int] = field(default_factory=list)  # per replica, all experts
     per_expert: dict[tuple[str, int], int] = field(default_factory=dict)  # (expert, replica) -> in flight
     down: set[int] = field(default_factory=set)
+    requests: dict[str, int] = field(default_factory=dict)  # expert -> requests routed (measured load)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -85,6 +118,10 @@ class Placement:
         idle = [r for r in self.live() if r not in held and self.inflight[r] <= queued // 2]
         if idle:
             self.holders[expert].append(min(idle, key=lambda r: (self.inflight[r], r)))
+
+    def requested(self, expert: str) -> None:
+        """One request arrived for `expert` (retries are not counted again)."""
+        self.requests[expert] = self.requests.get(expert, 0) + 1
 
     def started(self, replica: int, expert: str) -> None:
         self.inflight[replica] += 1
