@@ -62,6 +62,17 @@ def test_compiled_decode_gives_eager_tokens_and_never_recompiles_on_switch(
         assert serve(comp, jobs, 12, together=False) == want_alone
         assert serve(comp, jobs, 12, together=True) == want_alone
         assert serve(comp, jobs[::-1], 12, together=True) == want_alone[::-1]
+        # Rows joining a running batch (merge), leaving it early (select), and a row whose context
+        # crosses the block's capacity while decoding (growth): none of it may recompile.
+        e = experts[0]
+        long = run(comp, e, [7] * 60, 20)
+        while len(long.tokens) < 3:
+            assert not long.done.wait(0.01), long.error
+        short = [run(comp, e, p, n) for p, n in ((PROMPTS[1], 4), (PROMPTS[2], 12))]
+        for c in (long, *short):
+            assert c.done.wait(120) and c.finish == "length", c.error
+        want = serve(eager, [(e, [7] * 60), (e, PROMPTS[1]), (e, PROMPTS[2])], 20, together=False)
+        assert [long.tokens, short[0].tokens, short[1].tokens] == [want[0], want[1][:4], want[2][:12]]
         assert comp.stats.switches >= len(experts)
         assert comp.steps.compiled_steps > before
         assert comp.steps.recompiles == 0

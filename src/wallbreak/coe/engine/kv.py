@@ -204,6 +204,10 @@ class KVCache(Cache):
             return
         self._resize(capacity_for(columns))
 
+    # Blocks are always made under inference mode, as the forward makes them: a block made outside it
+    # carries another dispatch key, and the compiled step would recompile for it.
+
+    @torch.inference_mode()
     def _resize(self, capacity: int) -> None:
         for layer in self._blocks():
             assert layer.keys is not None and layer.values is not None
@@ -213,6 +217,7 @@ class KVCache(Cache):
 
     # -- rows joining and leaving -------------------------------------------------------------------
 
+    @torch.inference_mode()
     def merge(self, other: KVCache) -> None:
         """Append `other`'s rows (both blocks widened to the larger capacity)."""
         if not self.rows:
@@ -233,6 +238,7 @@ class KVCache(Cache):
             mark_dynamic(a.keys, a.values)
         self.lengths += other.lengths
 
+    @torch.inference_mode()
     def select(self, keep: Sequence[int]) -> None:
         """Keep only these rows; shrink the blocks when the longest remaining row needs a quarter."""
         if not keep:
