@@ -113,15 +113,25 @@ def test_a_compiled_step_that_fails_falls_back_to_eager_with_one_warning(
         tiers.close()
 
 
-def test_auto_compiles_compact_experts_and_leaves_fp32_eager_on_the_cpu() -> None:
+def test_auto_compiles_int8_int4_experts_at_one_row_and_leaves_float_ones_eager_on_the_cpu(
+    tmp_path: Path,
+) -> None:
     import torch
 
-    steps = compiled_mod.CompiledSteps("auto")
+    from helpers import make_tiny_llama_folder
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.tiers.device import load_standalone
+
+    import_expert(make_tiny_llama_folder(tmp_path / "hf"), "l8", tmp_path / "b", dtype="int8")
+    int8 = load_standalone(Bundle.open(tmp_path / "b"), "l8")
     fp32 = torch.nn.Linear(2, 2)
     bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    assert not steps.wanted(fp32) and steps.wanted(bf16)
-    assert not compiled_mod.CompiledSteps("off").wanted(bf16)
-    assert steps.max_rows(bf16) == 1 and compiled_mod.CompiledSteps("on").max_rows(bf16) > 8
-    assert compiled_mod.CompiledSteps("on").wanted(fp32)
+    auto = compiled_mod.CompiledSteps("auto")
+    assert auto.wanted(int8) and auto.max_rows(int8) == 1
+    assert not auto.wanted(fp32) and not auto.wanted(bf16)
+    assert not compiled_mod.CompiledSteps("off").wanted(int8)
+    on = compiled_mod.CompiledSteps("on")
+    assert on.wanted(fp32) and on.max_rows(fp32) > 8
     with pytest.raises(Exception, match="choose from auto, on, off"):
         compiled_mod.CompiledSteps("fast")

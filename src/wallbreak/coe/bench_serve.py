@@ -241,6 +241,7 @@ def _one_run(
     res["switches_per_request"] = res["switches"] / len(seq)
     # Engine switches count every change of the running expert, resident or not; these count loads.
     res["device_loads"] = t1["switches"] - t0["switches"]
+    res["device_loads_per_request"] = res["device_loads"] / len(seq)
     res["host_evictions"] = t1["evictions"]["host"] - t0["evictions"]["host"]
     if "replicas" in h1:
         res["replicas"] = [{k: r.get(k) for k in ("index", "placed", "device")} for r in h1["replicas"]]
