@@ -1,6 +1,6 @@
 """The serving engine's compiled decode step against its eager one, on one expert (issue 12).
 
-    python benchmarks/engine_compile.py --bundle DIR --expert NAME [--compile on|off]
+    python benchmarks/engine_compile.py --bundle DIR --expert NAME [--compile all|on|off]
         [--prompt-tokens 128] [--tokens 32] [--repeats 3]
 
 Runs the real engine (tiers, scheduler, continuous batching, the fixed-capacity KV blocks) on one
@@ -8,7 +8,8 @@ expert: 1 and then 8 concurrent greedy requests with the same prompt (English te
 `--prompt-tokens` tokens), `--repeats` times each. Decode tokens/s is the tokens after each
 request's first, over the time from the first request's first token to the last request's last
 token (prefill excluded, as `benchmarks/llamacpp_anchor.py` times llama.cpp); `e2e` includes
-prefill. Best of the repeats. With `--compile on` it first waits, serving, until the background
+prefill. Best of the repeats. `--compile all` (default) compiles every batch size; `on` is
+`serve --compile on`. With either, it first waits, serving, until the background
 compile of the expert's decode step is ready, and reports how long that took. Prints one JSON
 object (a line per pass on stderr).
 """
@@ -73,7 +74,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--expert", required=True)
-    p.add_argument("--compile", choices=["on", "off"], default="on")
+    p.add_argument("--compile", choices=["all", "on", "off"], default="all")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -86,7 +87,7 @@ def main() -> int:
         ids = (tok.encode_text(TEXT) * (1 + a.prompt_tokens // 32))[: a.prompt_tokens]
         t0 = time.perf_counter()
         key = eng.layouts[a.expert]
-        while a.compile == "on" and eng.steps.state.get(key) != "ready":
+        while a.compile != "off" and eng.steps.state.get(key) != "ready":
             if eng.steps.state.get(key) == "eager":
                 raise SystemExit("the compiled step gave up; see the warning above")
             one_pass(eng, a.expert, ids[:16], 1, 4)

@@ -173,9 +173,10 @@ def _serve_parser(verbs: Any) -> None:
         help="KV cache one batch may grow to before it stops admitting "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
-    sv.add_argument("--compile", choices=["auto", "on", "off"], default=defaults.COMPILE,
-                    help="compiled decode steps, built in the background while serving: auto (compact "
-                         "experts on CPU, at one row; every expert on CUDA), on (every expert, every "
+    sv.add_argument("--compile", choices=["auto", "on", "all", "off"], default=defaults.COMPILE,
+                    help="compiled decode steps, built in the background while serving: auto (every "
+                         "expert on CUDA; none on the CPU, where compiling stalls serving for minutes), "
+                         "on (also int8/int4 experts at batch size 1 on the CPU), all (every expert and "
                          f"batch size), off (default {defaults.COMPILE})")  # fmt: skip
     sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                     help="the same as --compile off")  # fmt: skip

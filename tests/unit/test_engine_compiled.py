@@ -47,7 +47,7 @@ def test_compiled_decode_gives_eager_tokens_and_never_recompiles_on_switch(
     path: Path = request.getfixturevalue(bundle)
     eager, tiers_e = make_engine(path, compile="off")
     eager.start()
-    comp, tiers_c = make_engine(path, compile="on")
+    comp, tiers_c = make_engine(path, compile="all")
     comp.start()
     try:
         experts = eager.experts
@@ -92,7 +92,7 @@ def test_a_compiled_step_that_fails_falls_back_to_eager_with_one_warning(
         return fn
 
     monkeypatch.setattr(compiled_mod, "_compiled_decode", broken)
-    eng, tiers = make_engine(synth_bundle_dir, compile="on")
+    eng, tiers = make_engine(synth_bundle_dir, compile="all")
     eng.start()
     try:
         expert = eng.experts[0]
@@ -113,9 +113,7 @@ def test_a_compiled_step_that_fails_falls_back_to_eager_with_one_warning(
         tiers.close()
 
 
-def test_auto_compiles_int8_int4_experts_at_one_row_and_leaves_float_ones_eager_on_the_cpu(
-    tmp_path: Path,
-) -> None:
+def test_which_experts_each_policy_compiles_on_the_cpu(tmp_path: Path) -> None:
     import torch
 
     from helpers import make_tiny_llama_folder
@@ -127,11 +125,11 @@ def test_auto_compiles_int8_int4_experts_at_one_row_and_leaves_float_ones_eager_
     int8 = load_standalone(Bundle.open(tmp_path / "b"), "l8")
     fp32 = torch.nn.Linear(2, 2)
     bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    auto = compiled_mod.CompiledSteps("auto")
-    assert auto.wanted(int8) and auto.max_rows(int8) == 1
-    assert not auto.wanted(fp32) and not auto.wanted(bf16)
-    assert not compiled_mod.CompiledSteps("off").wanted(int8)
-    on = compiled_mod.CompiledSteps("on")
-    assert on.wanted(fp32) and on.max_rows(fp32) > 8
-    with pytest.raises(Exception, match="choose from auto, on, off"):
+    policy = {name: compiled_mod.CompiledSteps(name) for name in compiled_mod.POLICIES}
+    assert not any(policy["auto"].wanted(m) for m in (int8, fp32, bf16))  # compiling stalls a small CPU
+    assert policy["on"].wanted(int8) and policy["on"].max_rows(int8) == 1
+    assert not policy["on"].wanted(fp32) and not policy["on"].wanted(bf16)
+    assert all(policy["all"].wanted(m) for m in (int8, fp32, bf16)) and policy["all"].max_rows(fp32) > 8
+    assert not any(policy["off"].wanted(m) for m in (int8, fp32, bf16))
+    with pytest.raises(Exception, match="choose from auto, on, all, off"):
         compiled_mod.CompiledSteps("fast")

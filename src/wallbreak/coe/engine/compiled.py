@@ -9,23 +9,25 @@ one architecture, and every expert switched into it (on the CPU a switch re-poin
 at the host arena; on a device it copies into the slot's fixed buffer), reuses the same graphs:
 `recompiles` counts anything else, and a test holds it at zero across switches.
 
-Prefill stays eager: at 128+ rows per call it is bound by the matmuls, and `bench fuse` measured
-no gain from compiling it on this CPU kind.
+Prefill stays eager: its chunk shapes vary, and `bench fuse` measured compiled prefill at 128 rows
+at 0.85x (fp32), 1.04x (bf16), 1.00x (int8) and 1.43x (int4) of eager; int4's gain is left.
 
-How many rows: on the CPU, `auto` compiles only the single-row step; see `max_rows`.
+When: the first time an architecture runs, a background thread compiles its step on throwaway
+caches (one row, then more) while the engine keeps serving eagerly; from the next step after it is
+ready, the engine calls the compiled step. Compilation that fails (no C++ compiler, an unsupported
+operator) logs one warning line and leaves that architecture eager; so does a compiled step that
+raises at serving time (the step is redone eagerly: its cache writes are idempotent).
 
-When: compiling SmolLM2's decode step takes a minute or more on two cores, and no request should
-wait for that. The first time an architecture runs, a background thread compiles its step on
-throwaway caches (one row, then two) while the engine keeps serving eagerly; from the next step
-after it is ready, the engine calls the compiled step. Compilation that fails (no C++ compiler, an
-unsupported operator) logs one warning line and leaves that architecture eager; so does a compiled
-step that raises at serving time (the step is redone eagerly: its cache writes are idempotent).
-
-Where: `policy` says which experts compile. `auto` compiles the compact int8/int4 experts on the
-CPU, at one row only, and every expert at every batch size on CUDA. Measured in the serving engine
-on SmolLM2 (`benchmarks/engine_compile.py`, README): at one row compiled/eager was 1.13x (int4),
-1.20x (int8), 0.90x (bf16) and 1.01x-1.20x (fp32, two runs); at eight rows every form lost (0.60x
-to 0.88x). `on` compiles every expert at every batch size, `off` none.
+Where (`policy`, `serve --compile`), from what the serving engine measured on SmolLM2
+(`benchmarks/engine_compile.py`, README): at one row compiled/eager was 1.13x (int4), 1.20x (int8),
+0.90x (bf16) and 1.01x-1.20x (fp32, two runs); at eight rows every form lost (0.60x to 0.88x). And
+compiling is not free while serving: Dynamo traces in Python, holding the GIL the engine thread
+needs between its operators, so on a 2-core CPU a first answer took 15.8 s instead of 0.6 s and an
+11-request burst 96 s instead of 27 s while the step compiled (a cold compile took 161-183 s per
+architecture in the engine benchmark).
+- `auto` (default): every expert at every batch size on CUDA; nothing on the CPU.
+- `on`: as auto on CUDA; on the CPU, the int8/int4 experts at one row (the measured wins).
+- `all`: every expert at every batch size (for measuring); `off`: nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from wallbreak.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("auto", "on", "off")
+POLICIES = ("auto", "on", "all", "off")
 
 
 def _decode(
@@ -105,20 +107,20 @@ class CompiledSteps:
         self._lock = threading.Lock()
 
     def wanted(self, model: nn.Module) -> bool:
-        if self.policy == "off":
-            return False
-        if self.policy == "on":
-            return True
+        if self.policy in ("off", "all"):
+            return self.policy == "all"
         if next(model.parameters()).device.type == "cuda":
             return True
-        from wallbreak.coe import compact  # int8/int4 experts: their linears are QuantLinear
+        if self.policy == "auto":
+            return False  # the CPU: compiling stalls serving for minutes (see the module's docstring)
+        from wallbreak.coe import compact  # `on`: int8/int4 experts, whose linears are QuantLinear
 
         return any(isinstance(m, compact.QuantLinear) for m in model.modules())
 
     def max_rows(self, model: nn.Module) -> int:
-        """The largest batch the compiled step runs: `auto` on the CPU compiles only the single-row
+        """The largest batch the compiled step runs: on the CPU, `on` compiles only the single-row
         step (measured in the engine on int4 SmolLM2: 1.13x eager at one row, 0.60x at eight)."""
-        if self.policy == "auto" and next(model.parameters()).device.type == "cpu":
+        if self.policy == "on" and next(model.parameters()).device.type == "cpu":
             return 1
         return 1 << 30
 
