@@ -21,10 +21,12 @@ raises at serving time (the step is redone eagerly: its cache writes are idempot
 Where (`policy`, `serve --compile`), from what the serving engine measured on SmolLM2
 (`benchmarks/engine_compile.py`, README): at one row compiled/eager was 1.13x (int4), 1.20x (int8),
 0.90x (bf16) and 1.01x-1.20x (fp32, two runs); at eight rows every form lost (0.60x to 0.88x). And
-compiling is not free while serving: Dynamo traces in Python, holding the GIL the engine thread
-needs between its operators, so on a 2-core CPU a first answer took 15.8 s instead of 0.6 s and an
-11-request burst 96 s instead of 27 s while the step compiled (a cold compile took 161-183 s per
-architecture in the engine benchmark).
+compiling is not free while serving. Dynamo traces in Python, holding the GIL that the engine
+thread takes back after every operator, and Inductor's C++ builds take the cores. On this 2-core
+CPU, `serve --compile on` over SmolLM2 + Gemma-3 int4 with Inductor's cache cleared: a first
+answer took 23.7 s and an 11-request burst 151 s, against 0.6 s and 26.5 s with `--no-compile`.
+Dropping Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`) brought
+that to 9.6 s and 103 s: better, still a stall.
 - `auto` (default): every expert at every batch size on CUDA; nothing on the CPU.
 - `on`: as auto on CUDA; on the CPU, the int8/int4 experts at one row (the measured wins).
 - `all`: every expert at every batch size (for measuring); `off`: nothing.
@@ -32,8 +34,11 @@ architecture in the engine benchmark).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -142,6 +147,10 @@ class CompiledSteps:
     def _warm(self, key: str, model: nn.Module) -> None:
         """Compile `key`'s step on throwaway caches: one row, then two (graphs for both shapes)."""
         torch.set_grad_enabled(False)
+        with _gil_handed_back_often():
+            self._compile(key, model)
+
+    def _compile(self, key: str, model: nn.Module) -> None:
         try:
             device = next(model.parameters()).device
             for rows in (1, 2, 3) if self.max_rows(model) > 1 else (1,):
@@ -184,6 +193,31 @@ class CompiledSteps:
             self.recompiles += built - self._built_when_ready
             self._built_when_ready = built
         return logits
+
+
+_compiling = 0
+_interval: float | None = None
+GIL_SLICE_S = 2e-4  # while compiling: how long the tracer may hold the GIL before handing it back
+
+
+@contextlib.contextmanager
+def _gil_handed_back_often() -> Iterator[None]:
+    """While a compile runs, Python's switch interval drops from 5 ms to GIL_SLICE_S. The tracer
+    holds the GIL in long Python stretches, and the engine thread gives it up at every operator,
+    so at 5 ms it waited up to 5 ms per operator."""
+    global _compiling, _interval
+    with _compiled_lock:
+        if _compiling == 0:
+            _interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_interval, GIL_SLICE_S))
+        _compiling += 1
+    try:
+        yield
+    finally:
+        with _compiled_lock:
+            _compiling -= 1
+            if _compiling == 0 and _interval is not None:
+                sys.setswitchinterval(_interval)
 
 
 def run_step(model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any) -> torch.Tensor:
