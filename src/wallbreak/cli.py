@@ -292,6 +292,8 @@ def _bench_parsers(verbs: Any) -> None:
     bs.add_argument("--ray", action="store_true",
                     help="through Ray Serve: 1 replica vs --replicas, the same budgets each")  # fmt: skip
     bs.add_argument("--replicas", type=int, default=2, help="with --ray (default 2)")
+    bs.add_argument("--expert-load", type=Path, metavar="FILE",
+                    help="with --ray: the servers' --expert-load (a run's requests_by_expert)")  # fmt: skip
     bs.add_argument("--json", action="store_true")
 
 
@@ -354,6 +356,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
     for name in args.policy or ():
         serving_policy(name)  # an unknown name fails here, before any server starts
+    if args.expert_load is not None:  # so does a bad load file
+        from wallbreak.coe.bundle import Bundle
+        from wallbreak.coe.replicas.placement import read_load
+
+        if not args.ray:
+            raise ConfigError("--expert-load places experts on Ray replicas; use it with --ray")
+        read_load(args.expert_load, Bundle.open(args.bundle, lenient=True).names)
     res = run_bench_serve(
         BenchServeArgs(
             args.bundle,
@@ -370,6 +379,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
             args.drop_caches,
             args.direct_io,
             args.replicas if args.ray else None,
+            args.expert_load,
         )
     )
     if args.plot:

@@ -49,6 +49,7 @@ class BenchServeArgs:
     drop_caches: bool = False  # start every server with the bundle out of the page cache (root)
     direct_io: str | None = None  # the servers' --direct-io
     replicas: int | None = None  # --ray: compare 1 replica with this many, each with the same budgets
+    expert_load: Path | None = None  # --ray: the servers' --expert-load (measured load per expert)
 
 
 def drop_page_cache() -> None:
@@ -97,6 +98,8 @@ class _Server:
             self.cmd += ["--direct-io", a.direct_io]
         if replicas:
             self.cmd += ["--ray", "--replicas", str(replicas)]
+            if a.expert_load:
+                self.cmd += ["--expert-load", str(a.expert_load)]
         self.proc: subprocess.Popen[str] | None = None
 
     def health(self) -> dict[str, Any]:
@@ -246,6 +249,7 @@ def _one_run(
     if "replicas" in h1:
         res["replicas"] = [{k: r.get(k) for k in ("index", "placed", "device")} for r in h1["replicas"]]
         res["retried_requests"] = h1["retried_requests"]
+        res["requests_by_expert"] = h1.get("requests_by_expert", {})  # what a next --expert-load reads
     res["switch_s"] = dt
     res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
     read = t1["bytes_disk_to_host"] - t0["bytes_disk_to_host"]
