@@ -38,7 +38,7 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -86,10 +86,11 @@ def graphs_built() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def decode_inputs(
+def marked_inputs(
     cache: KVCache, ids: torch.Tensor, dtype: torch.dtype, whole: bool
 ) -> tuple[Any, torch.Tensor]:
-    """The masks and positions of one decode step, rows (and with `whole`, columns) dynamic."""
+    """The masks and positions of the next ids [rows, q]; rows (and with `whole`, columns) marked
+    dynamic for the compiler (a no-op when eager)."""
     masks, positions = cache.step_inputs(ids.shape[1], ids.device, dtype, whole=whole)
     for t in [ids, positions, *(masks.values() if isinstance(masks, dict) else [masks])]:
         torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -220,15 +221,25 @@ def _gil_handed_back_often() -> Iterator[None]:
                 sys.setswitchinterval(_interval)
 
 
-def run_step(model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any) -> torch.Tensor:
-    """Feed ids [rows, 1] at each row's next column through `fn` (None: eager); logits [rows, vocab]."""
+def forward(
+    model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any = None, keep: Sequence[int] = (-1,)
+) -> torch.Tensor:
+    """Feed ids [rows, q] at each row's next columns through `fn` (None: eager); the logits at
+    columns `keep` of these q, [rows, len(keep), vocab] (never a prompt x vocabulary tensor where
+    the model can keep only what is asked)."""
     names = forward_kwargs(model)
+    q = ids.shape[1]
+    rel = [k % q for k in keep]
     kw: dict[str, Any] = {names["cache"]: cache}
     if "logits" in names:
-        kw[names["logits"]] = 1
-    dtype = next(model.parameters()).dtype
-    masks, positions = decode_inputs(cache, ids, dtype, whole=fn is not None)
+        kw[names["logits"]] = 1 if rel == [q - 1] else torch.tensor(rel, device=ids.device)
+    masks, positions = marked_inputs(cache, ids, next(model.parameters()).dtype, whole=fn is not None)
     with torch.inference_mode():
         logits = (fn or _decode)(model, ids, masks, positions, kw)
-    cache.advance(ids.shape[1])
-    return logits[:, -1]
+    cache.advance(q)
+    return logits if "logits" in names else logits[:, rel]
+
+
+def run_step(model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any) -> torch.Tensor:
+    """One decode step: ids [rows, 1] through `fn` (None: eager); logits [rows, vocab]."""
+    return forward(model, ids, cache, fn)[:, -1]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.engine.compiled import CompiledSteps, run_step
-from wallbreak.coe.engine.kv import KVCache, capacity_for, forward_kwargs, layer_windows
+from wallbreak.coe.engine.compiled import CompiledSteps, forward, run_step
+from wallbreak.coe.engine.kv import KVCache, capacity_for, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
 
 
@@ -95,27 +95,6 @@ class Batch:
 
     # -- model calls --------------------------------------------------------------------------
 
-    def _forward(
-        self, model: nn.Module, ids: torch.Tensor, cache: KVCache, keep: Sequence[int] = (-1,)
-    ) -> torch.Tensor:
-        """Feed ids [rows, q] at each row's next columns; the logits at columns `keep` of this
-        chunk, [rows, len(keep), vocab]."""
-        names = forward_kwargs(model)
-        q = ids.shape[1]
-        dtype = next(model.parameters()).dtype
-        kw: dict[str, Any] = {names["cache"]: cache}
-        if "logits" in names:  # a 262k vocabulary times a prompt would be gigabytes
-            rel = [k % q for k in keep]
-            kw[names["logits"]] = 1 if rel == [q - 1] else torch.tensor(rel, device=ids.device)
-        masks, positions = cache.step_inputs(q, ids.device, dtype)
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=True, **kw)
-        cache.advance(q)
-        logits = out.logits
-        if "logits" not in names:
-            logits = logits[:, [k % q for k in keep]]
-        return logits
-
     def _new_cache(self, model: nn.Module) -> KVCache:
         cfg: Any = model.config
         return KVCache(cfg, getattr(cfg, "_attn_implementation", None) or "eager")
@@ -161,7 +140,7 @@ class Batch:
         for c0 in range(0, width, self.prefill_chunk):
             q = min(self.prefill_chunk, width - c0)
             ends = sorted({n - 1 - c0 for n in lengths if c0 <= n - 1 < c0 + q})
-            logits = self._forward(model, ids[:, c0 : c0 + q], cache, ends or [-1])
+            logits = forward(model, ids[:, c0 : c0 + q], cache, keep=ends or [-1])
             for i, n in enumerate(lengths):
                 if c0 <= n - 1 < c0 + q:
                     last[i] = logits[i, ends.index(n - 1 - c0)]
