@@ -141,7 +141,7 @@ def _serve_parser(verbs: Any) -> None:
         help="KV cache one batch may grow to before it stops admitting "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
-    sv.add_argument("--compile", choices=["auto", "on", "all", "off"], default=defaults.COMPILE,
+    sv.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=defaults.COMPILE,
                     help="compiled decode steps, built in the background while serving: auto (every "
                          "expert on CUDA; none on the CPU, where compiling stalls serving for minutes), "
                          "on (also int8/int4 experts at batch size 1 on the CPU), all (every expert and "

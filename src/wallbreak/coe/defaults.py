@@ -11,4 +11,5 @@ MAX_QUEUE = 256  # waiting requests before 429
 KV_BUDGET = 2 << 30  # bytes of KV cache one batch may grow to before it stops admitting
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
-COMPILE = "auto"  # compiled decode steps: auto (every expert on CUDA, none on CPU) | on | all | off
+COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
+COMPILE = "auto"  # every expert on CUDA, none on the CPU

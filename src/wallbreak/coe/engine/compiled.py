@@ -44,12 +44,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from wallbreak.coe import defaults
 from wallbreak.coe.engine.kv import KVCache, forward_kwargs
 from wallbreak.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("auto", "on", "all", "off")
+POLICIES = defaults.COMPILE_POLICIES
+
+
+def check_policy(policy: str) -> str:
+    """The one check of a `--compile` value (the engine's config and `CompiledSteps` both ask)."""
+    if policy not in POLICIES:
+        raise ConfigError(f"--compile: unknown {policy!r}; choose from {', '.join(POLICIES)}")
+    return policy
 
 
 def _decode(
@@ -103,10 +111,8 @@ class CompiledSteps:
     """Which architectures have a compiled decode step ready, and the background compiles."""
 
     def __init__(self, policy: str = "auto") -> None:
-        if policy not in POLICIES:
-            raise ConfigError(f"--compile: unknown {policy!r}; choose from {', '.join(POLICIES)}")
-        self.policy = policy
-        self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager (+ why)
+        self.policy = check_policy(policy)
+        self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
         self.recompiles = 0  # graphs built after an architecture was ready (should stay 0)
         self.compiled_steps = 0  # decode steps the compiled code ran
         self._built_when_ready = 0
@@ -146,7 +152,8 @@ class CompiledSteps:
             return state == "ready"
 
     def _warm(self, key: str, model: nn.Module) -> None:
-        """Compile `key`'s step on throwaway caches: one row, then two (graphs for both shapes)."""
+        """Compile `key`'s step on throwaway caches: one row, then (where more rows may run
+        compiled) two and three, so both graphs exist and the second is seen to be reused."""
         torch.set_grad_enabled(False)
         with _gil_handed_back_often():
             self._compile(key, model)

@@ -22,8 +22,7 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.engine.compiled import POLICIES as COMPILE_POLICIES
-from wallbreak.coe.engine.compiled import CompiledSteps
+from wallbreak.coe.engine.compiled import CompiledSteps, check_policy
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.engine.scheduler import Scheduler
@@ -60,10 +59,7 @@ class EngineConfig:
             raise ConfigError(f"max wait must be positive, got {self.max_wait_s}")
         if self.kv_budget <= 0 or self.prefill_chunk < 1:
             raise ConfigError("the KV budget and the prefill chunk must be positive")
-        if self.compile not in COMPILE_POLICIES:
-            raise ConfigError(
-                f"--compile: unknown {self.compile!r}; choose from {', '.join(COMPILE_POLICIES)}"
-            )
+        check_policy(self.compile)
 
 
 @dataclass
