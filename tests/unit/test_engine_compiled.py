@@ -47,7 +47,7 @@ def test_compiled_decode_gives_eager_tokens_and_never_recompiles_on_switch(
     path: Path = request.getfixturevalue(bundle)
     eager, tiers_e = make_engine(path, compile="off")
     eager.start()
-    comp, tiers_c = make_engine(path, compile="all")
+    comp, tiers_c = make_engine(path, compile="all", compile_backend="dynamo")
     comp.start()
     try:
         experts = eager.experts
@@ -92,7 +92,7 @@ def test_a_compiled_step_that_fails_falls_back_to_eager_with_one_warning(
         return fn
 
     monkeypatch.setattr(compiled_mod, "_compiled_decode", broken)
-    eng, tiers = make_engine(synth_bundle_dir, compile="all")
+    eng, tiers = make_engine(synth_bundle_dir, compile="all", compile_backend="dynamo")
     eng.start()
     try:
         expert = eng.experts[0]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 HOST = "127.0.0.1"
 PORT = 8000
 POLICY = "ours"
@@ -13,3 +16,8 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert on CUDA, none on the CPU
+
+
+def cache_dir() -> Path:
+    """Where wallbreak keeps what it builds once: the default bundle, ahead-of-time compiled steps."""
+    return Path(os.environ.get("WALLBREAK_CACHE", Path.home() / ".cache" / "wallbreak"))

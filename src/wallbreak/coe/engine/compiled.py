@@ -38,7 +38,9 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +53,13 @@ from wallbreak.errors import ConfigError
 log = logging.getLogger(__name__)
 
 POLICIES = defaults.COMPILE_POLICIES
+BACKENDS = ("auto", "aot", "dynamo")  # who compiles: see CompiledSteps.backend_for
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (a compiler's error can run to pages)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def check_policy(policy: str) -> str:
@@ -110,9 +119,14 @@ def marked_inputs(
 class CompiledSteps:
     """Which architectures have a compiled decode step ready, and the background compiles."""
 
-    def __init__(self, policy: str = "auto") -> None:
+    def __init__(self, policy: str = "auto", bundle_root: Path | None = None, backend: str = "auto") -> None:
         self.policy = check_policy(policy)
+        if backend not in BACKENDS:
+            raise ConfigError(f"compile backend {backend!r}: choose from {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.bundle_root = bundle_root  # where a build process reads an expert (the ahead-of-time step)
         self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
+        self.aot: dict[str, Any] = {}  # architecture key -> its loaded ahead-of-time step (aot.AotStep)
         self.recompiles = 0  # graphs built after an architecture was ready (should stay 0)
         self.compiled_steps = 0  # decode steps the compiled code ran
         self._built_when_ready = 0
@@ -129,15 +143,27 @@ class CompiledSteps:
 
         return any(isinstance(m, compact.QuantLinear) for m in model.modules())
 
+    def backend_for(self, model: nn.Module) -> str:
+        """`aot` (a package built by a child process, `engine.aot`) on the CPU when the bundle is
+        known, else `dynamo` (torch.compile in this process)."""
+        if self.backend != "auto":
+            return self.backend
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return "aot" if on_cpu and self.bundle_root is not None else "dynamo"
+
     def max_rows(self, model: nn.Module) -> int:
-        """The largest batch the compiled step runs: on the CPU, `on` compiles only the single-row
-        step (measured in the engine on int4 SmolLM2: 1.13x eager at one row, 0.60x at eight)."""
+        """The largest batch the compiled step runs: the ahead-of-time step is built for one row;
+        on the CPU, `on` compiles only the single-row step (measured in the engine on int4 SmolLM2:
+        1.13x eager at one row, 0.60x at eight)."""
+        if self.backend_for(model) == "aot":
+            return 1
         if self.policy == "on" and next(model.parameters()).device.type == "cpu":
             return 1
         return 1 << 30
 
-    def ready(self, key: str, model: nn.Module) -> bool:
-        """True when `key`'s compiled step may run; the first call starts compiling it."""
+    def ready(self, key: str, model: nn.Module, expert: str = "") -> bool:
+        """True when `key`'s compiled step may run; the first call starts compiling it (from
+        `expert`, one of the architecture's experts, where a build process needs to read one)."""
         with self._lock:
             state = self.state.get(key)
             if state is None:
@@ -146,17 +172,48 @@ class CompiledSteps:
                     return False
                 self.state[key] = "compiling"
                 threading.Thread(
-                    target=self._warm, args=(key, model), name=f"wb-compile-{key[:24]}", daemon=True
+                    target=self._warm, args=(key, model, expert), name=f"wb-compile-{key[:24]}", daemon=True
                 ).start()
                 return False
             return state == "ready"
 
-    def _warm(self, key: str, model: nn.Module) -> None:
-        """Compile `key`'s step on throwaway caches: one row, then (where more rows may run
-        compiled) two and three, so both graphs exist and the second is seen to be reused."""
+    def _warm(self, key: str, model: nn.Module, expert: str) -> None:
         torch.set_grad_enabled(False)
+        if self.backend_for(model) == "aot":
+            self._load_aot(key, model, expert)
+            return
         with _gil_handed_back_often():
             self._compile(key, model)
+
+    def _load_aot(self, key: str, model: nn.Module, expert: str) -> None:
+        """Load `key`'s ahead-of-time step, building it first in a child process if no earlier
+        process did (a package that fails to load is rebuilt once); check it runs, then ready."""
+        from wallbreak.coe.engine import aot
+
+        assert self.bundle_root is not None
+        path = aot.package_path(key)
+        try:
+            for attempt in (0, 1):
+                if attempt or not path.is_file():
+                    log.info("building the compiled decode step of %s in a child process (%s)", expert, path)
+                    t0 = time.monotonic()
+                    aot.build_in_child(self.bundle_root, expert, path)
+                    log.info("built the compiled decode step of %s in %.0f s", expert, time.monotonic() - t0)
+                try:
+                    step = aot.AotStep(path)
+                    step.check(model)
+                    break
+                except Exception as e:
+                    if attempt:
+                        raise
+                    log.warning("compiled step %s did not load (%s); rebuilding it", path, _first_line(e))
+        except Exception as e:
+            self._give_up(key, f"building it failed ({_first_line(e)})")
+            return
+        with self._lock:
+            self.aot[key] = step
+            self.state[key] = "ready"
+        log.info("compiled decode step ready for %s", key)
 
     def _compile(self, key: str, model: nn.Module) -> None:
         try:
@@ -169,7 +226,7 @@ class CompiledSteps:
                 for _ in range(2):
                     run_step(model, ids, cache, _compiled_decode())
         except Exception as e:
-            self._give_up(key, f"compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            self._give_up(key, f"compiling failed ({_first_line(e)})")
             return
         with self._lock:
             self.state[key] = "ready"
@@ -179,20 +236,26 @@ class CompiledSteps:
     def _give_up(self, key: str, why: str) -> None:
         with self._lock:
             self.state[key] = "eager"
+            self.aot.pop(key, None)
         log.warning("decode step of %s stays eager: %s", key, why)
 
-    def step(self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache, expert: str = ""
+    ) -> torch.Tensor:
         """One decode step, compiled if `key` is ready, else eager; logits [rows, vocab]."""
-        if not self.ready(key, model) or cache.rows > self.max_rows(model):
+        if not self.ready(key, model, expert) or cache.rows > self.max_rows(model):
             return run_step(model, ids, cache, None)
+        aot = self.aot.get(key)
         try:
-            logits = run_step(model, ids, cache, _compiled_decode())
-        except Exception as e:
-            self._give_up(
-                key, f"the compiled step raised ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            logits = (
+                aot(model, ids, cache) if aot is not None else run_step(model, ids, cache, _compiled_decode())
             )
+        except Exception as e:
+            self._give_up(key, f"the compiled step raised ({_first_line(e)})")
             return run_step(model, ids, cache, None)
         self.compiled_steps += 1
+        if aot is not None:
+            return logits
         built = graphs_built()
         with self._lock:
             if "compiling" in self.state.values():  # another architecture's graphs, not ours

@@ -51,6 +51,7 @@ class EngineConfig:
     kv_budget: int = defaults.KV_BUDGET
     prefill_chunk: int = defaults.PREFILL_CHUNK
     compile: str = defaults.COMPILE
+    compile_backend: str = "auto"  # auto | aot | dynamo: see compiled.CompiledSteps.backend_for
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
@@ -94,7 +95,7 @@ class Engine:
             raise ConfigError(f"no tokenizer facts for expert(s) {', '.join(missing)}")
         self.tokenizers = tokenizers
         self.scheduler = Scheduler(self.config.policy, self.config.max_batch, self.config.max_wait_s)
-        self.steps = CompiledSteps(self.config.compile)
+        self.steps = CompiledSteps(self.config.compile, bundle.root, self.config.compile_backend)
         self.layouts = {e.name: e.layout_key for e in tiers.entries}
         self.listeners: list[EngineListener] = []
         self.batches: dict[str, Batch] = {}

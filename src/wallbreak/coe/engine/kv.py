@@ -140,6 +140,30 @@ class KVCache(Cache):
         self.write_index = torch.zeros(0, 1, 1, 1, dtype=torch.long)
         self.width: int | None = None  # columns the attention reads; None: the whole block
 
+    @classmethod
+    def over(
+        cls,
+        config: Any,
+        attn_impl: str,
+        blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        write_index: torch.Tensor,
+    ) -> KVCache:
+        """A cache whose layers write into the given (keys, values) blocks at `write_index` and
+        attend over all of them (the ahead-of-time step, `engine.aot`, is traced over one)."""
+        cache = cls(config, attn_impl)
+        cache.capacity = blocks[0][0].shape[2]
+        cache.write_index = write_index
+        for layer, (k, v) in zip(cache._layers(), blocks, strict=True):
+            layer.keys, layer.values, layer.is_initialized = k, v, True
+        return cache
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every layer's (keys, values), or None before the first forward made them."""
+        out = [(layer.keys, layer.values) for layer in self._layers()]
+        if any(k is None or v is None for k, v in out):
+            return None
+        return out  # type: ignore[return-value]
+
     @property
     def rows(self) -> int:
         return len(self.lengths)

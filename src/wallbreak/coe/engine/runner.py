@@ -158,7 +158,7 @@ class Batch:
         if self.steps is None:
             logits = run_step(model, ids, self.cache, None)
         else:
-            logits = self.steps.step(self.layout, model, ids, self.cache)
+            logits = self.steps.step(self.layout, model, ids, self.cache, self.expert)
         n = len(self.seqs)
         self._take_all(logits, 0)
         self._drop_finished()

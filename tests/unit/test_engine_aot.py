@@ -1,0 +1,147 @@
+"""The ahead-of-time compiled decode step (`engine.aot`): built once per architecture by a child
+process, the same tokens as eager across expert switches and block growth, reused by a later
+engine without building, rebuilt when its file is damaged, and a clean fall back to eager."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine_compiled import PROMPTS, serve, wait_ready
+
+from helpers import make_engine, make_tiny_llama_folder
+from wallbreak.coe.engine import aot
+from wallbreak.coe.engine import compiled as compiled_mod
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WALLBREAK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def packages(cache: Path) -> list[Path]:
+    return sorted((cache / "aot").glob("*.pt2"))
+
+
+@pytest.mark.parametrize("bundle", ["synth_bundle_dir", "arch_bundle_dir"])
+def test_ahead_of_time_step_gives_eager_tokens_across_switches(
+    bundle: str, request: pytest.FixtureRequest, cache: Path
+) -> None:
+    path: Path = request.getfixturevalue(bundle)
+    eager, tiers_e = make_engine(path, compile="off")
+    eager.start()
+    comp, tiers_c = make_engine(path, compile="all")
+    comp.start()
+    try:
+        experts = eager.experts
+        jobs = [(experts[i % len(experts)], p) for i, p in enumerate(PROMPTS)]
+        want = serve(eager, jobs, 12, together=False)  # the 70-token prompt grows its block past 64+
+        for e in experts:
+            wait_ready(comp, e)
+        assert all(isinstance(comp.steps.aot[k], aot.AotStep) for k in set(comp.layouts.values()))
+        before = comp.steps.compiled_steps
+        assert serve(comp, jobs, 12, together=False) == want  # one row each: the compiled step
+        assert serve(comp, jobs[::-1], 12, together=False) == want[::-1]
+        assert comp.steps.compiled_steps - before >= 2 * 11 * len(jobs)
+        assert comp.stats.switches >= len(experts)
+        # one package per architecture, however many experts share it
+        assert len(packages(cache)) == len(set(comp.layouts.values()))
+    finally:
+        for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
+            eng.stop(timeout=5)
+            tiers.close()
+
+
+def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wallbreak.coe.importers import import_expert
+
+    bundle = tmp_path / "b"
+    import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=3), "l8", bundle, dtype="int8")
+    eager, tiers_e = make_engine(bundle, compile="off")
+    eager.start()
+    try:
+        want = serve(eager, [("l8", PROMPTS[0])], 6, together=False)
+    finally:
+        eager.stop(timeout=5)
+        tiers_e.close()
+
+    builds: list[str] = []
+    real_build = aot.build_in_child
+
+    def counted(root: Path, expert: str, out: Path, timeout: float = aot.BUILD_TIMEOUT_S) -> None:
+        builds.append(expert)
+        real_build(root, expert, out, timeout)
+
+    monkeypatch.setattr(aot, "build_in_child", counted)
+
+    def serve_compiled() -> list[list[int]]:
+        eng, tiers = make_engine(bundle, compile="on")
+        eng.start()
+        try:
+            wait_ready(eng, "l8")
+            before = eng.steps.compiled_steps
+            got = serve(eng, [("l8", PROMPTS[0])], 6, together=False)
+            assert eng.steps.compiled_steps > before
+            return got
+        finally:
+            eng.stop(timeout=5)
+            tiers.close()
+
+    first = serve_compiled()
+    assert builds == ["l8"] and len(packages(cache)) == 1
+    # int8 computes in bf16, where fused kernels round differently: the first tokens must agree
+    assert first[0][:3] == want[0][:3]
+    assert serve_compiled() == first and builds == ["l8"]  # the second engine built nothing
+    packages(cache)[0].write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="wallbreak.coe.engine.compiled"):
+        assert serve_compiled() == first
+    assert builds == ["l8", "l8"]
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+
+
+def test_a_build_that_fails_leaves_the_expert_eager_with_one_warning(
+    synth_bundle_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the build process exited 1: no C++ compiler here")
+
+    monkeypatch.setattr(aot, "build_in_child", broken)
+    eng, tiers = make_engine(synth_bundle_dir, compile="all")
+    eng.start()
+    try:
+        expert = eng.experts[0]
+        with caplog.at_level(logging.WARNING, logger="wallbreak.coe.engine.compiled"):
+            first = serve(eng, [(expert, PROMPTS[0])], 8, together=False)
+            key = eng.layouts[expert]
+            for _ in range(600):
+                if eng.steps.state.get(key) != "compiling":
+                    break
+                serve(eng, [(expert, PROMPTS[0])], 1, together=False)
+            again = serve(eng, [(expert, PROMPTS[0])], 8, together=False)
+        assert eng.steps.state[key] == "eager" and first == again
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no C++ compiler here" in warnings[0]
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()
+
+
+def test_the_child_reports_why_a_build_failed(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"exited 1: .*no_such_bundle"):
+        aot.build_in_child(tmp_path / "no_such_bundle", "x", tmp_path / "out.pt2", timeout=300)
+    assert not (tmp_path / "out.pt2").exists()
+
+
+def test_the_package_is_keyed_by_layout_and_torch(cache: Path) -> None:
+    a, b = aot.package_path("aaaa"), aot.package_path("bbbb")
+    assert a != b and a.parent == b.parent == cache / "aot"
+    assert aot.package_path("aaaa") == a
+    assert compiled_mod.CompiledSteps("on", None).backend_for(torch.nn.Linear(2, 2)) == "dynamo"
+    assert compiled_mod.CompiledSteps("on", cache).backend_for(torch.nn.Linear(2, 2)) == "aot"
+    with pytest.raises(Exception, match="choose from auto, aot, dynamo"):
+        compiled_mod.CompiledSteps("on", cache, backend="fast")
