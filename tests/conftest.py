@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from helpers import make_tiny_llama_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# What the code builds once and caches (compiled steps, the default bundle) goes to a directory of
+# this run's own, never the user's cache.
+os.environ["WALLBREAK_CACHE"] = tempfile.mkdtemp(prefix="wallbreak-test-cache-")
 
 
 @pytest.fixture(scope="session")

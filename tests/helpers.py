@@ -232,7 +232,8 @@ def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager
     tiers = TierManager(
         bundle, TierConfig(host_budget=4 * size + (1 << 20), device_budget=2 * size + (1 << 20))
     )
-    cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, **config})  # type: ignore[arg-type]
+    # compile off unless a test asks: a test of something else should not start a build process
+    cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, "compile": "off", **config})  # type: ignore[arg-type]
     return Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), cfg), tiers
 
 

@@ -169,26 +169,67 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
                 "aot_inductor.package_constants_on_disk_format": "pickle_weights",
             },
         )
+        _without_model_weights(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+WRITER_OWN = (".data/", "byteorder", "archive_format", "archive_version")  # records a writer adds itself
+
+
+def _without_model_weights(src: str, out: Path) -> None:
+    """Copy the package `src` to `out` less the model's weights (the compiler writes them all; the
+    server points the step at the slot's own, so they would only take disk: 543 MB for SmolLM2
+    fp32). The table of what is left keeps the compiler's own constants."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    try:
+        with PT2ArchiveReader(src) as reader, PT2ArchiveWriter(tmp) as writer:
+            names = reader.get_file_names()
+            config = next(n for n in names if n.endswith(f"{MODEL}/weights_config.json"))
+            table = json.loads(reader.read_string(config))
+            dropped = {file for fqn, (file, *_) in table.items() if fqn.startswith(f"{MODEL}.")}
+            weights_dir = config.split("aotinductor/")[0] + "weights/"
+            for name in names:
+                if name.startswith(WRITER_OWN) or name.removeprefix(weights_dir) in dropped:
+                    continue
+                if name == config:
+                    own = {k: v for k, v in table.items() if not k.startswith(f"{MODEL}.")}
+                    writer.write_string(name, json.dumps(own))
+                else:
+                    writer.write_bytes(name, reader.read_bytes(name))
         os.replace(tmp, out)  # whole or not at all: a reader never sees half a package
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def build_in_child(bundle_root: Path, expert: str, out: Path, timeout: float = BUILD_TIMEOUT_S) -> None:
-    """Run `build` in a child process at the lowest CPU priority; raises with its last error line."""
+def build_in_child(
+    bundle_root: Path,
+    expert: str,
+    out: Path,
+    timeout: float = BUILD_TIMEOUT_S,
+    children: set[subprocess.Popen[bytes]] | None = None,
+) -> None:
+    """Run `build` in a child process at a low CPU priority (held in `children` while it runs, so
+    an engine that stops can end it); raises with the child's last error line."""
     cmd = [sys.executable, "-m", "wallbreak.coe.engine.aot", str(bundle_root), expert, str(out)]
+    children = set() if children is None else children
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        children.add(proc)
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             raise RuntimeError(f"building the step took over {timeout:.0f} s") from None
         finally:
-            if proc.poll() is None:  # interrupted (the engine stopping): leave no child behind
+            children.discard(proc)
+            if proc.poll() is None:  # timed out or interrupted: leave no child behind
                 proc.kill()
+                proc.wait()
         if rc != 0:
             err.seek(0)
             lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]

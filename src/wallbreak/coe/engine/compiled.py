@@ -12,30 +12,38 @@ at the host arena; on a device it copies into the slot's fixed buffer), reuses t
 Prefill stays eager: its chunk shapes vary, and `bench fuse` measured compiled prefill at 128 rows
 at 0.85x (fp32), 1.04x (bf16), 1.00x (int8) and 1.43x (int4) of eager; int4's gain is left.
 
-When: the first time an architecture runs, a background thread compiles its step on throwaway
-caches (one row, then more) while the engine keeps serving eagerly; from the next step after it is
-ready, the engine calls the compiled step. Compilation that fails (no C++ compiler, an unsupported
-operator) logs one warning line and leaves that architecture eager; so does a compiled step that
-raises at serving time (the step is redone eagerly: its cache writes are idempotent).
+When: the first time an architecture runs, its step is made ready in the background while the
+engine keeps serving eagerly; from the next step after it is ready, the engine calls it. Who
+compiles (`CompiledSteps.backend_for`): on the CPU, a child process builds an ahead-of-time package
+(`engine.aot`: no tracing in this process, built once per architecture and kept on disk for later
+processes; one row); on CUDA, a thread here runs torch.compile on throwaway caches (one row, then
+more). A build or compile that fails (no C++ compiler, an unsupported operator) logs one warning
+line and leaves that architecture eager; so does a compiled step that raises at serving time (the
+step is redone eagerly: its cache writes are idempotent).
+
+Why not torch.compile on the CPU: Dynamo traces in Python, holding the GIL that the engine thread
+takes back after every operator, and Inductor's C++ builds take the cores. On this 2-core CPU,
+`serve --compile on` over SmolLM2 + Gemma-3 int4 with Inductor's cache cleared: a first answer took
+23.7 s and an 11-request burst 151 s, against 0.6 s and 26.5 s with `--no-compile`; dropping
+Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`, kept for CUDA)
+brought that to 9.6 s and 103 s. With the build process instead: 1.5 s and 33.5 s while it builds
+(against 0.6 s and 19.7 s eager in that run), 0.66 s and 26.2 s once the package is on disk.
 
 Where (`policy`, `serve --compile`), from what the serving engine measured on SmolLM2
-(`benchmarks/engine_compile.py`, README): at one row compiled/eager was 1.13x (int4), 1.20x (int8),
-0.90x (bf16) and 1.01x-1.20x (fp32, two runs); at eight rows every form lost (0.60x to 0.88x). And
-compiling is not free while serving. Dynamo traces in Python, holding the GIL that the engine
-thread takes back after every operator, and Inductor's C++ builds take the cores. On this 2-core
-CPU, `serve --compile on` over SmolLM2 + Gemma-3 int4 with Inductor's cache cleared: a first
-answer took 23.7 s and an 11-request burst 151 s, against 0.6 s and 26.5 s with `--no-compile`.
-Dropping Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`) brought
-that to 9.6 s and 103 s: better, still a stall.
-- `auto` (default): every expert at every batch size on CUDA; nothing on the CPU.
-- `on`: as auto on CUDA; on the CPU, the int8/int4 experts at one row (the measured wins).
-- `all`: every expert at every batch size (for measuring); `off`: nothing.
+(`benchmarks/engine_compile.py`, README): the ahead-of-time step at one row decodes int4 at 70.1
+and int8 at 49.5 tok/s against 37.5 and 28.3 eager; fp32 gained nothing (13.9 against 15.3). At
+eight rows the in-process compiled step lost to eager for every form (0.60x to 0.88x).
+- `auto` (default): every expert at every batch size on CUDA; on the CPU, int8/int4 experts at one
+  row, by the build process (never by tracing in this process).
+- `on`: as auto, and on the CPU int8/int4 experts at one row whichever backend.
+- `all`: every expert (on the CPU, at one row); `off`: nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -127,6 +135,8 @@ class CompiledSteps:
         self.bundle_root = bundle_root  # where a build process reads an expert (the ahead-of-time step)
         self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
         self.aot: dict[str, Any] = {}  # architecture key -> its loaded ahead-of-time step (aot.AotStep)
+        self.builds: set[subprocess.Popen[bytes]] = set()  # build processes running now
+        self.closed = False
         self.recompiles = 0  # graphs built after an architecture was ready (should stay 0)
         self.compiled_steps = 0  # decode steps the compiled code ran
         self._built_when_ready = 0
@@ -137,9 +147,9 @@ class CompiledSteps:
             return self.policy == "all"
         if next(model.parameters()).device.type == "cuda":
             return True
-        if self.policy == "auto":
-            return False  # the CPU: compiling stalls serving for minutes (see the module's docstring)
-        from wallbreak.coe import compact  # `on`: int8/int4 experts, whose linears are QuantLinear
+        if self.policy == "auto" and self.backend_for(model) != "aot":
+            return False  # tracing in this process stalls serving on a CPU (see the module's docstring)
+        from wallbreak.coe import compact  # int8/int4 experts, whose linears are QuantLinear
 
         return any(isinstance(m, compact.QuantLinear) for m in model.modules())
 
@@ -197,7 +207,9 @@ class CompiledSteps:
                 if attempt or not path.is_file():
                     log.info("building the compiled decode step of %s in a child process (%s)", expert, path)
                     t0 = time.monotonic()
-                    aot.build_in_child(self.bundle_root, expert, path)
+                    if self.closed:
+                        return
+                    aot.build_in_child(self.bundle_root, expert, path, children=self.builds)
                     log.info("built the compiled decode step of %s in %.0f s", expert, time.monotonic() - t0)
                 try:
                     step = aot.AotStep(path)
@@ -208,7 +220,8 @@ class CompiledSteps:
                         raise
                     log.warning("compiled step %s did not load (%s); rebuilding it", path, _first_line(e))
         except Exception as e:
-            self._give_up(key, f"building it failed ({_first_line(e)})")
+            if not self.closed:
+                self._give_up(key, f"building it failed ({_first_line(e)})")
             return
         with self._lock:
             self.aot[key] = step
@@ -232,6 +245,12 @@ class CompiledSteps:
             self.state[key] = "ready"
             self._built_when_ready = graphs_built()
         log.info("compiled decode step ready for %s", key)
+
+    def close(self) -> None:
+        """End any build process still running (the engine is stopping)."""
+        self.closed = True
+        for proc in list(self.builds):
+            proc.kill()
 
     def _give_up(self, key: str, why: str) -> None:
         with self._lock:

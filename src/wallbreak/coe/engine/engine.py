@@ -159,6 +159,7 @@ class Engine:
         ):
             time.sleep(0.05)
         self._stop = True
+        self.steps.close()
         with self._wake:
             self._wake.notify()
         if self._thread.is_alive():
