@@ -17,3 +17,9 @@ class BundleError(WallbreakError):
 
 class CapacityError(WallbreakError):
     """A request that cannot be met within the configured memory budgets."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line (a compiler's error can run to pages)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"

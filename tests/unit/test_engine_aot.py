@@ -145,3 +145,31 @@ def test_the_package_is_keyed_by_layout_and_torch(cache: Path) -> None:
     assert compiled_mod.CompiledSteps("on", cache).backend_for(torch.nn.Linear(2, 2)) == "aot"
     with pytest.raises(Exception, match="choose from auto, aot, dynamo"):
         compiled_mod.CompiledSteps("on", cache, backend="fast")
+
+
+def test_bundle_compile_builds_ahead_of_serving(
+    tmp_path: Path, cache: Path, synth_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from wallbreak.cli import main
+    from wallbreak.coe.importers import import_expert
+
+    bundle = tmp_path / "b"
+    import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "l4", bundle, dtype="int4")
+    assert main(["bundle", "compile", str(bundle)]) == 0
+    assert "l4: built" in capsys.readouterr().out and len(packages(cache)) == 1
+    assert main(["bundle", "compile", str(bundle)]) == 0
+    assert "l4: already built" in capsys.readouterr().out
+    assert main(["bundle", "compile", str(synth_bundle_dir)]) == 0  # fp32 experts only
+    assert "nothing to compile" in capsys.readouterr().out
+    assert main(["bundle", "compile", str(bundle), "--experts", "nope"]) != 0
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # the server finds it: ready at once, no build process
+    eng, tiers = make_engine(bundle, compile="auto")
+    eng.start()
+    try:
+        wait_ready(eng, "l4")
+        assert not eng.steps.builds
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()

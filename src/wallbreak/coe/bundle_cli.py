@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wallbreak.errors import WallbreakError, first_line
 from wallbreak.units import format_bytes, parse_count
 
 
@@ -40,6 +41,17 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
     dfl.add_argument("--dtype", default="auto", help="as for bundle import: auto, bf16, int8, int4, ...")
     ver = bv.add_parser("verify", help="check every checksum in a bundle")
     ver.add_argument("dir", type=Path)
+    comp = bv.add_parser(
+        "compile",
+        help="build the CPU's compiled decode steps now (serve would build them in the background)",
+    )
+    comp.add_argument("dir", type=Path)
+    comp.add_argument("--experts", type=names, default=None, help="only these experts (comma-separated)")
+    comp.add_argument(
+        "--all",
+        action="store_true",
+        help="every expert, not only the int8/int4 ones that --compile auto runs",
+    )
     show = bv.add_parser("show", help="list a bundle's experts")
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
@@ -69,6 +81,8 @@ def run_bundle_command(args: argparse.Namespace) -> int:
         b.verify()
         total = sum(e.total_bytes for e in b.experts.values())
         print(f"ok: {len(b.experts)} expert(s), {format_bytes(total)}, every checksum matches")
+    elif args.action == "compile":
+        compile_bundle(Bundle.open(args.dir), args.experts, args.all)
     elif args.action == "show":
         b = Bundle.open(args.dir)
         rows: list[dict[str, Any]] = [
@@ -90,3 +104,34 @@ def run_bundle_command(args: argparse.Namespace) -> int:
                     f"{r['description']}"
                 )
     return 0
+
+
+def compile_bundle(bundle: Any, experts: list[str] | None, every: bool) -> None:
+    """Build the ahead-of-time decode step of each architecture among `experts` (default: the
+    int8/int4 experts `serve --compile auto` compiles on the CPU), skipping those already built."""
+    import time
+
+    from wallbreak.coe.engine import aot
+
+    chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
+    if not every and not experts:
+        chosen = [e for e in chosen if e.quant]
+    if not chosen:
+        print("nothing to compile: no int8/int4 experts (--all compiles every expert)")
+        return
+    by_layout: dict[str, list[str]] = {}
+    for e in chosen:
+        by_layout.setdefault(e.layout_key, []).append(e.name)
+    for layout, names in by_layout.items():
+        path = aot.package_path(layout)
+        if path.is_file():
+            print(f"{', '.join(names)}: already built ({path})")
+            continue
+        print(f"{', '.join(names)}: building the compiled decode step (a minute or more) ...", flush=True)
+        t0 = time.monotonic()
+        try:
+            aot.build(bundle.root, names[0], path)
+        except Exception as e:  # the compiler's own errors (no C++ compiler, an operator it lacks)
+            raise WallbreakError(f"compiling {names[0]}'s decode step failed: {first_line(e)}") from None
+        size = format_bytes(path.stat().st_size)
+        print(f"{', '.join(names)}: built {path} ({size}) in {time.monotonic() - t0:.0f} s")

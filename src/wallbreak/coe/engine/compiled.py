@@ -56,18 +56,12 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.engine.kv import KVCache, forward_kwargs
-from wallbreak.errors import ConfigError
+from wallbreak.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
 POLICIES = defaults.COMPILE_POLICIES
 BACKENDS = ("auto", "aot", "dynamo")  # who compiles: see CompiledSteps.backend_for
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (a compiler's error can run to pages)."""
-    lines = str(e).splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def check_policy(policy: str) -> str:
@@ -205,7 +199,12 @@ class CompiledSteps:
         try:
             for attempt in (0, 1):
                 if attempt or not path.is_file():
-                    log.info("building the compiled decode step of %s in a child process (%s)", expert, path)
+                    log.info(
+                        "building the compiled decode step of %s in a child process, once (%s); "
+                        "serving eagerly meanwhile",
+                        expert,
+                        path,
+                    )
                     t0 = time.monotonic()
                     if self.closed:
                         return
@@ -218,15 +217,15 @@ class CompiledSteps:
                 except Exception as e:
                     if attempt:
                         raise
-                    log.warning("compiled step %s did not load (%s); rebuilding it", path, _first_line(e))
+                    log.warning("compiled step %s did not load (%s); rebuilding it", path, first_line(e))
         except Exception as e:
             if not self.closed:
-                self._give_up(key, f"building it failed ({_first_line(e)})")
+                self._give_up(key, f"building it failed ({first_line(e)})")
             return
         with self._lock:
             self.aot[key] = step
             self.state[key] = "ready"
-        log.info("compiled decode step ready for %s", key)
+        log.info("compiled decode step ready for %s", expert or key)
 
     def _compile(self, key: str, model: nn.Module) -> None:
         try:
@@ -239,7 +238,7 @@ class CompiledSteps:
                 for _ in range(2):
                     run_step(model, ids, cache, _compiled_decode())
         except Exception as e:
-            self._give_up(key, f"compiling failed ({_first_line(e)})")
+            self._give_up(key, f"compiling failed ({first_line(e)})")
             return
         with self._lock:
             self.state[key] = "ready"
@@ -270,7 +269,7 @@ class CompiledSteps:
                 aot(model, ids, cache) if aot is not None else run_step(model, ids, cache, _compiled_decode())
             )
         except Exception as e:
-            self._give_up(key, f"the compiled step raised ({_first_line(e)})")
+            self._give_up(key, f"the compiled step raised ({first_line(e)})")
             return run_step(model, ids, cache, None)
         self.compiled_steps += 1
         if aot is not None:

@@ -149,6 +149,9 @@ def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
 def serve(opts: ServeOptions) -> None:
     import uvicorn
 
+    # A compiled step built in the background takes CPU for a minute or more: say when it starts
+    # and ends, without --verbose.
+    logging.getLogger("wallbreak.coe.engine.compiled").setLevel(logging.INFO)
     app = make_app(opts)
     server = uvicorn.Server(
         uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=30)
