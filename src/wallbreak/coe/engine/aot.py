@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +156,24 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
     _own_storage(model)
     args, spec = _examples(model)
     t0 = time.monotonic()
-    program = torch.export.export(_Step(model), args, dynamic_shapes=spec, strict=False)
+    with warnings.catch_warnings():  # the tracer's deprecation notices are not the user's to act on
+        warnings.simplefilter("ignore")
+        program = torch.export.export(_Step(model), args, dynamic_shapes=spec, strict=False)
     log.info("exported %s's decode step in %.1f s; compiling", expert, time.monotonic() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(
-            program,
-            package_path=tmp,
-            inductor_configs={
-                "aot_inductor.package_constants_in_so": False,
-                "aot_inductor.package_constants_on_disk_format": "pickle_weights",
-            },
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=tmp,
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                    "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+                },
+            )
         _without_model_weights(tmp, out)
     finally:
         if os.path.exists(tmp):
