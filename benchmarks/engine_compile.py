@@ -8,10 +8,11 @@ expert: 1 and then 8 concurrent greedy requests with the same prompt (English te
 `--prompt-tokens` tokens), `--repeats` times each. Decode tokens/s is the tokens after each
 request's first, over the time from the first request's first token to the last request's last
 token (prefill excluded, as `benchmarks/llamacpp_anchor.py` times llama.cpp); `e2e` includes
-prefill. Best of the repeats. `--compile all` (default) compiles every batch size; `on` is
-`serve --compile on`. With either, it serves one short request, then waits (idle) until the background
-compile of the expert's decode step is ready, and reports how long that took. Prints one JSON
-object (a line per pass on stderr).
+prefill. Best of the repeats. `--compile all` (default) compiles every expert (on the CPU at one
+row, built ahead of time by a child process into $WALLBREAK_CACHE/aot); `on` is `serve --compile
+on`. With either, it serves one short request, then waits (idle) until the background compile of
+the expert's decode step is ready, and reports how long that took. Prints one JSON object (a line
+per pass on stderr).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
-from wallbreak.coe.engine.compiled import _decode, marked_inputs
+from wallbreak.coe.engine.compiled import _decode, forward, marked_inputs
 from wallbreak.coe.engine.kv import MIN_CAPACITY, KVCache, forward_kwargs
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def _own_storage(model: nn.Module) -> None:
 def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inputs of one decode step over a block wider than the smallest (so its capacity is seen to
     vary), and the dynamic-shape spec that says so."""
-    from wallbreak.coe.engine.compiled import forward
-
     cache = KVCache(model.config, attn_impl(model))
     cache.open_rows(1)
     forward(model, torch.ones(1, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
@@ -256,6 +255,19 @@ def main(argv: list[str] | None = None) -> int:
 # -- running (the server) ---------------------------------------------------------------------------
 
 
+Place = tuple[str, nn.Module, str]  # a constant's name, the module holding it, its attribute there
+
+
+def _probes(places: list[Place]) -> list[Place]:
+    """The places to watch for a switch. An expert's tensors all view one blob of its bytes at
+    offsets its layout fixes (`tiers.device`), so they move together and one of them tells for all;
+    tensors outside that blob (e.g. a rotary table the skeleton computed) are watched each."""
+    storage = [getattr(owner, attr).untyped_storage().data_ptr() for _, owner, attr in places]
+    blob = max(set(storage), key=storage.count)
+    first = storage.index(blob)
+    return [places[first]] + [p for p, st in zip(places, storage, strict=True) if st != blob]
+
+
 class AotStep:
     """A loaded package: call it with a model of its architecture and one row's decode inputs."""
 
@@ -272,22 +284,32 @@ class AotStep:
             weights_dir = config.split("aotinductor/")[0] + "weights/"
             for fqn, (file, shape, stride, offset) in table.items():
                 if not fqn.startswith(f"{MODEL}."):
-                    t = torch.load(_bytes_io(archive.read_bytes(weights_dir + file)), weights_only=True)
+                    t = torch.load(io.BytesIO(archive.read_bytes(weights_dir + file)), weights_only=True)
                     self.own[fqn] = t.as_strided(shape, stride, offset)
         self.bound: tuple[int, ...] = ()
+        self._where: dict[int, tuple[nn.Module, list[Place], list[Place]]] = {}
+
+    def _weights_of(self, model: nn.Module) -> tuple[list[Place], list[Place]]:
+        """Per constant the step reads from the model, its name and where it lives; and the few
+        places whose addresses say whether any moved (found once per model: a switch replaces
+        the tensors in these places, not the modules)."""
+        found = self._where.get(id(model))
+        if found is None or found[0] is not model:
+            places = []
+            for fqn in self.fqns:
+                if fqn not in self.own:
+                    owner, _, attr = fqn.removeprefix(f"{MODEL}.").rpartition(".")
+                    places.append((fqn, model.get_submodule(owner), attr))
+            found = self._where[id(model)] = (model, places, _probes(places))
+        return found[1], found[2]
 
     def bind(self, model: nn.Module) -> None:
         """Point the compiled code at `model`'s tensors, if they are not already those it reads."""
-        state: dict[str, torch.Tensor] = {}
-        for name, t in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]:
-            state[f"{MODEL}.{name}"] = t
-        tensors = {f: (self.own[f] if f in self.own else state[f]) for f in self.fqns}
-        mark = tuple(t.data_ptr() for t in tensors.values())
+        places, probes = self._weights_of(model)
+        mark = (id(model), *(getattr(owner, attr).data_ptr() for _, owner, attr in probes))
         if mark != self.bound:
-            self.loader.load_constants(tensors, False, True, True, False)
+            tensors = {fqn: getattr(owner, attr) for fqn, owner, attr in places}
+            self.loader.load_constants({**tensors, **self.own}, False, True, True, False)
             self.bound = mark
 
     def check(self, model: nn.Module) -> None:
@@ -296,8 +318,6 @@ class AotStep:
         cache = KVCache(model.config, attn_impl(model))
         cache.open_rows(1)
         ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
-        from wallbreak.coe.engine.compiled import forward
-
         forward(model, ids, cache)
         logits = self(model, ids, cache)
         if logits.ndim != 2 or logits.shape[0] != 1:
@@ -311,12 +331,6 @@ class AotStep:
             (logits,) = self.loader.boxed_run(flat_inputs(ids, masks, positions, cache.write_index, cache))
         cache.advance(1)
         return logits
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 if __name__ == "__main__":
