@@ -30,9 +30,10 @@ brought that to 9.6 s and 103 s. With the build process instead: 1.5 s and 33.5 
 (against 0.6 s and 19.7 s eager in that run), 0.66 s and 26.2 s once the package is on disk.
 
 Where (`policy`, `serve --compile`), from what the serving engine measured on SmolLM2
-(`benchmarks/engine_compile.py`, README): the ahead-of-time step at one row decodes int4 at 70.1
-and int8 at 49.5 tok/s against 37.5 and 28.3 eager; fp32 gained nothing (13.9 against 15.3). At
-eight rows the in-process compiled step lost to eager for every form (0.60x to 0.88x).
+(README): the ahead-of-time step at one row ran 1.13x/1.60x (int4), 1.26x/1.25x (int8) and
+1.17x/1.03x (fp32) as fast as eager in two interleaved runs (`benchmarks/step_ab.py`); in the engine
+fp32 gained nothing measurable, and at eight rows the compiled step lost to eager for every form
+(0.60x to 0.88x in-process; int4 built ahead of time with dynamic rows, 0.79x).
 - `auto` (default): every expert at every batch size on CUDA; on the CPU, int8/int4 experts at one
   row, by the build process (never by tracing in this process).
 - `on`: as auto, and on the CPU int8/int4 experts at one row whichever backend.
