@@ -157,6 +157,7 @@ def test_bundle_compile_builds_ahead_of_serving(
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "l4", bundle, dtype="int4")
     assert main(["bundle", "compile", str(bundle)]) == 0
     assert "l4: built" in capsys.readouterr().out and len(packages(cache)) == 1
+    assert torch.is_grad_enabled()  # building in this process left its autograd state alone
     assert main(["bundle", "compile", str(bundle)]) == 0
     assert "l4: already built" in capsys.readouterr().out
     assert main(["bundle", "compile", str(synth_bundle_dir)]) == 0  # fp32 experts only

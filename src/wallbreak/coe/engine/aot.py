@@ -143,6 +143,7 @@ def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (ids, masks, positions, cache.write_index, keys, values), spec
 
 
+@torch.no_grad()  # not set_grad_enabled: `bundle compile` runs this in the caller's process
 def build(bundle_root: Path, expert: str, out: Path) -> None:
     """Export and compile `expert`'s architecture's decode step into the package `out`."""
     import torch._inductor
@@ -150,7 +151,6 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
     from wallbreak.coe.bundle import Bundle
     from wallbreak.coe.tiers.device import load_standalone
 
-    torch.set_grad_enabled(False)
     model = load_standalone(Bundle.open(bundle_root), expert)
     _own_storage(model)
     args, spec = _examples(model)
