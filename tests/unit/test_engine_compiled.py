@@ -30,14 +30,15 @@ def serve(eng: Engine, jobs: list[tuple[str, list[int]]], n: int, together: bool
 
 
 def wait_ready(eng: Engine, expert: str) -> None:
-    """Serve one request (eagerly, while the step compiles in the background) until it is ready."""
+    """Serve one request (its first decode step starts the background compile), then wait, idle so
+    the compile has the cores, until the step is ready."""
     key = eng.layouts[expert]
+    serve(eng, [(expert, [1, 2, 3])], 2, together=False)
     deadline = time.monotonic() + 600
     while eng.steps.state.get(key) != "ready":
         assert eng.steps.state.get(key) != "eager", "the compiled step gave up"
         assert time.monotonic() < deadline, "compiling took over 10 minutes"
-        serve(eng, [(expert, [1, 2, 3])], 2, together=False)
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("bundle", ["synth_bundle_dir", "arch_bundle_dir"])
