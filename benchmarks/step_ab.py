@@ -44,7 +44,7 @@ def main() -> int:
     ids = torch.ones(1, 1, dtype=torch.long)
 
     def context() -> KVCache:
-        cache = KVCache(model.config, aot.attn_impl(model))
+        cache = KVCache.for_model(model)
         cache.open_rows(1)
         compiled.forward(model, torch.ones(1, 128, dtype=torch.long), cache)
         return cache

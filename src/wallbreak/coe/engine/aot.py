@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
-from wallbreak.coe.engine.compiled import _decode, forward, marked_inputs
+from wallbreak.coe.engine.compiled import _decode, forward
 from wallbreak.coe.engine.kv import MIN_CAPACITY, KVCache, forward_kwargs
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,6 @@ def package_path(layout: str) -> Path:
     return defaults.cache_dir() / "aot" / f"{layout}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
 
 
-def attn_impl(model: nn.Module) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
-
-
 class _Step(nn.Module):
     """The exported function: one decode column for one row, written into the given blocks."""
 
@@ -86,9 +82,7 @@ class _Step(nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        cache = KVCache.over(
-            self.model.config, attn_impl(self.model), list(zip(keys, values, strict=True)), write_index
-        )
+        cache = KVCache.over(self.model, list(zip(keys, values, strict=True)), write_index)
         kw: dict[str, Any] = {self.names["cache"]: cache}
         if "logits" in self.names:
             kw[self.names["logits"]] = 1
@@ -122,11 +116,11 @@ def _own_storage(model: nn.Module) -> None:
 def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inputs of one decode step over a block wider than the smallest (so its capacity is seen to
     vary), and the dynamic-shape spec that says so."""
-    cache = KVCache(model.config, attn_impl(model))
+    cache = KVCache.for_model(model)
     cache.open_rows(1)
     forward(model, torch.ones(1, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
     ids = torch.ones(1, 1, dtype=torch.long)
-    masks, positions = marked_inputs(cache, ids, next(model.parameters()).dtype, whole=True)
+    masks, positions = cache.step_inputs(1, ids.device, next(model.parameters()).dtype, whole=True)
     blocks = cache.blocks()
     assert blocks is not None
     keys = [k.clone() for k, _ in blocks]  # out of inference mode: export writes into them
@@ -182,6 +176,18 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
 WRITER_OWN = (".data/", "byteorder", "archive_format", "archive_version")  # records a writer adds itself
 
 
+def _is_model_weight(fqn: str) -> bool:
+    """A constant the model has (the server supplies it), not one the compiler made."""
+    return fqn.startswith(f"{MODEL}.")
+
+
+def _weights_table(reader: Any) -> tuple[str, dict[str, Any], str]:
+    """A package's table of constants on disk: its record name, name -> (file, shape, stride,
+    offset), and the folder of the files."""
+    config = next(n for n in reader.get_file_names() if n.endswith(f"{MODEL}/weights_config.json"))
+    return config, json.loads(reader.read_string(config)), config.split("aotinductor/")[0] + "weights/"
+
+
 def _without_model_weights(src: str, out: Path) -> None:
     """Copy the package `src` to `out` less the model's weights (the compiler writes them all; the
     server points the step at the slot's own, so they would only take disk: 543 MB for SmolLM2
@@ -192,16 +198,13 @@ def _without_model_weights(src: str, out: Path) -> None:
     os.close(fd)
     try:
         with PT2ArchiveReader(src) as reader, PT2ArchiveWriter(tmp) as writer:
-            names = reader.get_file_names()
-            config = next(n for n in names if n.endswith(f"{MODEL}/weights_config.json"))
-            table = json.loads(reader.read_string(config))
-            dropped = {file for fqn, (file, *_) in table.items() if fqn.startswith(f"{MODEL}.")}
-            weights_dir = config.split("aotinductor/")[0] + "weights/"
-            for name in names:
+            config, table, weights_dir = _weights_table(reader)
+            dropped = {file for fqn, (file, *_) in table.items() if _is_model_weight(fqn)}
+            for name in reader.get_file_names():
                 if name.startswith(WRITER_OWN) or name.removeprefix(weights_dir) in dropped:
                     continue
                 if name == config:
-                    own = {k: v for k, v in table.items() if not k.startswith(f"{MODEL}.")}
+                    own = {k: v for k, v in table.items() if not _is_model_weight(k)}
                     writer.write_string(name, json.dumps(own))
                 else:
                     writer.write_bytes(name, reader.read_bytes(name))
@@ -278,12 +281,9 @@ class AotStep:
         self.fqns: list[str] = list(self.loader.get_constant_fqns())
         self.own: dict[str, torch.Tensor] = {}  # constants the compiler made, not the model's weights
         with PT2ArchiveReader(str(path)) as archive:
-            names = archive.get_file_names()
-            config = next(n for n in names if n.endswith(f"{MODEL}/weights_config.json"))
-            table = json.loads(archive.read_string(config))
-            weights_dir = config.split("aotinductor/")[0] + "weights/"
+            _, table, weights_dir = _weights_table(archive)
             for fqn, (file, shape, stride, offset) in table.items():
-                if not fqn.startswith(f"{MODEL}."):
+                if not _is_model_weight(fqn):
                     t = torch.load(io.BytesIO(archive.read_bytes(weights_dir + file)), weights_only=True)
                     self.own[fqn] = t.as_strided(shape, stride, offset)
         self.bound: tuple[int, ...] = ()
@@ -315,7 +315,7 @@ class AotStep:
     def check(self, model: nn.Module) -> None:
         """Run one step on a throwaway cache: a package that does not fit `model` raises here,
         before it serves."""
-        cache = KVCache(model.config, attn_impl(model))
+        cache = KVCache.for_model(model)
         cache.open_rows(1)
         ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
         forward(model, ids, cache)

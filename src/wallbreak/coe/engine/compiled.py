@@ -200,6 +200,8 @@ class CompiledSteps:
         try:
             for attempt in (0, 1):
                 if attempt or not path.is_file():
+                    if self.closed:
+                        return
                     log.info(
                         "building the compiled decode step of %s in a child process, once (%s); "
                         "serving eagerly meanwhile",
@@ -207,8 +209,6 @@ class CompiledSteps:
                         path,
                     )
                     t0 = time.monotonic()
-                    if self.closed:
-                        return
                     aot.build_in_child(self.bundle_root, expert, path, children=self.builds)
                     log.info("built the compiled decode step of %s in %.0f s", expert, time.monotonic() - t0)
                 try:
@@ -232,7 +232,7 @@ class CompiledSteps:
         try:
             device = next(model.parameters()).device
             for rows in (1, 2, 3) if self.max_rows(model) > 1 else (1,):
-                cache = KVCache(model.config, getattr(model.config, "_attn_implementation", None) or "eager")
+                cache = KVCache.for_model(model)
                 cache.open_rows(rows)
                 ids = torch.ones(rows, 1, dtype=torch.long, device=device)
                 run_step(model, ids, cache, None)  # eager: the blocks exist before the compiled step

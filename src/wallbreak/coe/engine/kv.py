@@ -141,16 +141,17 @@ class KVCache(Cache):
         self.width: int | None = None  # columns the attention reads; None: the whole block
 
     @classmethod
+    def for_model(cls, model: Any) -> KVCache:
+        """An empty cache for a transformers module (its attention kind decides the masks' form)."""
+        return cls(model.config, getattr(model.config, "_attn_implementation", None) or "eager")
+
+    @classmethod
     def over(
-        cls,
-        config: Any,
-        attn_impl: str,
-        blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        write_index: torch.Tensor,
+        cls, model: Any, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], write_index: torch.Tensor
     ) -> KVCache:
         """A cache whose layers write into the given (keys, values) blocks at `write_index` and
         attend over all of them (the ahead-of-time step, `engine.aot`, is traced over one)."""
-        cache = cls(config, attn_impl)
+        cache = cls.for_model(model)
         cache.capacity = blocks[0][0].shape[2]
         cache.write_index = write_index
         for layer, (k, v) in zip(cache._layers(), blocks, strict=True):

@@ -96,8 +96,7 @@ class Batch:
     # -- model calls --------------------------------------------------------------------------
 
     def _new_cache(self, model: nn.Module) -> KVCache:
-        cfg: Any = model.config
-        return KVCache(cfg, getattr(cfg, "_attn_implementation", None) or "eager")
+        return KVCache.for_model(model)
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
         """Prefill the new requests together and merge them into the running batch."""
