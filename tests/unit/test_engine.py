@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import Collector, make_engine, run
 from wallbreak.coe.bundle import Bundle
 from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
+from wallbreak.coe.engine.kv import write_columns
 from wallbreak.coe.engine.scheduler import Scheduler
 
 
@@ -247,3 +249,17 @@ def test_ours_preempts_only_an_expert_that_held_the_engine_a_whole_slice() -> No
     sch.submit(make_req("c", 3.6))
     now[0] = 6.5  # a and c have waited about 3 s, but b has held the engine only 2.9 s: no preemption
     assert sch.choose("b", {"b": 1, "a": 1}) == "b"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_columns_puts_each_rows_columns_at_its_own_positions(dtype: torch.dtype) -> None:
+    block = torch.randn(3, 2, 16, 4).to(dtype)
+    before = block.clone()
+    new = torch.randn(3, 2, 2, 4).to(dtype).transpose(1, 2)  # as attention hands it over: strided
+    starts = [0, 5, 13]
+    index = (torch.tensor(starts)[:, None] + torch.arange(2))[:, None, :, None]
+    write_columns(block, index, new)
+    expected = before.clone()
+    for b, s in enumerate(starts):
+        expected[b, :, s : s + 2] = new[b]
+    assert torch.equal(block, expected)  # byte-exact, and nothing else in the block moved

@@ -49,7 +49,7 @@ from wallbreak.coe.engine.kv import MIN_CAPACITY, KVCache, forward_kwargs
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what a package holds or how it is called changes
+FORMAT = 2  # bump when what a package holds or how it is called changes
 MAX_CAPACITY = 1 << 20  # the largest block capacity the package accepts (columns)
 BUILD_TIMEOUT_S = 3600.0
 # The build's CPU priority. At 19 it got ~2% of a CPU that serving kept busy and never finished

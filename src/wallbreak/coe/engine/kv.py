@@ -95,10 +95,8 @@ class BlockLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None
         idx = self.owner.write_index  # [rows, 1, q, 1]: each row's next q columns
-        self.keys.scatter_(2, idx.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
-        self.values.scatter_(
-            2, idx.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states
-        )
+        write_columns(self.keys, idx, key_states)
+        write_columns(self.values, idx, value_states)
         width = self.owner.width
         if width is None:  # compiled: the whole block, whose width is symbolic
             return self.keys, self.values
@@ -117,6 +115,21 @@ class BlockLayer(CacheLayerMixin):
         if self.keys is None or self.values is None:
             return 0
         return self.keys.numel() * self.keys.element_size() * 2
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def write_columns(block: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+    """block[b, :, index[b, 0, j, 0]] = new[b, :, j]: each row's new columns at its own positions.
+
+    Written through an integer view of the same width, because it is a pure byte move: the CPU's
+    scatter into a bf16 tensor upcasts the whole block to fp32 and back (two block-sized copies per
+    layer per step: 75 us against 6 us for an [8, 3, 256, 64] block, about 6 ms of a 45 ms int4
+    step at 8 rows)."""
+    bits = _BITS[block.element_size()]
+    where = index.expand(-1, new.shape[1], -1, new.shape[-1])
+    block.view(bits).scatter_(2, where, new.to(block.dtype).view(bits))
 
 
 def mark_dynamic(*blocks: torch.Tensor) -> None:
