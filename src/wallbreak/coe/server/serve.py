@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -52,10 +53,15 @@ def ensure_default_bundle(out: Path | None = None) -> Path:
     from wallbreak.coe import importers
     from wallbreak.coe.router import FitOptions, fit_router
 
-    out = out or defaults.cache_dir() / "default-bundle"
+    out = out or defaults.default_bundle_dir()
     if not (out / MANIFEST).is_file():
-        print(f"first run: building the default expert bundle in {out} (about 2 minutes)", file=sys.stderr)
-        importers.default_bundle(out)
+        form = defaults.BUNDLE_FORM
+        say = functools.partial(print, file=sys.stderr)
+        say(f"first run: building the default expert bundle ({form}) in {out} (about 2 minutes)")
+        importers.default_bundle(out, form)
+        old = defaults.cache_dir() / "default-bundle"
+        if (old / MANIFEST).is_file():
+            say(f"{old} (an earlier, fp32 default bundle) is no longer used: delete it to free its space")
     if Bundle.open(out).router is None:
         print("fitting the router on the experts' example prompts", file=sys.stderr)
         report = fit_router(out, FitOptions(generalist="smollm2-135m-instruct"))
