@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import Collector, make_engine, run
 from wallbreak.coe.bundle import Bundle
 from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
-from wallbreak.coe.engine.kv import write_columns
+from wallbreak.coe.engine.kv import decode_attention, write_columns
 from wallbreak.coe.engine.scheduler import Scheduler
 
 
@@ -263,3 +265,27 @@ def test_write_columns_puts_each_rows_columns_at_its_own_positions(dtype: torch.
     for b, s in enumerate(starts):
         expected[b, :, s : s + 2] = new[b]
     assert torch.equal(block, expected)  # byte-exact, and nothing else in the block moved
+
+
+def test_decode_attention_folds_grouped_heads_and_matches_sdpa_on_all_heads() -> None:
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    rows, kv_heads, width, dim = 2, 2, 9, 8
+    key, value = torch.randn(rows, kv_heads, width, dim), torch.randn(rows, kv_heads, width, dim)
+    mask = torch.ones(rows, 1, 1, width, dtype=torch.bool)
+    mask[0, ..., 5:] = False  # row 0 is shorter
+    query = torch.randn(rows, kv_heads * 3, 1, dim)
+    out, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+    every_head = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3
+    )
+    assert out.shape == (rows, 1, kv_heads * 3, dim)
+    torch.testing.assert_close(out, every_head.transpose(1, 2))
+    # a prefill chunk (several query columns) goes through transformers' own path, unchanged
+    query4 = torch.randn(rows, kv_heads * 3, 4, dim)
+    mask4 = torch.ones(rows, 1, 4, width, dtype=torch.bool)
+    out4, _ = decode_attention(module, query4, key, value, mask4, scaling=0.3)
+    ref4 = F.scaled_dot_product_attention(
+        query4, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask4, scale=0.3
+    )
+    torch.testing.assert_close(out4, ref4.transpose(1, 2))

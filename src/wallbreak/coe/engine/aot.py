@@ -45,11 +45,11 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.engine.compiled import _decode, forward
-from wallbreak.coe.engine.kv import MIN_CAPACITY, KVCache, forward_kwargs
+from wallbreak.coe.engine.kv import DECODE_ATTENTION, MIN_CAPACITY, KVCache, forward_kwargs
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when what a package holds or how it is called changes
+FORMAT = 3  # bump when what a package holds or how it is called changes
 MAX_CAPACITY = 1 << 20  # the largest block capacity the package accepts (columns)
 BUILD_TIMEOUT_S = 3600.0
 # The build's CPU priority. At 19 it got ~2% of a CPU that serving kept busy and never finished
@@ -147,6 +147,8 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
 
     model = load_standalone(Bundle.open(bundle_root), expert)
     _own_storage(model)
+    config: Any = model.config
+    config._attn_implementation = DECODE_ATTENTION  # this copy only: see kv.decode_attention
     args, spec = _examples(model)
     t0 = time.monotonic()
     with warnings.catch_warnings():  # the tracer's deprecation notices are not the user's to act on
