@@ -57,7 +57,9 @@ def test_logits_match_transformers(tmp_path: Path, tiny_llama: Path, alias: bool
     with _manager(bundle, 1, 1, alias_slots=alias) as mgr, mgr.acquire("tiny") as lease, torch.no_grad():
         got = lease.model(ids).logits
         want = ref(ids).logits
-    assert torch.equal(got, want)
+    # Not bit-equal: a slot's fp32 linears at a few rows split across cores (coe/cpu_linear.py), which
+    # sums in another order; the bytes themselves are checked bit for bit above.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
@@ -72,7 +74,7 @@ def test_tied_embeddings_round_trip(tmp_path: Path) -> None:
     ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
     ids = torch.tensor([[1, 2, 3]])
     with _manager(bundle, 1, 1) as mgr, mgr.acquire("tied") as lease, torch.no_grad():
-        assert torch.equal(lease.model(ids).logits, ref(ids).logits)
+        torch.testing.assert_close(lease.model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_concurrent_acquires_coalesce(synth_bundle_dir: Path, alias: bool) -> None:

@@ -49,7 +49,7 @@ from wallbreak.coe.engine.kv import DECODE_ATTENTION, MIN_CAPACITY, KVCache, for
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # bump when what a package holds or how it is called changes
+FORMAT = 4  # bump when what a package holds or how it is called changes
 MAX_CAPACITY = 1 << 20  # the largest block capacity the package accepts (columns)
 BUILD_TIMEOUT_S = 3600.0
 # The build's CPU priority. At 19 it got ~2% of a CPU that serving kept busy and never finished
@@ -60,7 +60,8 @@ MODEL = "model"  # the package's model name
 
 def package_path(layout: str) -> Path:
     """The package of one architecture and byte layout, for this torch, CPU and format."""
-    cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}"
+    # threads: fp32 linears are split one block per core into the graph (coe/cpu_linear.py)
+    cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
     ident = f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
     return defaults.cache_dir() / "aot" / f"{layout}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
+from wallbreak.coe.cpu_linear import split_linears
 from wallbreak.errors import BundleError, CapacityError
 from wallbreak.units import format_bytes
 
@@ -76,6 +77,8 @@ def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
     model = skeleton_on(entry.model_type, entry.config, device, dtype, entry.name)
     if entry.quant:
         compact.make_compact(model, entry, device)
+    elif dtype == torch.float32 and device.type == "cpu":
+        split_linears(model)  # decode's fp32 products on every core (coe/cpu_linear.py)
     return model
 
 
