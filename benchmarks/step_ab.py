@@ -6,7 +6,7 @@ The engine-level figures (`benchmarks/engine_compile.py`) swing by 20-30% betwee
 shared 2-core machine, more than the difference being measured. This takes the engine away and
 alternates: each round runs `--steps` one-row decode steps eagerly and then as many through the
 compiled package, each on a fresh 128-token context, and reports the median milliseconds per step
-of each and their ratio. The package must exist (`wallbreak bundle compile DIR --all`, or a
+of each and their ratio. The package must exist (`wallbreak bundle compile DIR`, or a
 `serve` that built it, with the same WALLBREAK_CACHE). Prints one JSON object.
 """
 
@@ -38,7 +38,7 @@ def main() -> int:
     bundle = Bundle.open(a.bundle)
     path = aot.package_path(bundle.expert(a.expert).layout_key)
     if not path.is_file():
-        raise SystemExit(f"no compiled step at {path}: run `wallbreak bundle compile {a.bundle} --all` first")
+        raise SystemExit(f"no compiled step at {path}: run `wallbreak bundle compile {a.bundle}` first")
     model = load_standalone(bundle, a.expert)
     step = aot.AotStep(path)
     ids = torch.ones(1, 1, dtype=torch.long)

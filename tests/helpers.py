@@ -118,7 +118,9 @@ def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
 class ServerThread:
     """`wallbreak serve`'s app on a free port in a background thread, for tests."""
 
-    def __init__(self, opts: object) -> None:
+    def __init__(self, opts: object, compile: str = "off") -> None:
+        """`compile`: the server's compile policy; off unless a test is about it, so no test of
+        something else starts a background build (as `make_engine`)."""
         import threading
 
         import uvicorn
@@ -128,6 +130,7 @@ class ServerThread:
 
         self.port = free_port()
         opts.port = self.port  # type: ignore[attr-defined]
+        opts.compile = compile  # type: ignore[attr-defined]
         self.app = make_app(opts)  # type: ignore[arg-type]
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")

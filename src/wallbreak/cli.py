@@ -143,9 +143,9 @@ def _serve_parser(verbs: Any) -> None:
     )
     sv.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=defaults.COMPILE,
                     help="compiled decode steps, built in the background while serving: auto (every "
-                         "expert on CUDA; on the CPU, int8/int4 experts at batch size 1, built once by a "
-                         "child process into the cache directory), on (as auto), all (every expert; on "
-                         f"the CPU at batch size 1), off (default {defaults.COMPILE})")  # fmt: skip
+                         "expert; on the CPU at batch size 1, built once by a child process into the "
+                         "cache directory), on (as auto), all (every batch size where it can), off "
+                         f"(default {defaults.COMPILE})")  # fmt: skip
     sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                     help="the same as --compile off")  # fmt: skip
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

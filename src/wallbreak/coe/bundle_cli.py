@@ -50,11 +50,6 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
     )
     comp.add_argument("dir", type=Path)
     comp.add_argument("--experts", type=names, default=None, help="only these experts (comma-separated)")
-    comp.add_argument(
-        "--all",
-        action="store_true",
-        help="every expert, not only the int8/int4 ones that --compile auto runs",
-    )
     show = bv.add_parser("show", help="list a bundle's experts")
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
@@ -85,7 +80,7 @@ def run_bundle_command(args: argparse.Namespace) -> int:
         total = sum(e.total_bytes for e in b.experts.values())
         print(f"ok: {len(b.experts)} expert(s), {format_bytes(total)}, every checksum matches")
     elif args.action == "compile":
-        compile_bundle(Bundle.open(args.dir), args.experts, args.all)
+        compile_bundle(Bundle.open(args.dir), args.experts)
     elif args.action == "show":
         b = Bundle.open(args.dir)
         rows: list[dict[str, Any]] = [
@@ -109,19 +104,14 @@ def run_bundle_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def compile_bundle(bundle: Any, experts: list[str] | None, every: bool) -> None:
-    """Build the ahead-of-time decode step of each architecture among `experts` (default: the
-    int8/int4 experts `serve --compile auto` compiles on the CPU), skipping those already built."""
+def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
+    """Build the ahead-of-time decode step of each architecture among `experts` (default: every
+    expert, as `serve --compile auto` does on the CPU), skipping those already built."""
     import time
 
     from wallbreak.coe.engine import aot
 
     chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
-    if not every and not experts:
-        chosen = [e for e in chosen if e.quant]
-    if not chosen:
-        print("nothing to compile: no int8/int4 experts (--all compiles every expert)")
-        return
     by_layout: dict[str, list[str]] = {}
     for e in chosen:
         by_layout.setdefault(e.layout_key, []).append(e.name)

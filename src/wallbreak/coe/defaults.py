@@ -15,7 +15,7 @@ KV_BUDGET = 2 << 30  # bytes of KV cache one batch may grow to before it stops a
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
-COMPILE = "auto"  # every expert on CUDA; int8/int4 experts at one row on the CPU, built ahead of time
+COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
 # The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes, +1.4%
 # perplexity on SmolLM2, and about 3x fp32's batch-1 decode on the CPU once compiled (README,
 # "Measured (expert execution)"). int4 is faster still but costs +9.5% perplexity.

@@ -29,15 +29,16 @@ Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`, ke
 brought that to 9.6 s and 103 s. With the build process instead: 1.5 s and 33.5 s while it builds
 (against 0.6 s and 19.7 s eager in that run), 0.66 s and 26.2 s once the package is on disk.
 
-Where (`policy`, `serve --compile`), from what the serving engine measured on SmolLM2
-(README): the ahead-of-time step at one row ran 1.13x/1.60x (int4), 1.26x/1.25x (int8) and
-1.17x/1.03x (fp32) as fast as eager in two interleaved runs (`benchmarks/step_ab.py`); in the engine
-fp32 gained nothing measurable, and at eight rows the compiled step lost to eager for every form
-(0.60x to 0.88x in-process; int4 built ahead of time with dynamic rows, 0.79x).
-- `auto` (default): every expert at every batch size on CUDA; on the CPU, int8/int4 experts at one
-  row, by the build process (never by tracing in this process).
-- `on`: as auto, and on the CPU int8/int4 experts at one row whichever backend.
-- `all`: every expert (on the CPU, at one row); `off`: nothing.
+Where (`policy`, `serve --compile`), from what was measured on SmolLM2 (README): the
+ahead-of-time step at one row against eager, interleaved (`benchmarks/step_ab.py`, two runs each):
+int4 1.79x/2.03x, int8 1.45x/1.56x, fp32 1.81x/1.61x, bf16 1.52x/1.50x. At eight rows the compiled
+step did not win for any form (0.60x to 0.88x in-process; int4 built ahead of time with dynamic
+rows, 1.04x at 8 rows and 0.93x at 16), so on the CPU it runs single rows only.
+- `auto` (default): every expert at every batch size on CUDA; on the CPU every expert at one row,
+  by the build process (never by tracing in this process).
+- `on`: as auto, and on the CPU at one row whichever backend.
+- `all`: every expert, every batch size where the backend can (the ahead-of-time step: one row);
+  `off`: nothing.
 """
 
 from __future__ import annotations
@@ -142,11 +143,8 @@ class CompiledSteps:
             return self.policy == "all"
         if next(model.parameters()).device.type == "cuda":
             return True
-        if self.policy == "auto" and self.backend_for(model) != "aot":
-            return False  # tracing in this process stalls serving on a CPU (see the module's docstring)
-        from wallbreak.coe import compact  # int8/int4 experts, whose linears are QuantLinear
-
-        return any(isinstance(m, compact.QuantLinear) for m in model.modules())
+        # on the CPU, auto never traces in this process: that stalls serving (the module's docstring)
+        return self.policy == "on" or self.backend_for(model) == "aot"
 
     def backend_for(self, model: nn.Module) -> str:
         """`aot` (a package built by a child process, `engine.aot`) on the CPU when the bundle is
@@ -158,8 +156,7 @@ class CompiledSteps:
 
     def max_rows(self, model: nn.Module) -> int:
         """The largest batch the compiled step runs: the ahead-of-time step is built for one row;
-        on the CPU, `on` compiles only the single-row step (measured in the engine on int4 SmolLM2:
-        1.13x eager at one row, 0.60x at eight)."""
+        on the CPU, `on` compiles only the single-row step (at eight rows it did not beat eager)."""
         if self.backend_for(model) == "aot":
             return 1
         if self.policy == "on" and next(model.parameters()).device.type == "cpu":
