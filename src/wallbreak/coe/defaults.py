@@ -16,9 +16,10 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
-# The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes, +1.4%
-# perplexity on SmolLM2, and about 3x fp32's batch-1 decode on the CPU once compiled (README,
-# "Measured (expert execution)"). int4 is faster still but costs +9.5% perplexity.
+# The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes (so
+# 4x the experts per budget, and quicker switches) for +1.4% perplexity on SmolLM2 and none on
+# Gemma-3; on the CPU it decodes 1.25-1.4x fp32 at batch 1 (README, "Measured (expert execution)").
+# int4 is faster still but costs +9.5% (SmolLM2) and +5.0% (Gemma-3) perplexity.
 BUNDLE_FORM = "int8"
 
 
