@@ -41,3 +41,12 @@ def test_parts_divide_the_output_evenly() -> None:
     assert parts_for(36, 8) == 6
     assert parts_for(7, 4) == 1  # nothing divides it: left alone
     assert parts_for(49152, 16) == 16
+
+
+def test_a_weight_that_is_not_contiguous_takes_the_plain_product() -> None:
+    model = nn.Sequential(nn.Linear(6, 4))
+    split_linears(model)
+    model[0].weight.data = torch.randn(6, 4).T  # a transposed view: no block-of-rows view of it
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), F.linear(x, model[0].weight, model[0].bias))

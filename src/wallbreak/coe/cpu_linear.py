@@ -29,7 +29,7 @@ class SplitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or self.parts < 2 or rows > MAX_ROWS:
+        if x.device.type != "cpu" or self.parts < 2 or rows > MAX_ROWS or not self.weight.is_contiguous():
             return F.linear(x, self.weight, self.bias)
         w = self.weight.view(self.parts, self.out_features // self.parts, self.in_features)
         x2 = x.reshape(rows, self.in_features)
