@@ -95,9 +95,6 @@ class Batch:
 
     # -- model calls --------------------------------------------------------------------------
 
-    def _new_cache(self, model: nn.Module) -> KVCache:
-        return KVCache.for_model(model)
-
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
         """Prefill the new requests together and merge them into the running batch."""
         live = []
@@ -108,7 +105,7 @@ class Batch:
                 live.append(req)
         if not live:
             return
-        cache = self._new_cache(model)
+        cache = KVCache.for_model(model)
         logits = self._prefill(model, cache, [r.prompt_ids for r in live])
         if self.cache is None:
             self.cache = cache
