@@ -150,3 +150,71 @@ def test_the_engine_serves_compact_experts_batched_as_alone(
     finally:
         eng.stop(timeout=5)
         tiers.close()
+
+
+def test_int4_unpacks_the_packing_of_this_torch() -> None:
+    """`unpack_int4` reads torch's CPU packing back, value for value, at two block counts."""
+    assert compact.int4_unpacks()
+    for rows in (64, 192):
+        w = torch.randint(0, 16, (rows, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
+        packed = compact.ATEN._convert_weight_to_int4pack_for_cpu(w, 2)
+        assert torch.equal(compact.unpack_int4(packed, rows, 96).to(torch.int32), w)
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_dequantized_matmuls_compute_what_the_kernels_compute(form: str) -> None:
+    """Under `dequantized_matmuls` a compact linear over several rows takes the dense bf16 matmul,
+    and gives the kernel's product within bf16 rounding; one row, or outside it, keeps the kernel."""
+    torch.manual_seed(1)
+    src = torch.nn.Linear(128, 192)
+    layer = compact.QuantLinear(src, form, compact.INT4_GROUP)
+    if form == "int8":
+        layer.weight, layer.weight_scale = compact.quantize_int8(src.weight.detach())
+    else:
+        layer.weight, layer.weight_sz = compact.quantize_int4(src.weight.detach())
+    layer.bias = torch.nn.Parameter(src.bias.detach().to(compact.COMPUTE_DTYPE))
+    x = torch.randn(2, 5, 128)
+    reference = x @ layer.dequantized().T + layer.bias.float()
+    kernel = layer(x)
+    with compact.dequantized_matmuls():
+        dense = layer(x)
+        one_row = layer(x[:1, :1])
+    assert not compact._dense  # closed again
+    assert dense.shape == kernel.shape == (2, 5, 192) and dense.dtype == compact.COMPUTE_DTYPE
+    torch.testing.assert_close(dense.float(), reference, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(dense.float(), kernel.float(), rtol=0.02, atol=0.05)
+    assert not torch.equal(dense, kernel)  # a different computation, not the kernel again
+    assert torch.equal(one_row, layer(x[:1, :1]))  # one row: the kernel, inside or outside
+
+
+def test_the_form_of_a_loaded_expert(sources: dict[str, Path], tmp_path: Path) -> None:
+    for form in ("int8", "int4", "fp32"):
+        import_expert(sources["llama"], form, tmp_path / "b", dtype=form)
+        model = load_standalone(Bundle.open(tmp_path / "b"), form)
+        assert compact.form_of(model) == (None if form == "fp32" else form)
+    assert set(compact.PREFILL_FROM) <= set(compact.FORMS)
+
+
+@pytest.mark.parametrize("form", ["fp32", "int8", "int4"])
+def test_blocks_made_ahead_match_the_ones_a_forward_makes(
+    sources: dict[str, Path], tmp_path: Path, form: str
+) -> None:
+    """`KVCache.ensure_blocks` (the compiled prefill writes into given blocks) makes what a first
+    eager forward would: same shapes and dtypes, per layer, for a float and each compact form."""
+    from wallbreak.coe.engine.compiled import forward
+    from wallbreak.coe.engine.kv import KVCache
+
+    for name in ("llama", "gemma"):  # gemma: a head width of its own, sliding layers
+        import_expert(sources[name], name, tmp_path / form, dtype=form)
+        model = load_standalone(Bundle.open(tmp_path / form), name)
+        made, run = KVCache.for_model(model), KVCache.for_model(model)
+        for cache in (made, run):
+            cache.open_rows(2)
+        made.ensure_blocks(model)
+        with torch.no_grad():
+            forward(model, torch.ones(2, 3, dtype=torch.long), run)
+        a, b = made.blocks(), run.blocks()
+        assert a is not None and b is not None and len(a) == len(b)
+        for (ka, va), (kb, vb) in zip(a, b, strict=True):
+            assert ka.shape == kb.shape == va.shape == vb.shape and ka.dtype == kb.dtype == vb.dtype
+            assert not ka.any() and ka.is_inference()  # empty, and made as a forward makes them

@@ -5,6 +5,7 @@ engine without building, rebuilt when its file is damaged, and a clean fall back
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from test_engine_compiled import PROMPTS, serve, wait_ready
 
 from helpers import make_engine, make_tiny_llama_folder
-from wallbreak.coe.engine import aot
+from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.engine import Engine, aot
 from wallbreak.coe.engine import compiled as compiled_mod
 
 
@@ -74,7 +76,7 @@ def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
     real_build = aot.build_in_child
 
     def counted(root: Path, expert: str, out: Path, **kw: object) -> None:
-        builds.append(expert)
+        builds.append(f"{expert}:{kw['part']}")
         real_build(root, expert, out, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(aot, "build_in_child", counted)
@@ -84,23 +86,24 @@ def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
         eng.start()
         try:
             wait_ready(eng, "l8")
-            before = eng.steps.compiled_steps
+            wait_prefill(eng, "l8")
+            before = eng.steps.compiled_steps, eng.steps.compiled_prefills
             got = serve(eng, [("l8", PROMPTS[0])], 6, together=False)
-            assert eng.steps.compiled_steps > before
+            assert eng.steps.compiled_steps > before[0] and eng.steps.compiled_prefills > before[1]
             return got
         finally:
             eng.stop(timeout=5)
             tiers.close()
 
     first = serve_compiled()
-    assert builds == ["l8"] and len(packages(cache)) == 1
+    assert builds == ["l8:decode", "l8:prefill"] and len(packages(cache)) == 2
     # int8 computes in bf16, where fused kernels round differently: the first tokens must agree
     assert first[0][:3] == want[0][:3]
-    assert serve_compiled() == first and builds == ["l8"]  # the second engine built nothing
-    packages(cache)[0].write_bytes(b"not a package")
+    assert serve_compiled() == first and len(builds) == 2  # the second engine built nothing
+    aot.package_path(Bundle.open(bundle).expert("l8").layout_key).write_bytes(b"not a package")
     with caplog.at_level(logging.WARNING, logger="wallbreak.coe.engine.compiled"):
         assert serve_compiled() == first
-    assert builds == ["l8", "l8"]
+    assert builds == ["l8:decode", "l8:prefill", "l8:decode"]  # the damaged one only
     assert any("rebuilding" in r.getMessage() for r in caplog.records)
 
 
@@ -141,6 +144,7 @@ def test_the_package_is_keyed_by_layout_and_torch(cache: Path) -> None:
     a, b = aot.package_path("aaaa"), aot.package_path("bbbb")
     assert a != b and a.parent == b.parent == cache / "aot"
     assert aot.package_path("aaaa") == a
+    assert aot.package_path("aaaa", "prefill") not in (a, b) and aot.package_path("aaaa", "decode") == a
     assert compiled_mod.CompiledSteps("on", None).backend_for(torch.nn.Linear(2, 2)) == "dynamo"
     assert compiled_mod.CompiledSteps("on", cache).backend_for(torch.nn.Linear(2, 2)) == "aot"
     with pytest.raises(Exception, match="choose from auto, aot, dynamo"):
@@ -156,10 +160,13 @@ def test_bundle_compile_builds_ahead_of_serving(
     bundle = tmp_path / "b"
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "l4", bundle, dtype="int4")
     assert main(["bundle", "compile", str(bundle)]) == 0
-    assert "l4: built" in capsys.readouterr().out and len(packages(cache)) == 1
+    out = capsys.readouterr().out
+    assert "l4: built the decode step" in out and "l4: built the prefill step" in out
+    assert len(packages(cache)) == 2  # int4: a compiled prefill too
     assert torch.is_grad_enabled()  # building in this process left its autograd state alone
     assert main(["bundle", "compile", str(bundle)]) == 0
-    assert "l4: already built" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "l4: decode already built" in out and "l4: prefill already built" in out
     assert main(["bundle", "compile", str(bundle), "--experts", "nope"]) != 0
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -168,7 +175,67 @@ def test_bundle_compile_builds_ahead_of_serving(
     eng.start()
     try:
         wait_ready(eng, "l4")
+        wait_prefill(eng, "l4")
         assert not eng.steps.builds
     finally:
         eng.stop(timeout=5)
         tiers.close()
+
+
+def wait_prefill(eng: Engine, expert: str) -> int:
+    """After `wait_ready`: wait until the expert's compiled prefill is loaded; its shortest chunk."""
+    key = eng.layouts[expert]
+    deadline = time.monotonic() + 600
+    while (shortest := eng.steps.prefill_from(key)) is None:
+        assert time.monotonic() < deadline, "building the prefill took over 10 minutes"
+        time.sleep(0.2)
+    return shortest
+
+
+def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4 (some layers dense in the package, some through the kernel): one row's chunks through
+    the package, shorter chunks eagerly, several prompts admitted together each prefilled alone."""
+    from wallbreak.coe import compact
+    from wallbreak.coe.engine.kv import KVCache
+    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.tiers.device import load_standalone
+
+    monkeypatch.setitem(compact.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
+    bundle = tmp_path / "b"
+    import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=6), "p", bundle, dtype="int4")
+    # 40 tokens: chunks of 32 and 8; 3 tokens: below the shortest chunk, eager; 70: 32, 32, and 6 eagerly
+    prompts = [("p", list(range(5, 45))), ("p", [40, 41, 42]), ("p", list(range(100, 170)))]
+    eager, tiers_e = make_engine(bundle, compile="off", prefill_chunk=32)
+    eager.start()
+    comp, tiers_c = make_engine(bundle, compile="on", prefill_chunk=32)
+    comp.start()
+    try:
+        want = serve(eager, prompts, 8, together=False)
+        wait_ready(comp, "p")
+        assert wait_prefill(comp, "p") == 8
+        before = comp.steps.compiled_prefills
+        alone = serve(comp, prompts, 8, together=False)
+        assert comp.steps.compiled_prefills - before == 2 + 2
+        together = serve(comp, prompts, 8, together=True)
+        assert comp.steps.compiled_prefills - before == 2 * (2 + 2)
+        # bf16 matmuls round otherwise than the int4 kernel: the first tokens must agree
+        assert [t[:3] for t in alone] == [t[:3] for t in together] == [t[:3] for t in want]
+        assert len(packages(cache)) == 2  # the decode step and the prefill
+    finally:
+        for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
+            eng.stop(timeout=5)
+            tiers.close()
+    # The package's logits against eager's, for a prompt in one chunk and in two.
+    model = load_standalone(Bundle.open(bundle), "p")
+    package = aot.AotStep(aot.package_path(Bundle.open(bundle).expert("p").layout_key, "prefill"))
+    for ids in (torch.arange(5, 45)[None], torch.arange(100, 170)[None]):
+        got, ref = KVCache.for_model(model), KVCache.for_model(model)
+        for c in (got, ref):
+            c.open_rows(1)
+        with torch.no_grad():
+            logits = [package(model, ids[:, :32], got), package(model, ids[:, 32:], got)][-1]
+            expect = compiled_mod.forward(model, ids, ref)[:, -1]
+        assert got.lengths == ref.lengths == [ids.shape[1]]
+        torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)

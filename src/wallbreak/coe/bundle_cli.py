@@ -46,7 +46,8 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
     ver.add_argument("dir", type=Path)
     comp = bv.add_parser(
         "compile",
-        help="build the CPU's compiled decode steps now (serve would build them in the background)",
+        help="build the CPU's compiled decode steps and compact experts' prefills now "
+        "(serve would build them in the background)",
     )
     comp.add_argument("dir", type=Path)
     comp.add_argument("--experts", type=names, default=None, help="only these experts (comma-separated)")
@@ -106,25 +107,37 @@ def run_bundle_command(args: argparse.Namespace) -> int:
 
 def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
     """Build the ahead-of-time decode step of each architecture among `experts` (default: every
-    expert, as `serve --compile auto` does on the CPU), skipping those already built."""
+    expert, as `serve --compile auto` does on the CPU), and the prefill of each compact one,
+    skipping those already built."""
+    from wallbreak.coe import compact
+
+    chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
+    by_layout: dict[str, list[Any]] = {}
+    for e in chosen:
+        by_layout.setdefault(e.layout_key, []).append(e)
+    for layout, entries in by_layout.items():
+        names = ", ".join(e.name for e in entries)
+        parts = ["decode"]
+        if (entries[0].quant or {}).get("form") in compact.PREFILL_FROM:
+            parts.append("prefill")
+        for part in parts:
+            _compile_part(bundle, entries[0].name, names, layout, part)
+
+
+def _compile_part(bundle: Any, expert: str, names: str, layout: str, part: str) -> None:
     import time
 
     from wallbreak.coe.engine import aot
 
-    chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
-    by_layout: dict[str, list[str]] = {}
-    for e in chosen:
-        by_layout.setdefault(e.layout_key, []).append(e.name)
-    for layout, names in by_layout.items():
-        path = aot.package_path(layout)
-        if path.is_file():
-            print(f"{', '.join(names)}: already built ({path})")
-            continue
-        print(f"{', '.join(names)}: building the compiled decode step (a minute or more) ...", flush=True)
-        t0 = time.monotonic()
-        try:
-            aot.build(bundle.root, names[0], path)
-        except Exception as e:  # the compiler's own errors (no C++ compiler, an operator it lacks)
-            raise WallbreakError(f"compiling {names[0]}'s decode step failed: {first_line(e)}") from None
-        size = format_bytes(path.stat().st_size)
-        print(f"{', '.join(names)}: built {path} ({size}) in {time.monotonic() - t0:.0f} s")
+    path = aot.package_path(layout, part)
+    if path.is_file():
+        print(f"{names}: {part} already built ({path})")
+        return
+    print(f"{names}: building the compiled {part} step (a minute or more) ...", flush=True)
+    t0 = time.monotonic()
+    try:
+        aot.build(bundle.root, expert, path, part)
+    except Exception as e:  # the compiler's own errors (no C++ compiler, an operator it lacks)
+        raise WallbreakError(f"compiling {expert}'s {part} step failed: {first_line(e)}") from None
+    size = format_bytes(path.stat().st_size)
+    print(f"{names}: built the {part} step, {path} ({size}), in {time.monotonic() - t0:.0f} s")

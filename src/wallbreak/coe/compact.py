@@ -22,8 +22,10 @@ Measured on this 2-core CPU, one token through SmolLM2's 49152 x 576 LM head: fp
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -127,6 +129,66 @@ def _quantize_linear(name: str, w: torch.Tensor, form: str) -> list[tuple[str, t
 
 
 # ----------------------------------------------------------------------------------------------
+# Dense matmuls for the compiled prefill
+
+INT4_BLOCK = 64  # output rows per block in torch's CPU int4 packing (see `unpack_int4`)
+_dense = False  # set while the compiled prefill is traced (`dequantized_matmuls`)
+# Per form: the shortest prompt chunk (columns) the compiled prefill runs, the one below which it
+# lost to eager. Measured on SmolLM2 at 4 to 512 columns (`benchmarks/prefill_ab.py`): int8 won from
+# 4 columns on (1.26x; 1.7-1.9x from 16), int4 lost below 64 (0.59x at 16, 1.11x at 64, 1.5x at
+# 128). Forms not named here (fp32, bf16) get no compiled prefill: they have no dequantization to
+# fuse, and in-process compiling measured 0.85x (fp32) and 1.04x (bf16) at 128 columns.
+PREFILL_FROM = {"int8": 2, "int4": 64}
+
+
+def form_of(model: nn.Module) -> str | None:
+    """A loaded expert's compact form (int4 where any layer is, as a bundle's int4 expert keeps
+    int8 layers where groups do not fit), or None for a float one."""
+    kinds = {m.kind for m in model.modules() if isinstance(m, QuantLinear)}
+    return "int4" if "int4" in kinds else ("int8" if kinds else None)
+
+
+@contextlib.contextmanager
+def dequantized_matmuls() -> Iterator[None]:
+    """While this is open, compact linear layers over more than one row dequantize their weight to
+    bf16 and run a dense matmul instead of torch's compact kernel. Only worth it where a compiler
+    fuses the dequantization into one pass per weight: the ahead-of-time prefill (`engine.aot`) is
+    traced under this. At a 512-token prefill of SmolLM2 on this CPU, the int4 kernel took 78% of
+    the forward; one MLP weight at 512 rows took 5.4 ms through it, 2.1 ms as a bf16 matmul.
+    Eagerly, the dequantization's own passes ate the gain (596 against 533 tokens/s at 512, a loss
+    below 256 tokens), so eager serving keeps the kernels."""
+    global _dense
+    int4_unpacks()  # probed now, on real tensors: a tracer could not compare its fake ones
+    before, _dense = _dense, True
+    try:
+        yield
+    finally:
+        _dense = before
+
+
+def unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The 4-bit values [rows, cols] (0..15) of a weight packed by torch's CPU int4 packing: blocks
+    of 64 output rows, [rows / 64, cols, 32] bytes, the low nibble holding row j of its block and the
+    high nibble row j + 32. Written with indexing rather than a concatenation, so a compiler fuses it
+    with the scaling into one pass. `int4_unpacks` checks this layout against this torch."""
+    block = torch.arange(INT4_BLOCK, device=packed.device)  # a row's place in its block
+    half = INT4_BLOCK // 2
+    byte = packed.view(rows // INT4_BLOCK, cols, half)[:, :, block % half]
+    nibble = (byte >> ((block >= half).to(torch.uint8) * 4)) & 0xF  # [rows / 64, cols, 64]
+    return nibble.transpose(1, 2).reshape(rows, cols)
+
+
+@functools.cache
+def int4_unpacks() -> bool:
+    """Whether `unpack_int4` reads this torch's packing (a fixed probe, packed and read back)."""
+    probe = (torch.arange(2 * INT4_BLOCK * 64, dtype=torch.int32).view(2 * INT4_BLOCK, 64) * 7) % 16
+    packed = ATEN._convert_weight_to_int4pack_for_cpu(probe, 2)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != probe.numel():
+        return False
+    return torch.equal(unpack_int4(packed, *probe.shape).to(torch.int32), probe)
+
+
+# ----------------------------------------------------------------------------------------------
 # Running (at load)
 
 
@@ -159,17 +221,33 @@ class QuantLinear(nn.Module):
         eye = torch.eye(self.in_features, dtype=COMPUTE_DTYPE, device=w.device)
         return ATEN._weight_int4pack_mm_for_cpu(eye, w, self.group, getattr(src, SCALES_ZEROS)).float().T
 
+    def dense_product(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 [rows, in] times the weight, through a bf16 matmul over the weight read from its
+        compact bytes (`dequantized_matmuls`); None where this layer's layout has no such reading."""
+        src = self.table if self.table is not None else self
+        w: torch.Tensor = src.weight  # type: ignore[assignment]
+        if self.kind == "int8":
+            # int8 values are exact in bf16: scaling the product, not the weight, rounds once less
+            return F.linear(x2, w.to(COMPUTE_DTYPE)) * getattr(src, SCALE)
+        n, k = self.out_features, self.in_features
+        if n % INT4_BLOCK or not int4_unpacks():
+            return None
+        sz = getattr(src, SCALES_ZEROS)  # [k / group, n, 2]: w = (q - 8) * scale + zero
+        q = unpack_int4(w, n, k).to(COMPUTE_DTYPE).view(n, k // self.group, self.group)
+        return F.linear(x2, ((q - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(n, k))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        src = self.table if self.table is not None else self
-        w: torch.Tensor = src.weight  # type: ignore[assignment]
-        if self.kind == "int4":
-            y = ATEN._weight_int4pack_mm_for_cpu(x2, w, self.group, getattr(src, SCALES_ZEROS))
-        elif x2.device.type == "cpu":
-            y = ATEN._weight_int8pack_mm(x2, w, getattr(src, SCALE))
-        else:  # no int8 kernel assumed off the CPU: dequantize into the matmul
-            y = F.linear(x2, w.to(COMPUTE_DTYPE) * getattr(src, SCALE)[:, None])
+        no_kernel = self.kind == "int8" and x2.device.type != "cpu"  # no int8 kernel assumed off the CPU
+        y = self.dense_product(x2) if no_kernel or (_dense and x2.shape[0] > 1) else None
+        if y is None:
+            src = self.table if self.table is not None else self
+            w: torch.Tensor = src.weight  # type: ignore[assignment]
+            if self.kind == "int4":
+                y = ATEN._weight_int4pack_mm_for_cpu(x2, w, self.group, getattr(src, SCALES_ZEROS))
+            else:
+                y = ATEN._weight_int8pack_mm(x2, w, getattr(src, SCALE))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

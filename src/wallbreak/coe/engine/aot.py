@@ -26,6 +26,7 @@ package to one dynamic dimension, the blocks' capacity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -56,18 +57,24 @@ BUILD_TIMEOUT_S = 3600.0
 # there; at 10 it takes ~10% while serving is busy, and everything when serving idles.
 BUILD_NICE = 10
 MODEL = "model"  # the package's model name
+PARTS = ("decode", "prefill")  # what a package runs: one decode column, or a chunk of a prompt
+MIN_PREFILL = 2  # the shortest chunk the prefill package takes (one column is a decode step)
 
 
-def package_path(layout: str) -> Path:
-    """The package of one architecture and byte layout, for this torch, CPU and format."""
+def package_path(layout: str, part: str = "decode") -> Path:
+    """The package of one architecture, byte layout and part, for this torch, CPU and format."""
     # threads: fp32 linears are split one block per core into the graph (coe/cpu_linear.py)
     cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
     ident = f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
-    return defaults.cache_dir() / "aot" / f"{layout}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
+    stem = layout if part == "decode" else f"{layout}-{part}"  # decode packages keep their old names
+    if part != "decode":
+        ident += f"|{part}"
+    return defaults.cache_dir() / "aot" / f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
 
 
 class _Step(nn.Module):
-    """The exported function: one decode column for one row, written into the given blocks."""
+    """The exported function: one row's next columns (one, or a prompt's chunk), written into the
+    given blocks; the logits of the last."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -114,24 +121,27 @@ def _own_storage(model: nn.Module) -> None:
                 mod._buffers[name] = b.clone()
 
 
-def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inputs of one decode step over a block wider than the smallest (so its capacity is seen to
-    vary), and the dynamic-shape spec that says so."""
+def _examples(model: nn.Module, part: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs of one step of `part` over a block wider than the smallest (so its capacity is seen to
+    vary), and the dynamic-shape spec that says so (for a prefill, the chunk's length varies too)."""
     cache = KVCache.for_model(model)
     cache.open_rows(1)
     forward(model, torch.ones(1, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
-    ids = torch.ones(1, 1, dtype=torch.long)
-    masks, positions = cache.step_inputs(1, ids.device, next(model.parameters()).dtype, whole=True)
+    q = 1 if part == "decode" else MIN_CAPACITY + 3
+    ids = torch.ones(1, q, dtype=torch.long)
+    masks, positions = cache.step_inputs(q, ids.device, next(model.parameters()).dtype, whole=True)
     blocks = cache.blocks()
     assert blocks is not None
     keys = [k.clone() for k, _ in blocks]  # out of inference mode: export writes into them
     values = [v.clone() for _, v in blocks]
     cap = torch.export.Dim("capacity", min=MIN_CAPACITY, max=MAX_CAPACITY)
+    cols = None if part == "decode" else torch.export.Dim("columns", min=MIN_PREFILL, max=MAX_CAPACITY)
+    mask = {2: cols, 3: cap} if cols is not None else {3: cap}
     spec = {
-        "ids": None,
-        "masks": {k: {3: cap} for k in masks} if isinstance(masks, dict) else {3: cap},
-        "positions": None,
-        "write_index": None,
+        "ids": {1: cols} if cols is not None else None,
+        "masks": {k: mask for k in masks} if isinstance(masks, dict) else mask,
+        "positions": {1: cols} if cols is not None else None,
+        "write_index": {2: cols} if cols is not None else None,
         "keys": [{2: cap}] * len(keys),
         "values": [{2: cap}] * len(values),
     }
@@ -139,10 +149,12 @@ def _examples(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 @torch.no_grad()  # not set_grad_enabled: `bundle compile` runs this in the caller's process
-def build(bundle_root: Path, expert: str, out: Path) -> None:
-    """Export and compile `expert`'s architecture's decode step into the package `out`."""
+def build(bundle_root: Path, expert: str, out: Path, part: str = "decode") -> None:
+    """Export and compile `expert`'s architecture's `part` step into the package `out`. A prefill
+    is traced with compact weights dequantized into its matmuls (`compact.dequantized_matmuls`)."""
     import torch._inductor
 
+    from wallbreak.coe import compact
     from wallbreak.coe.bundle import Bundle
     from wallbreak.coe.tiers.device import load_standalone
 
@@ -150,12 +162,13 @@ def build(bundle_root: Path, expert: str, out: Path) -> None:
     _own_storage(model)
     config: Any = model.config
     config._attn_implementation = DECODE_ATTENTION  # this copy only: see kv.decode_attention
-    args, spec = _examples(model)
+    args, spec = _examples(model, part)
     t0 = time.monotonic()
-    with warnings.catch_warnings():  # the tracer's deprecation notices are not the user's to act on
+    dense = compact.dequantized_matmuls() if part == "prefill" else contextlib.nullcontext()
+    with warnings.catch_warnings(), dense:  # the tracer's deprecation notices are not the user's
         warnings.simplefilter("ignore")
         program = torch.export.export(_Step(model), args, dynamic_shapes=spec, strict=False)
-    log.info("exported %s's decode step in %.1f s; compiling", expert, time.monotonic() - t0)
+    log.info("exported %s's %s step in %.1f s; compiling", expert, part, time.monotonic() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
     os.close(fd)
@@ -223,10 +236,12 @@ def build_in_child(
     out: Path,
     timeout: float = BUILD_TIMEOUT_S,
     children: set[subprocess.Popen[bytes]] | None = None,
+    part: str = "decode",
 ) -> None:
     """Run `build` in a child process at a low CPU priority (held in `children` while it runs, so
     an engine that stops can end it); raises with the child's last error line."""
     cmd = [sys.executable, "-m", "wallbreak.coe.engine.aot", str(bundle_root), expert, str(out)]
+    cmd += ["--part", part]
     children = set() if children is None else children
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -247,14 +262,15 @@ def build_in_child(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Build an ahead-of-time compiled decode step (internal).")
+    p = argparse.ArgumentParser(description="Build an ahead-of-time compiled step (internal).")
     p.add_argument("bundle", type=Path)
     p.add_argument("expert")
     p.add_argument("out", type=Path)
+    p.add_argument("--part", choices=PARTS, default="decode")
     a = p.parse_args(argv)
     os.nice(BUILD_NICE)  # the server this serves comes first
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build(a.bundle, a.expert, a.out)
+    build(a.bundle, a.expert, a.out, a.part)
     return 0
 
 
@@ -315,24 +331,27 @@ class AotStep:
             self.loader.load_constants({**tensors, **self.own}, False, True, True, False)
             self.bound = mark
 
-    def check(self, model: nn.Module) -> None:
-        """Run one step on a throwaway cache: a package that does not fit `model` raises here,
-        before it serves."""
+    def check(self, model: nn.Module, columns: int = 1) -> None:
+        """Run one step of `columns` (1: decode; more: a prefill chunk) on a throwaway cache: a
+        package that does not fit `model` raises here, before it serves."""
         cache = KVCache.for_model(model)
         cache.open_rows(1)
-        ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+        ids = torch.ones(1, columns, dtype=torch.long, device=next(model.parameters()).device)
         forward(model, ids, cache)
         logits = self(model, ids, cache)
         if logits.ndim != 2 or logits.shape[0] != 1:
             raise RuntimeError(f"the compiled step gave logits of shape {list(logits.shape)}")
 
     def __call__(self, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step of a one-row batch; logits [1, vocab]."""
+        """Feed one row its next ids [1, q] (q = 1 for a decode package; a prefill package takes
+        q >= MIN_PREFILL), into blocks made now if none exist yet; the last column's logits [1, vocab]."""
         self.bind(model)
-        masks, positions = cache.step_inputs(1, ids.device, next(model.parameters()).dtype, whole=True)
+        q = ids.shape[1]
+        masks, positions = cache.step_inputs(q, ids.device, next(model.parameters()).dtype, whole=True)
+        cache.ensure_blocks(model)  # after step_inputs, which set the capacity q needs
         with torch.inference_mode():
             (logits,) = self.loader.boxed_run(flat_inputs(ids, masks, positions, cache.write_index, cache))
-        cache.advance(1)
+        cache.advance(q)
         return logits
 
 

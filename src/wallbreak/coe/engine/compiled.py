@@ -131,10 +131,13 @@ class CompiledSteps:
         self.bundle_root = bundle_root  # where a build process reads an expert (the ahead-of-time step)
         self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
         self.aot: dict[str, Any] = {}  # architecture key -> its loaded ahead-of-time step (aot.AotStep)
+        # architecture key -> its loaded ahead-of-time prefill, and the shortest chunk it runs
+        self.prefills: dict[str, tuple[Any, int]] = {}
         self.builds: set[subprocess.Popen[bytes]] = set()  # build processes running now
         self.closed = False
         self.recompiles = 0  # graphs built after an architecture was ready (should stay 0)
         self.compiled_steps = 0  # decode steps the compiled code ran
+        self.compiled_prefills = 0  # prompt chunks the compiled prefill ran
         self._built_when_ready = 0
         self._lock = threading.Lock()
 
@@ -188,34 +191,12 @@ class CompiledSteps:
             self._compile(key, model)
 
     def _load_aot(self, key: str, model: nn.Module, expert: str) -> None:
-        """Load `key`'s ahead-of-time step, building it first in a child process if no earlier
-        process did (a package that fails to load is rebuilt once); check it runs, then ready."""
-        from wallbreak.coe.engine import aot
+        """Load `key`'s ahead-of-time decode step (building it first if no earlier process did),
+        then ready; then, for a compact expert, its prefill the same way (`compact.PREFILL_FROM`)."""
+        from wallbreak.coe import compact
 
-        assert self.bundle_root is not None
-        path = aot.package_path(key)
         try:
-            for attempt in (0, 1):
-                if attempt or not path.is_file():
-                    if self.closed:
-                        return
-                    log.info(
-                        "building the compiled decode step of %s in a child process, once (%s); "
-                        "serving eagerly meanwhile",
-                        expert,
-                        path,
-                    )
-                    t0 = time.monotonic()
-                    aot.build_in_child(self.bundle_root, expert, path, children=self.builds)
-                    log.info("built the compiled decode step of %s in %.0f s", expert, time.monotonic() - t0)
-                try:
-                    step = aot.AotStep(path)
-                    step.check(model)
-                    break
-                except Exception as e:
-                    if attempt:
-                        raise
-                    log.warning("compiled step %s did not load (%s); rebuilding it", path, first_line(e))
+            step = self._package(key, model, expert, "decode")
         except Exception as e:
             if not self.closed:
                 self._give_up(key, f"building it failed ({first_line(e)})")
@@ -224,6 +205,50 @@ class CompiledSteps:
             self.aot[key] = step
             self.state[key] = "ready"
         log.info("compiled decode step ready for %s", expert or key)
+        form = compact.form_of(model)
+        if form not in compact.PREFILL_FROM or self.closed:
+            return
+        try:
+            prefill = self._package(key, model, expert, "prefill")
+        except Exception as e:
+            if not self.closed:
+                log.warning("prefill of %s stays eager: building it failed (%s)", key, first_line(e))
+            return
+        with self._lock:
+            self.prefills[key] = (prefill, compact.PREFILL_FROM[form])
+        log.info("compiled prefill ready for %s", expert or key)
+
+    def _package(self, key: str, model: nn.Module, expert: str, part: str) -> Any:
+        """`key`'s loaded `part` package, built in a child process if no earlier process did (a
+        package that fails to load is rebuilt once), checked on `model`; raises if it cannot be."""
+        from wallbreak.coe.engine import aot
+
+        path = aot.package_path(key, part)
+        columns = 1 if part == "decode" else aot.MIN_PREFILL + 1
+
+        def checked() -> Any:
+            step = aot.AotStep(path)
+            step.check(model, columns)
+            return step
+
+        if path.is_file():
+            try:
+                return checked()
+            except Exception as e:
+                log.warning("compiled step %s did not load (%s); rebuilding it", path, first_line(e))
+        if self.closed:
+            raise RuntimeError("the engine stopped")
+        assert self.bundle_root is not None
+        log.info(
+            "building the compiled %s step of %s in a child process, once (%s); serving eagerly meanwhile",
+            part,
+            expert,
+            path,
+        )
+        t0 = time.monotonic()
+        aot.build_in_child(self.bundle_root, expert, path, children=self.builds, part=part)
+        log.info("built the compiled %s step of %s in %.0f s", part, expert, time.monotonic() - t0)
+        return checked()
 
     def _compile(self, key: str, model: nn.Module) -> None:
         try:
@@ -253,7 +278,31 @@ class CompiledSteps:
         with self._lock:
             self.state[key] = "eager"
             self.aot.pop(key, None)
+            self.prefills.pop(key, None)
         log.warning("decode step of %s stays eager: %s", key, why)
+
+    def prefill_from(self, key: str) -> int | None:
+        """The shortest prompt chunk `key`'s compiled prefill runs, or None while it has none."""
+        found = self.prefills.get(key)
+        return None if found is None else found[1]
+
+    def prefill(self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One row's prompt chunk ids [1, q] through `key`'s compiled prefill: the last column's
+        logits [1, vocab]; None (nothing done) where it has none, or the chunk is too short for it.
+        One that raises is dropped with one warning, and the caller runs the chunk eagerly (a
+        chunk's cache writes are idempotent)."""
+        found = self.prefills.get(key)
+        if found is None or cache.rows != 1 or ids.shape[1] < found[1]:
+            return None
+        try:
+            logits: torch.Tensor = found[0](model, ids, cache)
+        except Exception as e:
+            with self._lock:
+                self.prefills.pop(key, None)
+            log.warning("prefill of %s stays eager: the compiled prefill raised (%s)", key, first_line(e))
+            return None
+        self.compiled_prefills += 1
+        return logits
 
     def step(
         self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache, expert: str = ""

@@ -58,6 +58,13 @@ def layer_windows(config: Any) -> list[int | None]:
     return [int(window) if k == "sliding_attention" else None for k in kinds[:n]]
 
 
+def head_shape(config: Any) -> tuple[int, int]:
+    """(key/value heads, head width) of a transformers config: a block's dims 1 and 3."""
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return kv_heads, head_dim
+
+
 _KWARGS: dict[type, dict[str, str]] = {}
 
 
@@ -203,6 +210,19 @@ class KVCache(Cache):
         if any(k is None or v is None for k, v in out):
             return None
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def ensure_blocks(self, model: Any) -> None:
+        """Make every layer's empty block now, as the first forward would (in the dtype of the
+        model's parameters, which the keys and values come out in), for code that writes into given
+        blocks: the compiled prefill."""
+        if self.blocks() is not None:
+            return
+        p = next(model.parameters())
+        kv_heads, head_dim = head_shape(model.config)
+        empty = torch.empty(self.rows, kv_heads, 0, head_dim, dtype=p.dtype, device=p.device)
+        for layer in self._layers():
+            layer.lazy_initialization(empty, empty)
 
     @property
     def rows(self) -> int:

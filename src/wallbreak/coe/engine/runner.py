@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wallbreak.coe.engine.compiled import CompiledSteps, forward, run_step
-from wallbreak.coe.engine.kv import KVCache, capacity_for, layer_windows
+from wallbreak.coe.engine.kv import KVCache, capacity_for, head_shape, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
 
 
@@ -49,8 +49,7 @@ def logprob_of(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
 def kv_bytes_per_row(config: Any, dtype: torch.dtype, columns: int) -> int:
     """KV bytes one row of a batch holds at `columns` time columns (the block rounds up to its
     capacity; sliding layers keep every column too, see `engine.kv`)."""
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    kv_heads, head_dim = head_shape(config)
     per_column = 2 * kv_heads * head_dim * dtype.itemsize
     return per_column * capacity_for(columns) * len(layer_windows(config))
 
@@ -96,34 +95,45 @@ class Batch:
     # -- model calls --------------------------------------------------------------------------
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
-        """Prefill the new requests together and merge them into the running batch."""
+        """Prefill the new requests and merge them into the running batch."""
         live = []
         for req in reqs:
             if req.cancelled.is_set():
                 self._end(req, "cancelled")
             else:
                 live.append(req)
-        if not live:
-            return
-        cache = KVCache.for_model(model)
-        logits = self._prefill(model, cache, [r.prompt_ids for r in live])
-        if self.cache is None:
-            self.cache = cache
-        else:
-            self.cache.merge(cache)
-        first = len(self.seqs)
-        for req in live:
-            gen = None
-            if req.params.seed is not None:
-                gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
-            self.seqs.append(Seq(req, gen=gen))
-            self.next.append(-1)
-        self._take_all(logits, first)
+        for group in self._prefill_groups(live):
+            cache = KVCache.for_model(model)
+            logits = self._prefill(model, cache, [r.prompt_ids for r in group])
+            if self.cache is None:
+                self.cache = cache
+            else:
+                self.cache.merge(cache)
+            first = len(self.seqs)
+            for req in group:
+                gen = None
+                if req.params.seed is not None:
+                    gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
+                self.seqs.append(Seq(req, gen=gen))
+                self.next.append(-1)
+            self._take_all(logits, first)
         self._drop_finished()
+
+    def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Which requests prefill together: all of them, padded to the longest; except that where
+        the architecture has a compiled prefill (one row at a time), each prompt long enough for it
+        goes alone through it (at 128 tokens, 1.5x to 1.8x eager's speed for int4 and int8)."""
+        shortest = self.steps.prefill_from(self.layout) if self.steps is not None else None
+        if shortest is None or len(reqs) < 2:
+            return [reqs] if reqs else []
+        alone = [[r] for r in reqs if len(r.prompt_ids) >= shortest]
+        rest = [r for r in reqs if len(r.prompt_ids) < shortest]
+        return alone + ([rest] if rest else [])
 
     def _prefill(self, model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prefill new rows together, prompts right-padded to the longest, in chunks (so a 32k-token
-        prompt never builds a 32k x 32k mask); each row's logits at its own last prompt token."""
+        prompt never builds a 32k x 32k mask); each row's logits at its own last prompt token. A
+        single row's chunks go through the compiled prefill where it has one (`CompiledSteps.prefill`)."""
         device = next(model.parameters()).device
         lengths = [len(p) for p in prompts]
         width = max(lengths)
@@ -135,8 +145,13 @@ class Batch:
         last: list[torch.Tensor | None] = [None] * len(prompts)
         for c0 in range(0, width, self.prefill_chunk):
             q = min(self.prefill_chunk, width - c0)
+            chunk = ids[:, c0 : c0 + q]
+            fast = self.steps.prefill(self.layout, model, chunk, cache) if self.steps is not None else None
+            if fast is not None:  # one row: its last column, which is the prompt's last token at the end
+                last[0] = fast[0]
+                continue
             ends = sorted({n - 1 - c0 for n in lengths if c0 <= n - 1 < c0 + q})
-            logits = forward(model, ids[:, c0 : c0 + q], cache, keep=ends or [-1])
+            logits = forward(model, chunk, cache, keep=ends or [-1])
             for i, n in enumerate(lengths):
                 if c0 <= n - 1 < c0 + q:
                     last[i] = logits[i, ends.index(n - 1 - c0)]
