@@ -5,14 +5,15 @@
 
 Runs the real engine (tiers, scheduler, continuous batching, the fixed-capacity KV blocks) on one
 expert: 1 and then 8 concurrent greedy requests with the same prompt (English text cut to
-`--prompt-tokens` tokens), `--repeats` times each. Decode tokens/s is the tokens after each
-request's first, over the time from the first request's first token to the last request's last
-token (prefill excluded, as `benchmarks/llamacpp_anchor.py` times llama.cpp); `e2e` includes
-prefill. Best of the repeats. `--compile all` (default) compiles every expert (on the CPU at one
-row, built ahead of time by a child process into $WALLBREAK_CACHE/aot); `on` is `serve --compile
-on`. With either, it serves one short request, then waits (idle) until the background compile of
-the expert's decode step is ready, and reports how long that took. Prints one JSON object (a line
-per pass on stderr).
+`--prompt-tokens` tokens), `--repeats` times each. Decode tokens/s is the tokens produced after
+every request had its first, over the time from then to the last token (prefill excluded, as
+`benchmarks/llamacpp_anchor.py` times llama.cpp; while requests are prefilled one by one, the
+compiled prefill's way, the first ones' early tokens are not counted); `e2e` includes prefill;
+`ttft_s` is the first request's first token, `ttft_last_s` the last request's. Best of the repeats.
+`--compile all` (default) compiles every expert (on the CPU at one row, built ahead of time by a
+child process into $WALLBREAK_CACHE/aot); `on` is `serve --compile on`. With either, it serves one
+short request, then waits (idle) until the background compile of the expert's decode step is ready,
+and reports how long that took. Prints one JSON object (a line per pass on stderr).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import make_engine
+from wallbreak.coe import compact
 from wallbreak.coe.engine import Engine, Event, Request, SamplingParams, compiled
 
 TEXT = (
@@ -42,6 +44,7 @@ class Timed:
         self.first: float | None = None
         self.last = 0.0
         self.tokens = 0
+        self.times: list[float] = []  # when each token arrived
         self.done = threading.Event()
 
     def __call__(self, ev: Event) -> None:
@@ -50,6 +53,7 @@ class Timed:
             self.first = self.first or now
             self.last = now
             self.tokens += len(ev.tokens)
+            self.times += [now] * len(ev.tokens)
         if ev.finish_reason:
             self.done.set()
 
@@ -62,12 +66,15 @@ def one_pass(eng: Engine, expert: str, ids: list[int], n: int, tokens: int) -> d
     for c in runs:
         c.done.wait(900)
     first = min(c.first or t0 for c in runs)
+    started = max(c.first or t0 for c in runs)  # every request has its first token: all decoding
     last = max(c.last for c in runs)
     produced = sum(c.tokens for c in runs)
     return {
-        "decode_tps": sum(max(c.tokens - 1, 0) for c in runs) / max(last - first, 1e-9),
+        "decode_tps": sum(t > started for c in runs for t in c.times) / max(last - started, 1e-9),
         "e2e_tps": produced / (time.perf_counter() - t0),
         "tokens": produced,
+        "ttft_s": first - t0,  # the first request's first token (prefill, queueing included)
+        "ttft_last_s": started - t0,
     }
 
 
@@ -95,17 +102,27 @@ def main() -> int:
                 raise SystemExit("the compiled step gave up; see the warning above")
             time.sleep(0.5)
         out["ready_after_s"] = round(time.perf_counter() - t0, 1)
+        form = (eng.bundle.expert(a.expert).quant or {}).get("form")
+        if a.compile != "off" and form in compact.PREFILL_FROM:
+            while eng.steps.prefill_from(key) is None:  # a compact expert's prefill comes next
+                if eng.steps.state.get(key) == "eager":
+                    raise SystemExit("the compiled prefill gave up; see the warning above")
+                time.sleep(0.5)
+            out["prefill_ready_after_s"] = round(time.perf_counter() - t0, 1)
         for _ in range(a.repeats):
             for n in (1, 8):
                 r = one_pass(eng, a.expert, ids, n, a.tokens)
                 print(f"{a.compile} batch {n}: " + json.dumps(r), file=sys.stderr)
                 for k in ("decode_tps", "e2e_tps"):
                     out[f"{k}_b{n}"] = max(out.get(f"{k}_b{n}", 0.0), r[k])
+                for k in ("ttft_s", "ttft_last_s"):
+                    out[f"{k}_b{n}"] = round(min(out.get(f"{k}_b{n}", 1e9), r[k]), 3)
                 out[f"tokens_b{n}"] = r["tokens"]
         out["prompt_tokens"] = len(ids)
         out["graphs"] = compiled.graphs_built()
         out["recompiles_after_ready"] = eng.steps.recompiles
         out["compiled_steps"] = eng.steps.compiled_steps
+        out["compiled_prefills"] = eng.steps.compiled_prefills
     finally:
         eng.stop()
         tiers.close()

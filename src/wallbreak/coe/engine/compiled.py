@@ -9,8 +9,12 @@ one architecture, and every expert switched into it (on the CPU a switch re-poin
 at the host arena; on a device it copies into the slot's fixed buffer), reuses the same graphs:
 `recompiles` counts anything else, and a test holds it at zero across switches.
 
-Prefill stays eager: its chunk shapes vary, and `bench fuse` measured compiled prefill at 128 rows
-at 0.85x (fp32), 1.04x (bf16), 1.00x (int8) and 1.43x (int4) of eager; int4's gain is left.
+Prefill: on the CPU, for compact (int8/int4) experts, the build process makes a second package
+once the decode step is ready: one row's prompt chunk, traced with the weights dequantized into
+bf16 matmuls (`engine.aot`, `compact.dequantized_matmuls`), used for chunks of at least
+`compact.PREFILL_FROM` columns (`CompiledSteps.prefill`). `benchmarks/prefill_ab.py` on SmolLM2:
+int8 1.7-1.9x eager from 16 tokens, int4 1.5x from 128. Everything else prefills eagerly (fp32 and
+bf16 have nothing to dequantize; in-process compiling measured 0.85x and 1.04x at 128 rows).
 
 When: the first time an architecture runs, its step is made ready in the background while the
 engine keeps serving eagerly; from the next step after it is ready, the engine calls it. Who

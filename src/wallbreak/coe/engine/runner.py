@@ -22,6 +22,12 @@ from wallbreak.coe.engine.compiled import CompiledSteps, forward, run_step
 from wallbreak.coe.engine.kv import KVCache, capacity_for, head_shape, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
 
+# Prompts this long or longer prefill one by one where a compiled prefill exists, shorter ones together.
+# SmolLM2 int8 on this CPU (`benchmarks/prefill_ab.py`): one row through the package ran 363 tokens/s
+# at 16 tokens, 571 at 64, 833 at 128; eager's kernels 450-530 at 128 rows or more, which is what
+# several short prompts padded into one batch make.
+ALONE_FROM = 64
+
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """Greedy at temperature 0; otherwise temperature, nucleus (top_p), then a seeded draw."""
@@ -121,13 +127,14 @@ class Batch:
 
     def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
         """Which requests prefill together: all of them, padded to the longest; except that where
-        the architecture has a compiled prefill (one row at a time), each prompt long enough for it
-        goes alone through it (at 128 tokens, 1.5x to 1.8x eager's speed for int4 and int8)."""
+        the architecture has a compiled prefill (one row at a time), each prompt of ALONE_FROM tokens
+        or more goes alone through it, and the shorter ones together (eagerly, unless one is left)."""
         shortest = self.steps.prefill_from(self.layout) if self.steps is not None else None
         if shortest is None or len(reqs) < 2:
             return [reqs] if reqs else []
-        alone = [[r] for r in reqs if len(r.prompt_ids) >= shortest]
-        rest = [r for r in reqs if len(r.prompt_ids) < shortest]
+        cut = max(shortest, ALONE_FROM)
+        alone = [[r] for r in reqs if len(r.prompt_ids) >= cut]
+        rest = [r for r in reqs if len(r.prompt_ids) < cut]
         return alone + ([rest] if rest else [])
 
     def _prefill(self, model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
