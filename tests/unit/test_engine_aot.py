@@ -221,7 +221,8 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
         together = serve(comp, prompts, 8, together=True)
         # admitted together: the 70-token prompt alone (runner.ALONE_FROM), the two short ones padded
         # into one batch, eagerly
-        assert comp.steps.compiled_prefills - before == 2 + 2 + 2
+        summary = comp.compile_summary()  # what /health shows
+        assert summary["prefill_compiled"] == ["p"] and summary["compiled_prefills"] == before + 2 + 2 + 2
         # bf16 matmuls round otherwise than the int4 kernel: the first tokens must agree
         assert [t[:3] for t in alone] == [t[:3] for t in together] == [t[:3] for t in want]
         assert len(packages(cache)) == 2  # the decode step and the prefill

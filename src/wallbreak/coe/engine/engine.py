@@ -142,12 +142,15 @@ class Engine:
             return sum(b.cache.nbytes() for b in self.batches.values() if b.cache is not None)
 
     def compile_summary(self) -> dict[str, object]:
-        """Per expert: whether its decode step is compiled (ready), compiling, or eager."""
+        """Per expert: whether its decode step is compiled (ready), compiling, or eager; which
+        experts' prefill is compiled (int8/int4 on the CPU, after the decode step)."""
         state = self.steps.state
         return {
             "policy": self.steps.policy,
             "experts": {e: state.get(k, "not run yet") for e, k in self.layouts.items()},
+            "prefill_compiled": sorted(e for e, k in self.layouts.items() if self.steps.prefill_from(k)),
             "compiled_steps": self.steps.compiled_steps,
+            "compiled_prefills": self.steps.compiled_prefills,
             "recompiles": self.steps.recompiles,
         }
 
