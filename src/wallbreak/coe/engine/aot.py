@@ -71,10 +71,9 @@ def package_path(layout: str, part: str = "decode") -> Path:
     """The package of one architecture, byte layout and part, for this torch, CPU and format."""
     # threads: fp32 linears are split one block per core into the graph (coe/cpu_linear.py)
     cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
-    ident = f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
-    stem = layout if part == "decode" else f"{layout}-{part}"  # decode packages keep their old names
-    if part != "decode":
-        ident += f"|{part}"
+    stem, ident = layout, f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
+    if part != "decode":  # decode packages keep the names they had before there were parts
+        stem, ident = f"{layout}-{part}", f"{ident}|{part}"
     return defaults.cache_dir() / "aot" / f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
 
 
