@@ -242,3 +242,36 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
             expect = compiled_mod.forward(model, ids, ref)[:, -1]
         assert got.lengths == ref.lengths == [ids.shape[1]]
         torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)
+
+
+def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: Path, cache: Path) -> None:
+    """Two int8 experts of one architecture share a package; each call reads the weights of the
+    model it is given (the loader is pointed again when they change), never the last one's."""
+    from wallbreak.coe.engine.kv import KVCache
+    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.tiers.device import load_standalone
+
+    bundle = tmp_path / "b"
+    for seed, name in ((7, "a"), (8, "b")):
+        import_expert(make_tiny_llama_folder(tmp_path / name, seed=seed), name, bundle, dtype="int8")
+    opened = Bundle.open(bundle)
+    assert opened.expert("a").layout_key == opened.expert("b").layout_key
+    path = aot.package_path(opened.expert("a").layout_key, "prefill")
+    aot.build(bundle, "a", path, "prefill")
+    package = aot.AotStep(path)
+    models = {n: load_standalone(opened, n) for n in ("a", "b")}
+    ids = torch.arange(10, 50)[None]
+    for name in ("a", "b", "a", "b"):
+        model = models[name]
+        got, ref = KVCache.for_model(model), KVCache.for_model(model)
+        for c in (got, ref):
+            c.open_rows(1)
+        with torch.no_grad():
+            logits = package(model, ids, got)
+            expect = compiled_mod.forward(model, ids, ref)[:, -1]
+        torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)
+    other = KVCache.for_model(models["a"])  # the experts differ enough for the test to tell them apart
+    other.open_rows(1)
+    with torch.no_grad():
+        a_logits = compiled_mod.forward(models["a"], ids, other)[:, -1]
+    assert not torch.allclose(a_logits.float(), expect.float(), atol=0.5)
