@@ -28,8 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import make_engine
-from wallbreak.coe import compact
-from wallbreak.coe.engine import Engine, Event, Request, SamplingParams, compiled
+from wallbreak.coe.engine import Engine, Event, Request, SamplingParams, aot, compiled
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
@@ -102,9 +101,8 @@ def main() -> int:
                 raise SystemExit("the compiled step gave up; see the warning above")
             time.sleep(0.5)
         out["ready_after_s"] = round(time.perf_counter() - t0, 1)
-        form = (eng.bundle.expert(a.expert).quant or {}).get("form")
-        if a.compile != "off" and form in compact.PREFILL_FROM:
-            while eng.steps.prefill_from(key) is None:  # a compact expert's prefill comes next
+        if a.compile != "off" and eng.bundle.expert(a.expert).dtype in aot.PREFILL_FROM:
+            while eng.steps.prefill_from(key) is None:  # its prefill comes next
                 if eng.steps.state.get(key) == "eager":
                     raise SystemExit("the compiled prefill gave up; see the warning above")
                 time.sleep(0.5)

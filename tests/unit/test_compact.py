@@ -192,7 +192,18 @@ def test_the_form_of_a_loaded_expert(sources: dict[str, Path], tmp_path: Path) -
         import_expert(sources["llama"], form, tmp_path / "b", dtype=form)
         model = load_standalone(Bundle.open(tmp_path / "b"), form)
         assert compact.form_of(model) == (None if form == "fp32" else form)
-    assert set(compact.PREFILL_FROM) <= set(compact.FORMS)
+
+
+@pytest.mark.parametrize("form", ["fp32", "bf16", "int8", "int4"])
+def test_a_loaded_experts_form_is_what_its_entry_says(
+    sources: dict[str, Path], tmp_path: Path, form: str
+) -> None:
+    """Two ways to one key of `aot.PREFILL_FROM`: the engine asks the model, `bundle compile` the entry."""
+    from wallbreak.coe.engine import aot
+
+    import_expert(sources["llama"], "x", tmp_path / "b", dtype=form)
+    bundle = Bundle.open(tmp_path / "b")
+    assert aot.model_form(load_standalone(bundle, "x")) == bundle.expert("x").dtype
 
 
 @pytest.mark.parametrize("form", ["fp32", "int8", "int4"])

@@ -43,14 +43,17 @@ def test_ahead_of_time_step_gives_eager_tokens_across_switches(
         want = serve(eager, jobs, 12, together=False)  # the 70-token prompt grows its block past 64+
         for e in experts:
             wait_ready(comp, e)
+            wait_prefill(comp, e)
         assert all(isinstance(comp.steps.aot[k], aot.AotStep) for k in set(comp.layouts.values()))
         before = comp.steps.compiled_steps
+        prefills = comp.steps.compiled_prefills
         assert serve(comp, jobs, 12, together=False) == want  # one row each: the compiled step
         assert serve(comp, jobs[::-1], 12, together=False) == want[::-1]
         assert comp.steps.compiled_steps - before >= 2 * 11 * len(jobs)
+        assert comp.steps.compiled_prefills - prefills == 2 * len(jobs)  # fp32: from 2 tokens
         assert comp.stats.switches >= len(experts)
-        # one package per architecture, however many experts share it
-        assert len(packages(cache)) == len(set(comp.layouts.values()))
+        # a decode and a prefill package per architecture, however many experts share it
+        assert len(packages(cache)) == 2 * len(set(comp.layouts.values()))
     finally:
         for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
             eng.stop(timeout=5)
@@ -197,12 +200,11 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
 ) -> None:
     """int4 (some layers dense in the package, some through the kernel): one row's chunks through
     the package, shorter chunks eagerly, several prompts admitted together each prefilled alone."""
-    from wallbreak.coe import compact
     from wallbreak.coe.engine.kv import KVCache
     from wallbreak.coe.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
 
-    monkeypatch.setitem(compact.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
+    monkeypatch.setitem(aot.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
     bundle = tmp_path / "b"
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=6), "p", bundle, dtype="int4")
     # 40 tokens: chunks of 32 and 8; 3 tokens: below the shortest chunk, eager; 70: 32, 32, and 6 eagerly

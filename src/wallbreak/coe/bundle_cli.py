@@ -46,7 +46,7 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
     ver.add_argument("dir", type=Path)
     comp = bv.add_parser(
         "compile",
-        help="build the CPU's compiled decode steps and compact experts' prefills now "
+        help="build the CPU's compiled decode and prefill steps now "
         "(serve would build them in the background)",
     )
     comp.add_argument("dir", type=Path)
@@ -107,9 +107,9 @@ def run_bundle_command(args: argparse.Namespace) -> int:
 
 def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
     """Build the ahead-of-time decode step of each architecture among `experts` (default: every
-    expert, as `serve --compile auto` does on the CPU), and the prefill of each compact one,
+    expert, as `serve --compile auto` does on the CPU), and its prefill (`aot.PREFILL_FROM`),
     skipping those already built."""
-    from wallbreak.coe import compact
+    from wallbreak.coe.engine import aot
 
     chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
     by_layout: dict[str, list[Any]] = {}
@@ -118,7 +118,7 @@ def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
     for layout, entries in by_layout.items():
         names = ", ".join(e.name for e in entries)
         parts = ["decode"]
-        if (entries[0].quant or {}).get("form") in compact.PREFILL_FROM:
+        if entries[0].dtype in aot.PREFILL_FROM:
             parts.append("prefill")
         for part in parts:
             _compile_part(bundle, entries[0].name, names, layout, part)

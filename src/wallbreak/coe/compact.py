@@ -133,12 +133,6 @@ def _quantize_linear(name: str, w: torch.Tensor, form: str) -> list[tuple[str, t
 
 INT4_BLOCK = 64  # output rows per block in torch's CPU int4 packing (see `unpack_int4`)
 _dense = False  # set while the compiled prefill is traced (`dequantized_matmuls`)
-# Per form: the shortest prompt chunk (columns) the compiled prefill runs, the one below which it
-# lost to eager. Measured on SmolLM2 at 4 to 512 columns (`benchmarks/prefill_ab.py`): int8 won from
-# 4 columns on (1.26x; 1.7-1.9x from 16), int4 lost below 64 (0.59x at 16, 1.11x at 64, 1.5x at
-# 128). Forms not named here (fp32, bf16) get no compiled prefill: they have no dequantization to
-# fuse, and in-process compiling measured 0.85x (fp32) and 1.04x (bf16) at 128 columns.
-PREFILL_FROM = {"int8": 2, "int4": 64}
 
 
 def form_of(model: nn.Module) -> str | None:

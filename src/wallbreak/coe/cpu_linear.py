@@ -29,7 +29,9 @@ class SplitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or self.parts < 2 or rows > MAX_ROWS or not self.weight.is_contiguous():
+        if not isinstance(rows, int) or rows > MAX_ROWS:  # a trace whose rows vary (a prefill), or many
+            return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or self.parts < 2 or not self.weight.is_contiguous():
             return F.linear(x, self.weight, self.bias)
         w = self.weight.view(self.parts, self.out_features // self.parts, self.in_features)
         x2 = x.reshape(rows, self.in_features)

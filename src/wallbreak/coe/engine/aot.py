@@ -22,11 +22,12 @@ One row only: that is where compiling paid on this CPU kind (at eight rows the c
 to eager for every stored form, `benchmarks/engine_compile.py`), and one fixed row count keeps the
 decode package to one dynamic dimension, the blocks' capacity.
 
-A compact (int8/int4) architecture gets a second package, its prefill (`part="prefill"`): one row's
-chunk of a prompt, whose length is a second dynamic dimension, traced with the compact weights
-dequantized into bf16 matmuls (`compact.dequantized_matmuls`), which Inductor fuses into one pass
-per weight; decode keeps the kernels, where one row reads the compact bytes (2-4x fewer than bf16's).
-SmolLM2 (`benchmarks/prefill_ab.py`): int8 888 against 462 tokens/s at 512, int4 810 against 517.
+Each architecture also gets a second package, its prefill (`part="prefill"`, forms in
+`PREFILL_FROM`): one row's chunk of a prompt, whose length is a second dynamic dimension. Compact
+(int8/int4) weights are traced dequantized into bf16 matmuls (`compact.dequantized_matmuls`), which
+Inductor fuses into one pass per weight; decode keeps the kernels, where one row reads the compact
+bytes (2-4x fewer than bf16's). SmolLM2 at 512 tokens (`benchmarks/prefill_ab.py`): int8 888
+against 462 tokens/s, int4 810 against 517, bf16 1052 against 854, fp32 570 against 550.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ BUILD_NICE = 10
 MODEL = "model"  # the package's model name
 PARTS = ("decode", "prefill")  # what a package runs: one decode column, or a chunk of a prompt
 MIN_PREFILL = 2  # the shortest chunk the prefill package takes (one column is a decode step)
+# Per expert form (`ExpertEntry.dtype`, `model_form`): the shortest prompt chunk the compiled prefill
+# runs, where it stopped losing to eager; a form not named (float16, unmeasured) prefills eagerly.
+# SmolLM2, `benchmarks/prefill_ab.py`, compiled/eager at 16 / 128 / 512 tokens: int8 1.70 / 1.84 /
+# 1.92x (1.26x at 4); int4 0.59 / 1.50 / 1.57x (1.11x at 64); bfloat16 2.86 / 1.61 / 1.23x;
+# float32 1.19 / 1.13 / 1.03x.
+PREFILL_FROM = {"int8": MIN_PREFILL, "int4": 64, "bfloat16": MIN_PREFILL, "float32": MIN_PREFILL}
 
 
 def package_path(layout: str, part: str = "decode") -> Path:
@@ -75,6 +82,14 @@ def package_path(layout: str, part: str = "decode") -> Path:
     if part != "decode":  # decode packages keep the names they had before there were parts
         stem, ident = f"{layout}-{part}", f"{ident}|{part}"
     return defaults.cache_dir() / "aot" / f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
+
+
+def model_form(model: nn.Module) -> str:
+    """A loaded expert's form, as its bundle entry names it (`ExpertEntry.dtype`)."""
+    from wallbreak.coe import compact
+    from wallbreak.coe.bundle import DTYPE_NAMES
+
+    return compact.form_of(model) or DTYPE_NAMES[next(model.parameters()).dtype]
 
 
 class _Step(nn.Module):

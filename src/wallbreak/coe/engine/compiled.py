@@ -9,12 +9,12 @@ one architecture, and every expert switched into it (on the CPU a switch re-poin
 at the host arena; on a device it copies into the slot's fixed buffer), reuses the same graphs:
 `recompiles` counts anything else, and a test holds it at zero across switches.
 
-Prefill: on the CPU, for compact (int8/int4) experts, the build process makes a second package
-once the decode step is ready: one row's prompt chunk, traced with the weights dequantized into
-bf16 matmuls (`engine.aot`, `compact.dequantized_matmuls`), used for chunks of at least
-`compact.PREFILL_FROM` columns (`CompiledSteps.prefill`). `benchmarks/prefill_ab.py` on SmolLM2:
-int8 1.7-1.9x eager from 16 tokens, int4 1.5x from 128. Everything else prefills eagerly (fp32 and
-bf16 have nothing to dequantize; in-process compiling measured 0.85x and 1.04x at 128 rows).
+Prefill: on the CPU the build process makes a second package once the decode step is ready: one
+row's prompt chunk (compact weights traced dequantized into bf16 matmuls, `engine.aot`,
+`compact.dequantized_matmuls`), used for chunks of at least `aot.PREFILL_FROM` columns
+(`CompiledSteps.prefill`). `benchmarks/prefill_ab.py` on SmolLM2: int8 1.7-1.9x eager from 16
+tokens, int4 1.5x from 128, bf16 2.9x at 16 to 1.2x at 512, fp32 1.2x to 1.03x. Several prompts
+admitted together go one by one (`runner.ALONE_FROM`). The CUDA path prefills eagerly.
 
 When: the first time an architecture runs, its step is made ready in the background while the
 engine keeps serving eagerly; from the next step after it is ready, the engine calls it. Who
@@ -196,8 +196,8 @@ class CompiledSteps:
 
     def _load_aot(self, key: str, model: nn.Module, expert: str) -> None:
         """Load `key`'s ahead-of-time decode step (building it first if no earlier process did),
-        then ready; then, for a compact expert, its prefill the same way (`compact.PREFILL_FROM`)."""
-        from wallbreak.coe import compact
+        then ready; then its prefill the same way, for the forms `aot.PREFILL_FROM` names."""
+        from wallbreak.coe.engine import aot
 
         try:
             step = self._package(key, model, expert, "decode")
@@ -209,8 +209,8 @@ class CompiledSteps:
             self.aot[key] = step
             self.state[key] = "ready"
         log.info("compiled decode step ready for %s", expert or key)
-        form = compact.form_of(model)
-        if form not in compact.PREFILL_FROM or self.closed:
+        form = aot.model_form(model)
+        if form not in aot.PREFILL_FROM or self.closed:
             return
         try:
             prefill = self._package(key, model, expert, "prefill")
@@ -219,7 +219,7 @@ class CompiledSteps:
                 log.warning("prefill of %s stays eager: building it failed (%s)", key, first_line(e))
             return
         with self._lock:
-            self.prefills[key] = (prefill, compact.PREFILL_FROM[form])
+            self.prefills[key] = (prefill, aot.PREFILL_FROM[form])
         log.info("compiled prefill ready for %s", expert or key)
 
     def _package(self, key: str, model: nn.Module, expert: str, part: str) -> Any:

@@ -143,7 +143,7 @@ class Engine:
 
     def compile_summary(self) -> dict[str, object]:
         """Per expert: whether its decode step is compiled (ready), compiling, or eager; which
-        experts' prefill is compiled (int8/int4 on the CPU, after the decode step)."""
+        experts' prefill is compiled (on the CPU, after the decode step)."""
         state = self.steps.state
         return {
             "policy": self.steps.policy,
