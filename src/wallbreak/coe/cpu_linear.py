@@ -29,9 +29,8 @@ class SplitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if not isinstance(rows, int) or rows > MAX_ROWS:  # a trace whose rows vary (a prefill), or many
-            return F.linear(x, self.weight, self.bias)
-        if x.device.type != "cpu" or self.parts < 2 or not self.weight.is_contiguous():
+        many = not isinstance(rows, int) or rows > MAX_ROWS  # or a trace whose rows vary (a prefill)
+        if many or x.device.type != "cpu" or self.parts < 2 or not self.weight.is_contiguous():
             return F.linear(x, self.weight, self.bias)
         w = self.weight.view(self.parts, self.out_features // self.parts, self.in_features)
         x2 = x.reshape(rows, self.in_features)
