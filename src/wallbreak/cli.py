@@ -123,7 +123,16 @@ def _serve_parser(verbs: Any) -> None:
         default=defaults.MAX_QUEUE,
         help=f"waiting requests before 429 (default {defaults.MAX_QUEUE})",
     )
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set WALLBREAK_API_KEY)")
+    sv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (or set WALLBREAK_API_KEY, or --api-key-file)"
+    )
+    sv.add_argument(
+        "--api-key-file", type=Path, metavar="FILE", help="read the API key from FILE (kept out of `ps`)"
+    )
+    sv.add_argument(
+        "--max-body",
+        help=f"largest request body, e.g. 8MiB (default {format_bytes(defaults.MAX_BODY)}; larger: 413)",
+    )
     sv.add_argument("--device", default=defaults.DEVICE, help="cpu, cuda or cuda:N")
     _policy_args(sv)
     sv.add_argument(
@@ -138,7 +147,7 @@ def _serve_parser(verbs: Any) -> None:
     )
     sv.add_argument(
         "--kv-budget",
-        help="KV cache one batch may grow to before it stops admitting "
+        help="KV cache all batches together (paused ones too) may grow to; past it, new requests wait "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
     sv.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=defaults.COMPILE,
@@ -279,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def api_key(given: str | None, path: Path | None) -> str | None:
+    """The server's API key: --api-key, or the first line of --api-key-file (not both)."""
+    if path is None:
+        return given
+    if given:
+        raise ConfigError("give --api-key or --api-key-file, not both")
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({e.__class__.__name__})") from None
+    if not key or "\n" in key:
+        raise ConfigError(f"--api-key-file {path}: the file must hold the key alone, on one line")
+    return key
+
+
 def _serve(args: argparse.Namespace) -> int:
     """`wallbreak serve`, on this machine or (--ray) from Ray Serve replicas."""
     from wallbreak.coe.server.serve import ServeOptions, serve
@@ -301,7 +325,8 @@ def _serve(args: argparse.Namespace) -> int:
             device_budget=parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
             host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
             max_queue=args.max_queue,
-            api_key=args.api_key,
+            api_key=api_key(args.api_key, args.api_key_file),
+            max_body=parse_size(args.max_body, "--max-body") if args.max_body else defaults.MAX_BODY,
             device=args.device,
             policy=serving_policy(args.policy, args.scheduler, args.eviction, args.prefetch),
             max_batch=args.max_batch,

@@ -16,6 +16,7 @@ from helpers import one_process_training
 from wallbreak.common.gpt import GPTConfig
 from wallbreak.holmes.launch import emit_launch
 from wallbreak.holmes.report import make_report
+from wallbreak.holmes.runtime import checkpoint
 from wallbreak.holmes.runtime.data import read_text
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import parse_topology
@@ -87,7 +88,7 @@ def stage_params(ckpt: Path, step: int, layers: list[int]) -> dict[str, torch.Te
     out = {}
     start = 0
     for s, n in enumerate(layers):
-        st = torch.load(ckpt / f"step-{step:08d}" / f"stage-{s}.pt", weights_only=False)["model"]
+        st = checkpoint.read_stage(ckpt / f"step-{step:08d}", s)["model"]
         for k, v in st.items():
             if k.startswith("blocks."):
                 _, i, rest = k.split(".", 2)

@@ -78,3 +78,37 @@ def test_node_scripts_run_in_their_own_hosts_namespaces() -> None:
     assert [cluster_of[ns] for ns in netns] == [n["cluster"] for n in nodes]
     assert sorted(netns) == sorted(n.netns for n in emu.nodes)
     assert report.plan.cluster_order != [c.name for c in topo.clusters]  # the case that went wrong
+
+
+def test_ending_a_node_script_ends_workers_in_their_own_sessions(tmp_path: Path) -> None:
+    """As torchrun does, the 'agent' starts its worker with start_new_session: killing the agent's
+    process group alone would leave the worker running."""
+    import subprocess
+    import sys
+    import time
+
+    from wallbreak.holmes.emulate_run import end_tree
+
+    pidfile = tmp_path / "worker.pid"
+    agent = (
+        "import subprocess, sys, time\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "w = subprocess.Popen(sleeper, start_new_session=True)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(w.pid))\n"
+        "time.sleep(600)\n"
+    )
+    p = subprocess.Popen(["sh", "-c", f'exec "{sys.executable}" -c "$0"', agent], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker = int(pidfile.read_text())
+    end_tree(p, grace_s=2)
+    assert p.poll() is not None
+    for _ in range(100):
+        stat = Path(f"/proc/{worker}/stat")
+        if not stat.exists() or " Z " in stat.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the worker outlived its node script")

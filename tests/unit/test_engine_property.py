@@ -176,3 +176,103 @@ def test_batched_decoding_matches_transformers_generate(world: World) -> None:
             )[0, len(p) :].tolist()
             ends = [i for i, t in enumerate(ref) if t in eos]
             assert out.tokens == ref[: ends[0]] if ends else ref, expert
+
+
+class FailingDetokenizer:
+    """A detokenizer that raises on its k-th token: a stop-string or decode bug of one request."""
+
+    stopped = False
+
+    def __init__(self, inner: Any, k: int) -> None:
+        self.inner, self.k = inner, k
+
+    def push(self, token: int) -> str:
+        self.k -= 1
+        if self.k < 0:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "poisoned")
+        return str(self.inner.push(token))
+
+    def finish(self) -> str:
+        return str(self.inner.finish())
+
+
+POISONS = ("seed", "detokenizer", "prompt", "logprobs")
+
+
+def poisoned(world: World, expert: str, kind: str, k: int) -> tuple[Request, Out]:
+    """A request whose own values break: a seed torch refuses, a detokenizer that raises, a prompt
+    id past the vocabulary (its prefill fails), a top-k wider than the vocabulary."""
+    out = Out()
+    prompt, params = [5, 6, 7], SamplingParams(max_tokens=8, temperature=0)
+    detok: Any = world.toks[expert].stream()
+    if kind == "seed":
+        params = SamplingParams(max_tokens=8, temperature=0.7, seed=1 << 64)
+    elif kind == "detokenizer":
+        detok = FailingDetokenizer(detok, k)
+    elif kind == "prompt":
+        prompt = [5, 10**6, 7]
+    else:
+        params = SamplingParams(max_tokens=8, temperature=0, logprobs=10**6)
+    return Request(expert, prompt, params, out, detok), out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sc=scenarios(),
+    kind=st.sampled_from(POISONS),
+    k=st.integers(0, 4),
+    at=st.integers(0, 6),
+    expert=st.sampled_from(EXPERTS),
+)
+def test_a_poisoned_request_fails_alone(
+    world: World, sc: dict[str, Any], kind: str, k: int, at: int, expert: str
+) -> None:
+    """Whatever one request brings, it gets an error event, and every other request of its batch
+    (and the other expert's) produces exactly the tokens it produces alone."""
+    want = [world.alone(r["expert"], r["prompt"], r["max_tokens"]) for r in sc["reqs"]]
+    live = [world.request(r["expert"], r["prompt"], r["max_tokens"], ()) for r in sc["reqs"]]
+    bad, bad_out = poisoned(world, expert, kind, k)
+    batches = {e: world.batch(e, sc["chunk"]) for e in EXPERTS}
+    pending = [(r["arrive"], req) for r, (req, _) in zip(sc["reqs"], live, strict=True)] + [(at, bad)]
+    for tick in range(400):
+        for e in EXPERTS:
+            new = [req for t, req in pending if t <= tick and req.expert == e]
+            pending = [(t, req) for t, req in pending if req not in new]
+            if new:
+                batches[e].admit(world.models[e], new)
+            batches[e].step(world.models[e])
+        if not pending and not any(len(b) for b in batches.values()):
+            break
+    assert bad_out.finishes == ["error"] and len(bad_out.errors) == 1, (kind, bad_out)
+    for (_, out), alone, r in zip(live, want, sc["reqs"], strict=True):
+        assert not out.errors and out.tokens == alone.tokens and out.finishes == alone.finishes, r
+
+
+def test_a_batch_whose_step_fails_goes_on_row_by_row(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step that fails for the whole batch (as an out-of-memory might) is retried for each
+    row alone: the rows that succeed alone go on and produce what they produce alone."""
+    expert, model = "llama", world.models["llama"]
+    prompts = [[3, 4, 5], [9, 8], [20, 21, 22, 23]]
+    want = [world.alone(expert, p, 10).tokens for p in prompts]
+    real = Batch._decode
+    calls = {"failed": 0}
+
+    def flaky(self: Batch, m: Any, next_ids: list[int], cache: Any) -> Any:
+        if len(next_ids) > 1:
+            calls["failed"] += 1
+            raise RuntimeError("out of memory (injected for batches of more than one row)")
+        if next_ids[0] == want[1][3]:  # the second request's fifth step fails alone too
+            raise RuntimeError("a fault that follows this row")
+        return real(self, m, next_ids, cache)
+
+    reqs = [world.request(expert, p, 10, ()) for p in prompts]
+    b = world.batch(expert)
+    b.admit(model, [r for r, _ in reqs])
+    monkeypatch.setattr(Batch, "_decode", flaky)
+    while len(b):
+        b.step(model)
+    assert calls["failed"] > 0
+    outs = [o for _, o in reqs]
+    assert outs[1].finishes == ["error"] and outs[1].tokens == want[1][:4]
+    for i in (0, 2):
+        assert not outs[i].errors and outs[i].tokens == want[i]

@@ -97,3 +97,44 @@ def test_example_clusters_emit_nccl_net_per_group_and_hcas_per_node(
     for n in pf["nodes"]:
         rdma = topo.cluster(n["cluster"]).nic.rdma
         assert ("NCCL_IB_HCA" in n["env"]) == rdma and ("NCCL_IB_DISABLE" in n["env"]) == (not rdma)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("name: i0,", 'name: "h1\\ntouch /tmp/PWNED #",', "clusters[0].hosts[0].name"),
+        ("name: roce", "name: 'roce; reboot'", "clusters[1].name"),
+        ("ifname: ens1,", "ifname: 'ens1$(id)',", "clusters[1].hosts[0].ifname"),
+        ("hca: mlx5_2}", "hca: 'mlx5_2`id`'}", "clusters[1].hosts[0].hca"),
+    ],
+)
+def test_names_that_could_become_shell_are_refused_before_anything_is_written(
+    tmp_path: Path, old: str, new: str, key: str
+) -> None:
+    from wallbreak.errors import ConfigError
+
+    assert old in MIXED
+    with pytest.raises(ConfigError) as e:
+        parse_topology(MIXED.replace(old, new, 1), "mixed.yaml")
+    line = next(i for i, text in enumerate(MIXED.splitlines(), 1) if old in text)
+    assert f"mixed.yaml:{line}" in str(e.value) and key in str(e.value) and "not allowed" in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_value_in_a_node_script_is_quoted_comments_included(tmp_path: Path) -> None:
+    """Even a plan built past the parser (a name it would refuse) cannot put a command on a line."""
+    from dataclasses import replace
+
+    from wallbreak.holmes.launch import comment
+
+    assert comment("a\ntouch /tmp/PWNED #") == "# a touch /tmp/PWNED #"
+    topo = parse_topology(MIXED, "mixed.yaml")
+    bad = replace(
+        topo.clusters[2],
+        hosts=(replace(topo.clusters[2].hosts[0], name="e0\ntouch x #"), topo.clusters[2].hosts[1]),
+    )
+    topo = replace(topo, clusters=(*topo.clusters[:2], bad))
+    written = emit_launch(make_report(topo, ModelSpec.preset("gpt-1.7b"), TrainingSpec(64, 1)), tmp_path)
+    for p in written:
+        if p.name.startswith("node-"):
+            assert not any(line.startswith("touch") for line in p.read_text().splitlines())

@@ -8,9 +8,11 @@ names, as on real hardware. The iteration time is the median of rank 0's step ti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -177,11 +179,50 @@ def _launch(emu: Emulation, written: list[Path], out: Path, job: EmuJob) -> list
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
+                    start_new_session=True,  # its own process group, so it can be ended whole
                 )
             )
     _wait_all(procs, [out / f"node-{i}.err" for i in range(len(procs))], job.timeout_s)
     rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     return [json.loads(r) for r in rows]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (torchrun starts its workers in sessions of their own, so its
+    process group alone does not hold them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def end_tree(p: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """End a node script's whole process group and every process below it: SIGTERM (torchrun
+    ends its workers), then SIGKILL for whatever is left after `grace_s`."""
+    pids = [p.pid, *descendants(p.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM and not any(Path(f"/proc/{pid}").exists() for pid in pids[1:]):
+            return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=30)
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], errs: list[Path], timeout_s: float) -> None:
@@ -198,10 +239,7 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], errs: list[Path], timeout_s:
         if failed is None:
             return
     for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        p.wait(timeout=30)
+        end_tree(p)
     why = errs[procs.index(failed)].read_text().strip().splitlines()[-5:] if failed else []
     raise WallbreakError(
         "the emulated training run failed" + (": " + " | ".join(why) if why else " (timed out)")

@@ -152,6 +152,11 @@ def megatron_args(p: Plan) -> str:
     return note + " \\\n  ".join(a for a in args if a) + "\n"
 
 
+def comment(text: str) -> str:
+    """A shell comment line: whatever `text` holds, it stays one line."""
+    return "# " + " ".join(text.splitlines())
+
+
 def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pf = plan_body(report)
@@ -164,18 +169,23 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list
         env = n["env"] | job  # stock Megatron's job-wide transport overrides the node's
         if n["tcp_ifname"]:
             env["GLOO_SOCKET_IFNAME"] = n["tcp_ifname"]
+        q = shlex.quote
         lines = [
             "#!/bin/sh",
-            f"# node {n['node_rank']} of {len(nodes)}: {n['host']} in cluster {n['cluster']}, "
-            f"ranks {n['first_rank']}-{n['first_rank'] + n['nproc'] - 1}",
+            comment(
+                f"node {n['node_rank']} of {len(nodes)}: {q(str(n['host']))} "
+                f"in cluster {q(str(n['cluster']))}, "
+                f"ranks {n['first_rank']}-{n['first_rank'] + n['nproc'] - 1}"
+            ),
             "# NCCL reads these once per process; per group, the runtime sets only NCCL_NET (plan.json).",
             "set -e",
             'HERE=$(cd "$(dirname "$0")" && pwd)',
         ]
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+        lines += [f"export {k}={q(str(v))}" for k, v in sorted(env.items())]
         lines.append(
-            f"exec torchrun --nnodes {len(nodes)} --nproc-per-node {n['nproc']} --node-rank {n['node_rank']} "
-            f"--master-addr {shlex.quote(str(master))} --master-port {master_port} "
+            f"exec torchrun --nnodes {q(str(len(nodes)))} --nproc-per-node {q(str(n['nproc']))} "
+            f"--node-rank {q(str(n['node_rank']))} --master-addr {q(str(master))} "
+            f"--master-port {q(str(master_port))} "
             '-m wallbreak.holmes.train --plan "$HERE/plan.json" "$@"'
         )
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(n["host"]))

@@ -7,6 +7,7 @@ falls back to TCP at the Ethernet rate of the link between the two sides.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,6 +188,27 @@ def _get(
     return val
 
 
+# The one rule for names that reach node scripts, namespaces and file names: cluster, host and
+# interface names. Addresses and HCA lists have their own characters, and no shell meta-character.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}$")
+_HCA = re.compile(r"^[A-Za-z0-9=^][A-Za-z0-9._:,=^-]{0,252}$")
+_RULES = {
+    "name": (NAME, "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    "address": (_ADDRESS, "a host name or an IP address (letters, digits, '.', ':', '_', '-')"),
+    "hca": (_HCA, "an NCCL_IB_HCA list (letters, digits, '.', '_', ':', ',', '=', '^', '-')"),
+}
+
+
+def _name(doc: _Doc, obj: dict[str, Any], path: str, key: str, rule: str = "name", default: Any = ...) -> Any:
+    """A string field that must match one of the `_RULES` (None stays None where it is allowed)."""
+    val = _get(doc, obj, path, key, str, default)
+    pattern, allowed = _RULES[rule]
+    if val is not None and not pattern.match(val):
+        raise doc.err(f"{path}.{key}" if path else key, f"{val!r} is not allowed: use {allowed}")
+    return val
+
+
 def _positive(doc: _Doc, path: str, value: float, what: str) -> float:
     if value <= 0:
         raise doc.err(path, f"{what} must be positive, got {value}")
@@ -250,11 +272,11 @@ def _hosts(doc: _Doc, c: dict[str, Any], path: str, nodes: int) -> tuple[Host, .
                 raise doc.err(f"{hp}.{k}", "unknown key; allowed: address, hca, ifname, name, tcp_ifname")
         hosts.append(
             Host(
-                _get(doc, h, hp, "name", str),
-                _get(doc, h, hp, "address", str, None),
-                _get(doc, h, hp, "ifname", str, None),
-                _get(doc, h, hp, "tcp_ifname", str, None),
-                _get(doc, h, hp, "hca", str, None),
+                _name(doc, h, hp, "name"),
+                _name(doc, h, hp, "address", "address", None),
+                _name(doc, h, hp, "ifname", "name", None),
+                _name(doc, h, hp, "tcp_ifname", "name", None),
+                _name(doc, h, hp, "hca", "hca", None),
             )
         )
     if hosts and len(hosts) != nodes:
@@ -282,7 +304,7 @@ def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
         for k in c:
             if k not in _CLUSTER_KEYS:
                 raise doc.err(f"{path}.{k}", f"unknown key; allowed: {', '.join(sorted(_CLUSTER_KEYS))}")
-        name = _get(doc, c, path, "name", str)
+        name = _name(doc, c, path, "name")
         if any(x.name == name for x in clusters):
             raise doc.err(f"{path}.name", f"cluster name {name!r} is used twice")
         nodes = int(_positive(doc, f"{path}.nodes", _get(doc, c, path, "nodes", int), "nodes"))
@@ -331,7 +353,7 @@ def parse_topology(text: str, source: str = "<cluster spec>") -> Topology:
                 )
         rest = {k: v for k, v in ln.items() if k != "between"}
         links[frozenset(between)] = _link(doc, rest, path, NIC_KINDS, with_count=True)
-    return Topology(_get(doc, top, "", "name", str, "cluster"), tuple(clusters), inter, links)
+    return Topology(_name(doc, top, "", "name", "name", "cluster"), tuple(clusters), inter, links)
 
 
 def load_topology(path: str | Path) -> Topology:

@@ -5,17 +5,25 @@ move up the tiers in the tier manager's background threads; on CUDA the copy run
 on CPU the disk reads run in threads that release the GIL. Batches of preempted experts keep their
 KV caches and resume where they stopped. The engine deals in token ids: each expert's context
 length and end ids come from `coe.tokenization`, and text from each request's detokenizer.
+
+One KV budget holds for the whole engine, paused batches included: a request joins only when its
+batch's projected cache (every row run to its max_tokens) fits beside every other batch's, and waits
+otherwise. What fails a request, a batch or an expert is set out in ARCHITECTURE.md ("Failure
+rules"): a request's own trouble fails it alone (`runner`); a load that fails for a passing reason
+(a timeout, memory, a blob replaced under the server) is retried with backoff; only a load that
+fails for a lasting reason marks the expert unavailable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,7 +37,8 @@ from wallbreak.coe.engine.scheduler import Scheduler
 from wallbreak.coe.policy import POLICIES, ServingPolicy
 from wallbreak.coe.tiers import TierManager
 from wallbreak.coe.tokenization import ExpertTokenizer
-from wallbreak.errors import ConfigError, WallbreakError
+from wallbreak.errors import CapacityError, ConfigError, WallbreakError, first_line, without_paths
+from wallbreak.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,50 @@ class QueueFull(WallbreakError):
 
 class ExpertUnavailable(WallbreakError):
     """The expert's weights failed to load (HTTP 503); the other experts keep serving."""
+
+
+# A load that failed for a passing reason is retried after 0.5 s, 1 s, 2 s, ... (at most
+# RETRY_MAX_S); after LOAD_ATTEMPTS failures in a row its waiting requests get a 503, and the next
+# request starts the count again.
+LOAD_ATTEMPTS = 5
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+@dataclass
+class LoadRetry:
+    attempts: int = 0
+    next_at: float = 0.0
+    reason: str = ""
+
+    def public(self, now: float) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "retry_in_s": round(max(self.next_at - now, 0.0), 2),
+            "reason": self.reason,
+        }
+
+
+def _blob_identity(path: os.PathLike[str] | str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def reject(req: Request, message: str, status: int) -> None:
+    """End a request that never joined a batch, with an error event."""
+    req.finish_reason = "error"
+    req.error = (message, status)
+    req.emit(Event(finish_reason="error", error=message, status=status))
+
+
+def is_transient(e: BaseException) -> bool:
+    """A load failure that may pass by itself: a timeout, no room yet, memory."""
+    if isinstance(e, CapacityError | MemoryError | TimeoutError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 @dataclass(frozen=True)
@@ -100,7 +153,12 @@ class Engine:
         self.listeners: list[EngineListener] = []
         self.batches: dict[str, Batch] = {}
         self._batches_lock = threading.Lock()  # the HTTP thread reads `batches` while we change it
-        self.broken: dict[str, str] = dict(bundle.damaged)
+        # expert -> why it cannot be served (the kind of failure, never a file path: /health shows it)
+        self.broken: dict[str, str] = {e: without_paths(why) for e, why in bundle.damaged.items()}
+        self.retrying: dict[str, LoadRetry] = {}
+        self._blobs = {e.name: _blob_identity(bundle.blob_path(e.name)) for e in tiers.entries}
+        self._admitting: list[Request] = []  # taken from the queue, not yet in a batch
+        self._kv_blocked_at: int | None = None  # the reserved KV bytes when admission last had to wait
         self.stats = EngineStats()
         self.current: str | None = None
         self._last_upcoming: list[str] = []
@@ -141,6 +199,15 @@ class Engine:
         with self._batches_lock:
             return sum(b.cache.nbytes() for b in self.batches.values() if b.cache is not None)
 
+    def kv_reserved(self, exclude: str | None = None) -> int:
+        """KV bytes the running and paused batches may grow to (each row to its max_tokens)."""
+        with self._batches_lock:
+            return sum(b.reserved_bytes() for e, b in self.batches.items() if e != exclude)
+
+    def retry_summary(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {e: r.public(now) for e, r in list(self.retrying.items())}
+
     def compile_summary(self) -> dict[str, object]:
         """Per expert: whether its decode step is compiled (ready), compiling, or eager; which
         experts' prefill is compiled (on the CPU, after the decode step)."""
@@ -168,7 +235,7 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         for r in self.scheduler.drain():
-            r.emit(Event(finish_reason="error", error="the server is shutting down", status=503))
+            reject(r, "the server is shutting down", 503)
         with self._batches_lock:
             batches, self.batches = list(self.batches.values()), {}
         for b in batches:
@@ -192,17 +259,17 @@ class Engine:
                 self._run(expert)
             except Exception as e:  # an engine bug must not take the server down silently
                 log.exception("engine error while serving %s", expert)
-                self._fail_expert(expert, f"internal error: {e}", mark_broken=False)
+                self._fail_expert(expert, f"internal error ({type(e).__name__})", mark_broken=False)
 
     def _run(self, expert: str) -> None:
         t0 = time.perf_counter()
         switched = expert != self.current
         try:
             lease = self.tiers.acquire(expert)
-        except (WallbreakError, OSError, RuntimeError, ValueError) as e:
-            log.error("cannot load expert %s: %s", expert, e)
-            self._fail_expert(expert, f"its weights failed to load ({e})", mark_broken=True)
+        except Exception as e:
+            self._load_failed(expert, e)
             return
+        self._load_succeeded(expert)
         if switched:
             dt = time.perf_counter() - t0
             self.stats.switches += 1
@@ -224,6 +291,7 @@ class Engine:
                 self.stats.tokens += n
                 for listener in self.listeners:
                     listener.on_step(expert, n)
+                self._maybe_unblock()
                 self._prefetch(expert)  # new arrivals for other experts start moving up now
                 if self.scheduler.choose(expert, self._active_map()) != expert:
                     break
@@ -232,6 +300,34 @@ class Engine:
         else:
             with self._batches_lock:
                 self.batches.pop(expert, None)
+            self._maybe_unblock()
+
+    def _load_failed(self, expert: str, e: Exception) -> None:
+        """A load that failed for a passing reason is retried later (its requests wait); one that
+        failed for a lasting reason marks the expert unavailable."""
+        replaced = _blob_identity(self.bundle.blob_path(expert)) != self._blobs.get(expert)
+        if not (replaced or is_transient(e)):
+            log.error("cannot load expert %s: %s", expert, e)
+            self._fail_expert(expert, f"its weights failed to load ({without_paths(first_line(e))})", True)
+            return
+        reason = "its blob was replaced or removed" if replaced else without_paths(first_line(e))
+        r = self.retrying.setdefault(expert, LoadRetry())
+        r.attempts += 1
+        r.reason = reason
+        delay = min(RETRY_FIRST_S * 2 ** (r.attempts - 1), RETRY_MAX_S)
+        r.next_at = time.monotonic() + delay
+        log.warning(
+            "loading expert %s failed (%s), attempt %d; retrying in %.1f s", expert, e, r.attempts, delay
+        )
+        if r.attempts >= LOAD_ATTEMPTS:
+            self._fail_expert(expert, f"its weights could not be loaded ({reason}); retry shortly", False)
+            r.attempts = 0
+        self.scheduler.hold_until(expert, r.next_at)
+
+    def _load_succeeded(self, expert: str) -> None:
+        if self.retrying.pop(expert, None) is not None:
+            self.scheduler.hold_until(expert, None)
+            log.info("expert %s loaded after retrying", expert)
 
     def _batch(self, expert: str) -> Batch:
         with self._batches_lock:
@@ -249,20 +345,47 @@ class Engine:
             return batch
 
     def _admit(self, batch: Batch, model: nn.Module) -> None:
-        """Admit what the scheduler offers, as far as the batch's KV budget allows (at least one
-        request when the batch is empty); the rest goes back to the head of the queue."""
+        """Admit what the scheduler offers, as far as the engine's KV budget allows; the rest goes
+        back to the head of the queue and waits. Whatever happens, every request taken gets an
+        answer (`_fail_expert` answers those still in `_admitting`)."""
         new = self.scheduler.take(batch.expert, len(batch))
         if not new:
             return
+        self._admitting = new  # left set if admission raises: `_fail_expert` answers them
+        fit = self._fitting(batch, model, new)
+        if fit:
+            batch.admit(model, fit)
+        self._admitting = []
+
+    def _fitting(self, batch: Batch, model: nn.Module, new: list[Request]) -> list[Request]:
+        """The head of `new` that fits the KV budget beside every other batch; the rest requeued."""
+        budget = self.config.kv_budget
+        others = self.kv_reserved(exclude=batch.expert)
         fit = len(new)
-        while (
-            fit > (0 if len(batch) else 1) and batch.projected_bytes(model, new[:fit]) > self.config.kv_budget
-        ):
+        while fit and others + batch.projected_bytes(model, new[:fit]) > budget:
             fit -= 1
+        if fit == 0 and not len(batch) and others == 0:
+            need = batch.projected_bytes(model, new[:1])
+            reject(
+                new[0],
+                f"this request needs {format_bytes(need)} of KV cache at max_tokens="
+                f"{new[0].params.max_tokens}, over the server's whole KV budget ({format_bytes(budget)}); "
+                "ask for fewer tokens",
+                400,
+            )
+            new = new[1:]
         if fit < len(new):
             self.scheduler.requeue(batch.expert, new[fit:])
-        if fit:
-            batch.admit(model, new[:fit])
+        if fit == 0 and not len(batch) and new:
+            self._kv_blocked_at = self.kv_reserved()
+            self.scheduler.block_kv(batch.expert)
+        return new[:fit]
+
+    def _maybe_unblock(self) -> None:
+        """Requests that waited for KV room may try again once reserved bytes went down."""
+        if self._kv_blocked_at is not None and self.kv_reserved() < self._kv_blocked_at:
+            self._kv_blocked_at = None
+            self.scheduler.unblock_kv()
 
     def _prefetch(self, expert: str) -> None:
         if not self.config.policy.prefetch:
@@ -282,9 +405,12 @@ class Engine:
         with self._batches_lock:
             batch = self.batches.pop(expert, None)
         if batch is not None:
-            batch.fail(message)
-        for r in self.scheduler.remove(expert):
-            r.emit(Event(finish_reason="error", error=f"expert {expert!r}: {message}", status=503))
+            batch.fail(f"expert {expert!r}: {message}")
+        taken, self._admitting = self._admitting, []
+        waiting: Sequence[Request] = self.scheduler.remove(expert)
+        for r in [*(r for r in taken if r.finish_reason is None), *waiting]:
+            reject(r, f"expert {expert!r}: {message}", 503)
         self.scheduler.set_paused(expert, False)
         if self.current == expert:
             self.current = None
+        self._maybe_unblock()

@@ -176,6 +176,7 @@ class KVCache(Cache):
     """A batch's KV blocks plus the row lengths that its masks and write positions come from."""
 
     def __init__(self, config: Any, attn_impl: str) -> None:
+        self.config = config
         self.windows = layer_windows(config)
         super().__init__(layers=[BlockLayer(self, w) for w in self.windows])
         kinds = getattr(config, "layer_types", None)
@@ -321,6 +322,20 @@ class KVCache(Cache):
             a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
             mark_dynamic(a.keys, a.values)
         self.lengths += other.lengths
+
+    @torch.inference_mode()
+    def copy_rows(self, keep: Sequence[int]) -> KVCache:
+        """A new cache holding copies of these rows (this one is left as it is)."""
+        out = KVCache(self.config, self.attn_impl)
+        out.lengths, out.capacity = [self.lengths[i] for i in keep], self.capacity
+        for mine, theirs in zip(self._layers(), out._layers(), strict=True):
+            if mine.keys is not None and mine.values is not None:
+                rows = torch.tensor(list(keep), device=mine.keys.device)
+                theirs.keys = mine.keys.index_select(0, rows)
+                theirs.values = mine.values.index_select(0, rows)
+                theirs.is_initialized = True
+                mark_dynamic(theirs.keys, theirs.values)
+        return out
 
     @torch.inference_mode()
     def select(self, keep: Sequence[int]) -> None:

@@ -13,6 +13,11 @@ _ids = itertools.count()
 
 FinishReason = Literal["stop", "length", "error", "cancelled"]
 
+# A temperature or top_p below this samples as greedy (vLLM's rule): dividing logits by 1e-40
+# overflows to inf and the draw has no distribution left.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what torch.Generator.manual_seed takes (a signed 64-bit int)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,6 +26,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW or self.top_p < GREEDY_BELOW
 
 
 class Detokenizer(Protocol):
@@ -69,6 +78,7 @@ class Request:
     finished_at: float | None = None
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    error: tuple[str, int] | None = None  # why it failed and the HTTP status: this request's alone
 
     @property
     def prompt_tokens(self) -> int:

@@ -5,10 +5,16 @@ chunks, so a 32k-token prompt never builds a 32k x 32k mask), then merged into t
 (`kv.KVCache.merge`). Finished or cancelled requests leave by selecting the remaining rows. The
 batch deals in token ids only; each request's detokenizer turns them into text and spots stop
 strings.
+
+What one request brings (its seed, its sampling values, its detokenizer, its prompt) can fail only
+that request: its setup and every per-token step run under a guard that ends it alone with an error
+event. A forward that fails for the whole batch is retried once per row, alone, and only the rows
+that fail alone are failed (ARCHITECTURE.md, "Failure rules").
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +27,9 @@ from torch import nn
 from wallbreak.coe.engine.compiled import CompiledSteps, forward, run_step
 from wallbreak.coe.engine.kv import KVCache, capacity_for, head_shape, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
+from wallbreak.errors import first_line
+
+log = logging.getLogger(__name__)
 
 # Prompts this long or longer prefill one by one where a compiled prefill exists, shorter ones together.
 # SmolLM2 int8 on this CPU (`benchmarks/prefill_ab.py`): one row through the package ran 363 tokens/s
@@ -30,8 +39,9 @@ ALONE_FROM = 64
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise temperature, nucleus (top_p), then a seeded draw."""
-    if p.temperature <= 0:
+    """Greedy at temperature 0 (or one too small to divide by); otherwise temperature, nucleus
+    (top_p), then a seeded draw."""
+    if p.greedy:
         return int(logits.argmax())
     # On the host: the seeded generator lives there, and one vocabulary-sized vector is cheap to move.
     probs = F.softmax(logits.float().cpu() / p.temperature, dim=-1)
@@ -94,6 +104,7 @@ class Batch:
         self.next: list[int] = []  # the token each sequence feeds next
         self.layout = layout  # the architecture key its compiled step is known by
         self.steps = steps
+        self.kv_spec: tuple[Any, torch.dtype] | None = None  # its model's config and dtype, once seen
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -101,40 +112,55 @@ class Batch:
     # -- model calls --------------------------------------------------------------------------
 
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
-        """Prefill the new requests and merge them into the running batch."""
+        """Prefill the new requests and merge them into the running batch. Every request gets an
+        answer: a sampling setup or a prefill that fails ends that request alone."""
         live = []
         for req in reqs:
             if req.cancelled.is_set():
                 self._end(req, "cancelled")
-            else:
-                live.append(req)
+                continue
+            try:
+                live.append(new_seq(req))
+            except Exception as e:  # a seed torch cannot take, say: this request's own fault
+                self._fail(req, f"its sampling setup failed ({first_line(e)})", 400)
+                self._end(req, "error")
         for group in self._prefill_groups(live):
-            cache = KVCache.for_model(model)
-            logits = self._prefill(model, cache, [r.prompt_ids for r in group])
-            if self.cache is None:
-                self.cache = cache
-            else:
-                self.cache.merge(cache)
-            first = len(self.seqs)
-            for req in group:
-                gen = None
-                if req.params.seed is not None:
-                    gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
-                self.seqs.append(Seq(req, gen=gen))
-                self.next.append(-1)
-            self._take_all(logits, first)
+            self._admit_group(model, group)
         self._drop_finished()
 
-    def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
+    def _admit_group(self, model: nn.Module, group: list[Seq]) -> None:
+        """Prefill `group` together and merge it in; if that fails, each member alone, once."""
+        try:
+            cache = KVCache.for_model(model)
+            logits = self._prefill(model, cache, [s.req.prompt_ids for s in group])
+        except Exception as e:
+            if len(group) > 1:
+                log.warning("prefill of %d rows of %s failed (%s); each alone", len(group), self.expert, e)
+                for s in group:
+                    self._admit_group(model, [s])
+                return
+            self._fail(group[0].req, f"the expert's forward failed on this prompt ({first_line(e)})", 500)
+            self._end(group[0].req, "error")
+            return
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.merge(cache)
+        first = len(self.seqs)
+        self.seqs += group
+        self.next += [-1] * len(group)
+        self._take_all(logits, first)
+
+    def _prefill_groups(self, seqs: list[Seq]) -> list[list[Seq]]:
         """Which requests prefill together: all of them, padded to the longest; except that where
         the architecture has a compiled prefill (one row at a time), each prompt of ALONE_FROM tokens
         or more goes alone through it, and the shorter ones together (eagerly, unless one is left)."""
         shortest = self.steps.prefill_from(self.layout) if self.steps is not None else None
-        if shortest is None or len(reqs) < 2:
-            return [reqs] if reqs else []
+        if shortest is None or len(seqs) < 2:
+            return [seqs] if seqs else []
         cut = max(shortest, ALONE_FROM)
-        alone = [[r] for r in reqs if len(r.prompt_ids) >= cut]
-        rest = [r for r in reqs if len(r.prompt_ids) < cut]
+        alone = [[s] for s in seqs if len(s.req.prompt_ids) >= cut]
+        rest = [s for s in seqs if len(s.req.prompt_ids) < cut]
         return alone + ([rest] if rest else [])
 
     def _prefill(self, model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -171,34 +197,76 @@ class Batch:
         if not self.seqs:
             return 0
         assert self.cache is not None
-        device = next(model.parameters()).device
-        ids = torch.tensor(self.next, device=device)[:, None]
-        if self.steps is None:
-            logits = run_step(model, ids, self.cache, None)
-        else:
-            logits = self.steps.step(self.layout, model, ids, self.cache, self.expert)
+        try:
+            logits = self._decode(model, self.next, self.cache)
+        except Exception as e:
+            return self._step_each_alone(model, e)
         n = len(self.seqs)
         self._take_all(logits, 0)
         self._drop_finished()
         return n
 
+    def _decode(self, model: nn.Module, next_ids: list[int], cache: KVCache) -> torch.Tensor:
+        ids = torch.tensor(next_ids, device=next(model.parameters()).device)[:, None]
+        if self.steps is None:
+            return run_step(model, ids, cache, None)
+        return self.steps.step(self.layout, model, ids, cache, self.expert)
+
+    def _step_each_alone(self, model: nn.Module, error: Exception) -> int:
+        """The batch's decode step raised: run it for each row alone, on a copy of its cache (the
+        failed step wrote nothing the lengths count), and fail only the rows that fail alone."""
+        assert self.cache is not None
+        log.warning("decode of of %s failed for %d rows (%s); each alone", self.expert, len(self), error)
+        kept: list[tuple[Seq, int, KVCache, torch.Tensor]] = []
+        for i, seq in enumerate(self.seqs):
+            cache = self.cache.copy_rows([i])
+            try:
+                logits = self._decode(model, [self.next[i]], cache)
+            except Exception as e:
+                self._fail(seq.req, f"the expert's forward failed ({first_line(e)})", 500)
+                self._end(seq.req, "error")
+                continue
+            kept.append((seq, self.next[i], cache, logits))
+        self.seqs, self.next = [k[0] for k in kept], [k[1] for k in kept]
+        self.cache = KVCache.for_model(model) if kept else None
+        for _, _, cache, _ in kept:
+            assert self.cache is not None
+            self.cache.merge(cache)
+        if kept:
+            self._take_all(torch.cat([k[3] for k in kept]), 0)
+        self._drop_finished()
+        return len(kept)
+
     def projected_bytes(self, model: nn.Module, newcomers: Sequence[Request]) -> int:
         """KV bytes of the padded block if `newcomers` joined and every row ran to its max_tokens."""
+        self.kv_spec = (model.config, next(model.parameters()).dtype)
+        return self._projected(newcomers)
+
+    def reserved_bytes(self) -> int:
+        """KV bytes this batch's rows may grow to (0 before a model was seen)."""
+        return self._projected(()) if self.seqs else 0
+
+    def _projected(self, newcomers: Sequence[Request]) -> int:
         rows = [(s.length, s.remaining) for s in self.seqs]
         rows += [(len(r.prompt_ids), r.params.max_tokens) for r in newcomers]
-        if not rows:
+        if not rows or self.kv_spec is None:
             return 0
         width = max(n for n, _ in rows) + max(m for _, m in rows)
-        dtype = next(model.parameters()).dtype
-        return len(rows) * kv_bytes_per_row(model.config, dtype, min(width, self.context))
+        config, dtype = self.kv_spec
+        return len(rows) * kv_bytes_per_row(config, dtype, min(width, self.context))
 
     # -- per token ------------------------------------------------------------------------------
 
     def _take_all(self, logits: torch.Tensor, first: int) -> None:
-        """Row j of `logits` belongs to sequence first + j."""
+        """Row j of `logits` belongs to sequence first + j; each row's token is its own business."""
         greedy = logits.argmax(-1).tolist()  # one device sync for the whole batch
         for j, tok in enumerate(greedy):
-            self._take(first + j, logits[j], int(tok))
+            req = self.seqs[first + j].req
+            try:
+                self._take(first + j, logits[j], int(tok))
+            except Exception as e:  # its sampling, detokenizer, stop strings or logprobs
+                log.warning("request %d of %s failed alone: %s", req.rid, self.expert, first_line(e))
+                self._fail(req, f"generating this request's next token failed ({first_line(e)})", 500)
 
     def _take(self, i: int, logits: torch.Tensor, greedy: int) -> None:
         """Choose sequence i's next token and stream it; mark the sequence done if it ends."""
@@ -208,7 +276,7 @@ class Batch:
             req.finish_reason = "cancelled"
             return
         p = req.params
-        tok = greedy if p.temperature <= 0 else sample(logits, p, seq.gen)
+        tok = greedy if p.greedy else sample(logits, p, seq.gen)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         detok = req.detokenizer
@@ -232,10 +300,23 @@ class Batch:
 
     # -- bookkeeping --------------------------------------------------------------------------
 
+    def _fail(self, req: Request, message: str, status: int) -> None:
+        """Mark one request failed (it leaves at the next `_drop_finished`, or `_end` now)."""
+        req.error = (message, status)
+        req.finish_reason = "error"
+
     def _end(self, req: Request, reason: FinishReason) -> None:
         req.finish_reason = reason
         req.finished_at = time.monotonic()
-        req.emit(Event(finish_reason=reason))
+        if reason == "error":
+            message, status = req.error or ("the request failed", 500)
+            ev = Event(finish_reason="error", error=message, status=status)
+        else:
+            ev = Event(finish_reason=reason)
+        try:
+            req.emit(ev)
+        except Exception as e:  # its client's side is gone (a closed event loop): nobody to tell
+            log.warning("request %d of %s: its end could not be sent (%s)", req.rid, self.expert, e)
 
     def _drop_finished(self) -> None:
         keep = []
@@ -255,6 +336,14 @@ class Batch:
 
     def fail(self, message: str, status: int = 503) -> None:
         for s in self.seqs:
-            s.req.finish_reason = "error"
-            s.req.emit(Event(finish_reason="error", error=message, status=status))
+            self._fail(s.req, message, status)
+            self._end(s.req, "error")
         self.seqs, self.next, self.cache = [], [], None
+
+
+def new_seq(req: Request) -> Seq:
+    """A request's sequence with its own seeded generator (raises for a seed torch cannot take)."""
+    gen = None
+    if req.params.seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
+    return Seq(req, gen=gen)

@@ -60,6 +60,11 @@ class Scheduler:
         self.waiting: dict[str, deque[Request]] = {}
         self.paused: dict[str, float] = {}  # expert -> when its unfinished batch was set aside
         self.holder: tuple[str, float] | None = None  # the expert on the engine, and since when
+        # Experts whose waiting requests cannot start now: until the KV budget frees up, or until
+        # a time (a load that failed for a passing reason is retried then). Their running batches
+        # still run; their waiting requests stay queued, in order.
+        self.kv_blocked: set[str] = set()
+        self.backoff: dict[str, float] = {}
         self.lock = threading.Lock()
 
     def submit(self, req: Request) -> None:
@@ -84,8 +89,32 @@ class Scheduler:
             t = p if t is None else min(t, p)
         return t
 
-    def _oldest_head(self) -> str:
-        return min((e for e, q in self.waiting.items() if q), key=lambda e: self.waiting[e][0].arrived)
+    def _oldest_head(self, work: set[str]) -> str:
+        return min((e for e in work if self.waiting.get(e)), key=lambda e: self.waiting[e][0].arrived)
+
+    def _startable(self, now: float) -> set[str]:
+        """Experts whose waiting requests may start now."""
+        return {
+            e
+            for e, q in self.waiting.items()
+            if q and e not in self.kv_blocked and self.backoff.get(e, 0.0) <= now
+        }
+
+    def block_kv(self, expert: str) -> None:
+        with self.lock:
+            self.kv_blocked.add(expert)
+
+    def unblock_kv(self) -> None:
+        with self.lock:
+            self.kv_blocked.clear()
+
+    def hold_until(self, expert: str, until: float | None) -> None:
+        """Start none of `expert`'s waiting requests before `until` (None: no hold)."""
+        with self.lock:
+            if until is None:
+                self.backoff.pop(expert, None)
+            else:
+                self.backoff[expert] = until
 
     def choose(
         self, current: str | None, active: dict[str, int], switch_cost: Callable[[str], float] = lambda e: 0.0
@@ -93,13 +122,16 @@ class Scheduler:
         """The expert to run now. `active`: live sequences per expert; `switch_cost`: seconds to
         make an expert ready (0 when resident)."""
         with self.lock:
-            work = {e for e, q in self.waiting.items() if q} | {e for e, n in active.items() if n}
+            startable = self._startable(self.clock())
+            work = startable | {e for e, n in active.items() if n}
             if not work:
                 return None
             if current is not None and active.get(current) and self.kind != "switch-aware":
                 chosen = current  # batches run to completion
+            elif self.kind != "switch-aware" and startable:
+                chosen = self._oldest_head(startable)
             elif self.kind != "switch-aware":
-                chosen = self._oldest_head()
+                chosen = min(e for e, n in active.items() if n)  # paused batches only
             else:
                 chosen = self._choose_switch_aware(current, work, active, switch_cost)
             if self.holder is None or self.holder[0] != chosen:
@@ -137,10 +169,14 @@ class Scheduler:
             if not q:
                 return []
             if self.kind != "fcfs" and active:
-                # None while another expert is overdue, so the batch drains and that expert goes next.
+                # None while another expert is overdue, so the batch drains and that expert goes next
+                # (one waiting for KV room too: this batch's draining is what makes the room).
                 now = self.clock()
                 if any(
-                    e != expert and (t := self._oldest(e)) is not None and now - t > self.max_wait_s
+                    e != expert
+                    and self.backoff.get(e, 0.0) <= now
+                    and (t := self._oldest(e)) is not None
+                    and now - t > self.max_wait_s
                     for e in self.waiting
                 ):
                     return []

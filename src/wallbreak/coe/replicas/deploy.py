@@ -48,18 +48,16 @@ class ReplicaServer:
         self.engine, _, self.tiers, self.tokenizers = build(opts, with_router=False)
         self.engine.start()
 
-    async def generate(
-        self, expert: str, ids: list[int], params: SamplingParams, stops: tuple[str, ...]
-    ) -> AsyncIterator[Event]:
-        """The engine's events for one request, as they come; the request ends if the caller leaves."""
+    async def generate(self, expert: str, ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+        """The engine's events for one request, ids only (the ingress turns them into text), as
+        they come; the request ends if the caller leaves."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        tok = self.tokenizers[expert]
 
         def emit(ev: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        req = EngineRequest(expert, ids, params, emit, tok.stream(stops))
+        req = EngineRequest(expert, ids, params, emit, None)
         try:
             self.engine.submit(req)
         except QueueFull as e:
@@ -87,6 +85,7 @@ class ReplicaServer:
             "queue": self.engine.queue_depth(),
             "active": self.engine.active(),
             "kv_bytes": self.engine.kv_bytes(),
+            "retrying": self.engine.retry_summary(),
             "engine": dict(self.engine.stats.__dict__),
             "tiers": self.tiers.stats.summary(),
         }
@@ -121,7 +120,7 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
     placement = Placement.spread([e.name for e in entries], replicas, load)
     remote = RemoteEngine(bundle, handles, placement, opts.max_queue * replicas)
-    app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote)  # type: ignore[arg-type]
+    app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote, max_body=opts.max_body)  # type: ignore[arg-type]
     app.state.metrics.registry.register(ReplicaCollector(remote))
     return app
 

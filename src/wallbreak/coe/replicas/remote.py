@@ -6,6 +6,8 @@ A submitted request is relayed to the replica the placement table chooses, as a 
 engine's own events. If the replica fails (its actor died, or it cannot be reached), the request
 is retried on another replica with the tokens produced so far appended to the prompt, so a client
 sees one unbroken answer; only when no replica is left does it get a 503 with Retry-After.
+Replicas send token ids only: the request's detokenizer runs here, so text it still held back
+(the start of a possible stop string, half a character) survives a replica's death.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from wallbreak.coe.tiers.manager import TierStats
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a relay checks whether its client went away
 REFRESH_S = 2.0  # how stale replica statuses may be before a routing decision refreshes them
+
+
+def with_text(req: EngineRequest, ev: Event) -> Event:
+    """A replica's ids-only event with the request's own text: a stop string found here ends it."""
+    detok = req.detokenizer
+    if detok is None or ev.error:
+        return ev
+    text = "".join(detok.push(t) for t in ev.tokens)
+    if detok.stopped:
+        return dataclasses.replace(ev, text=text, finish_reason="stop")
+    if ev.finish_reason in ("stop", "length"):
+        text += detok.finish()
+    return dataclasses.replace(ev, text=text)
 
 
 class ReplicaFailed(Exception):
@@ -82,6 +97,10 @@ class RemoteEngine:
     def kv_bytes(self) -> int:
         return sum(int(s.get("kv_bytes", 0)) for s in self.statuses.values())
 
+    def retry_summary(self) -> dict[str, Any]:
+        """Experts whose loads the replicas are retrying, by replica."""
+        return {f"{e}@{i}": v for i, s in self.statuses.items() for e, v in s.get("retrying", {}).items()}
+
     # -- relaying ------------------------------------------------------------------------------
 
     async def _relay(self, req: EngineRequest) -> None:
@@ -116,11 +135,10 @@ class RemoteEngine:
         import ray
 
         params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
-        stops = tuple(getattr(req.detokenizer, "stop", ()))
         gen = (
             self.handles[r]
             .options(stream=True)
-            .generate.remote(req.expert, [*req.prompt_ids, *produced], params, stops)
+            .generate.remote(req.expert, [*req.prompt_ids, *produced], params)
         )
         it = gen.__aiter__()
         while True:
@@ -145,8 +163,11 @@ class RemoteEngine:
             req.completion_tokens = len(produced)
             if ev.tokens and req.first_token_at is None:
                 req.first_token_at = time.monotonic()
+            ev = with_text(req, ev)
             if ev.finish_reason:
                 self._end(req, ev)
+                if ev.finish_reason == "stop":
+                    gen.cancel()  # a stop string found here: the replica may still be generating
                 return
             req.emit(ev)
 

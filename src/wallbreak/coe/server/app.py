@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from wallbreak.coe import defaults
 from wallbreak.coe.engine import Engine
 from wallbreak.coe.router import Router
 from wallbreak.coe.server.completions import VIRTUAL_MODEL, ApiError, Completions
@@ -24,12 +25,30 @@ def _err(
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
+class BearerAuth:
+    """Plain ASGI (not BaseHTTPMiddleware, which hides a client's disconnect from the endpoint):
+    every /v1/ route needs 'Authorization: Bearer KEY'."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                answer = _err(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: Engine,
     router: Router | None,
     tokenizers: dict[str, ExpertTokenizer],
     api_key: str | None = None,
     extra_health: Any = None,
+    max_body: int = defaults.MAX_BODY,
 ) -> FastAPI:
     """`extra_health`: an object with `async refresh()` and `health() -> dict` whose answer /health
     adds (the Ray ingress: its replicas)."""
@@ -38,16 +57,10 @@ def create_app(
     app.state.engine, app.state.metrics, app.state.router = engine, metrics, router
     app.state.tokenizers = tokenizers
     created = int(time.time())
-    handler = Completions(engine, router, tokenizers, metrics)
+    handler = Completions(engine, router, tokenizers, metrics, max_body)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Response:
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _err(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        response: Response = await call_next(request)
-        return response
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -62,6 +75,7 @@ def create_app(
             "status": "ok",
             "experts": engine.experts,
             "unavailable": engine.broken,
+            "retrying": engine.retry_summary(),
             "queue": engine.queue_depth(),
             "active": engine.active(),
             "kv_bytes": engine.kv_bytes(),
@@ -88,10 +102,10 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await handler.generate(await handler.parse(request, ChatRequest), "chat")
+        return await handler.generate(await handler.parse(request, ChatRequest), "chat", request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await handler.generate(await handler.parse(request, CompletionRequest), "completions")
+        return await handler.generate(await handler.parse(request, CompletionRequest), "completions", request)
 
     return app

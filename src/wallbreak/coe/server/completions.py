@@ -19,11 +19,18 @@ from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, Sa
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.router import Router
 from wallbreak.coe.server.metrics import Metrics
-from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, error_body, unsupported_field
+from wallbreak.coe.server.protocol import (
+    MAX_CHARS_PER_TOKEN,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    unsupported_field,
+)
 from wallbreak.coe.tokenization import ExpertTokenizer, TemplateError
 from wallbreak.errors import ConfigError
 
 VIRTUAL_MODEL = "coe"
+DISCONNECT_POLL_S = 0.25  # how often a whole-answer request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -61,13 +68,43 @@ class Completions:
     """/v1/chat/completions and /v1/completions over one engine, router and set of tokenizers."""
 
     def __init__(
-        self, engine: Engine, router: Router | None, tokenizers: dict[str, ExpertTokenizer], metrics: Metrics
+        self,
+        engine: Engine,
+        router: Router | None,
+        tokenizers: dict[str, ExpertTokenizer],
+        metrics: Metrics,
+        max_body: int,
     ) -> None:
         self.engine, self.router, self.tokenizers, self.metrics = engine, router, tokenizers, metrics
+        self.max_body = max_body
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body as JSON bytes, at most `max_body` of them (415 for another content type, 413
+        past the limit, counted as it arrives: a chunked body has no length to check first)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(
+                415, f"Content-Type must be application/json, got {ctype or 'none'!r}", "Content-Type"
+            )
+        too_big = ApiError(413, f"the request body is over the server's limit of {self.max_body} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise too_big
+        return bytes(body)
 
     async def parse(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+        raw = await self.read_body(request)
+        return await run_in_threadpool(self.validate, raw, kind)  # a big body parses off the event loop
+
+    @staticmethod
+    def validate(raw: bytes, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -108,7 +145,18 @@ class Completions:
         return d.expert, tuple(e for e, _ in d.top_k)
 
     def encode(self, tok: ExpertTokenizer, body: Any) -> list[int]:
+        """The prompt's token ids (run in a worker thread: templates and tokenizers take time)."""
         field = "messages" if isinstance(body, ChatRequest) else "prompt"
+        chars = (
+            sum(len(m.text()) for m in body.messages) if isinstance(body, ChatRequest) else len(body.text())
+        )
+        if chars > tok.context * MAX_CHARS_PER_TOKEN:
+            raise ApiError(
+                400,
+                f"the prompt has {chars} characters; expert {tok.name!r} takes at most {tok.context} tokens, "
+                f"so at most {tok.context * MAX_CHARS_PER_TOKEN} characters are accepted",
+                field,
+            )
         try:
             if isinstance(body, ChatRequest):
                 msgs = [
@@ -131,7 +179,7 @@ class Completions:
             )
         return ids
 
-    async def generate(self, body: Any, endpoint: str) -> Response:
+    async def generate(self, body: Any, endpoint: str, http: Request) -> Response:
         is_chat = isinstance(body, ChatRequest)
         text = (
             next((m.text() for m in reversed(body.messages) if m.role == "user"), body.messages[-1].text())
@@ -140,7 +188,7 @@ class Completions:
         )
         expert, alternatives = await self.choose(body.model, text)
         tok = self.tokenizers[expert]
-        ids = self.encode(tok, body)
+        ids = await run_in_threadpool(self.encode, tok, body)
         room = tok.context - len(ids)
         limit = body.limit()
         params = SamplingParams(
@@ -167,7 +215,7 @@ class Completions:
             raise ApiError(503, str(e), "model") from None
         reply = Reply(self.metrics, endpoint, is_chat, expert, tok, req, queue)
         if not body.stream:
-            return await reply.full()
+            return await reply.full(http)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             reply.chunks(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -220,9 +268,10 @@ class Reply:
             "choices": choices,
         }
 
-    async def full(self) -> JSONResponse:
+    async def full(self, http: Request) -> JSONResponse:
         parts: list[str] = []
         lps: list[TokenLogprob] = []
+        watch = asyncio.create_task(self._cancel_when_gone(http))
         try:
             while True:
                 ev = await self.queue.get()
@@ -235,7 +284,11 @@ class Reply:
                 if ev.finish_reason:
                     break
         finally:
+            watch.cancel()
             self.req.cancel()  # no-op when finished; frees the batch slot if the client went away
+        if ev.finish_reason == "cancelled":
+            self.account(499)
+            return JSONResponse(error_body(499, "the client closed the connection"), status_code=499)
         self.account(200)
         out = "".join(parts)
         choice: dict[str, Any] = {
@@ -249,6 +302,14 @@ class Reply:
             choice["text"] = out
         obj = "chat.completion" if self.is_chat else "text_completion"
         return JSONResponse(self.envelope(obj, [choice]) | {"usage": self.usage()})
+
+    async def _cancel_when_gone(self, http: Request) -> None:
+        """A whole-answer request whose client left is cancelled: the engine drops its row at the
+        next step (a stream notices by itself, when a write fails)."""
+        while not self.req.cancelled.is_set():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await http.is_disconnected():
+                self.req.cancel()
 
     def chunk(self, ev: Event | None, role: bool = False) -> str:
         text = ev.text if ev else ""

@@ -6,6 +6,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from wallbreak.coe.engine.request import SEED_RANGE
+
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # all stop strings together: the detokenizer holds back up to the longest
+# Characters of prompt per token of an expert's context that a request may send before it is
+# tokenized (a prompt longer than this could not fit; refusing it early keeps a 200 MB prompt from
+# tying up a tokenizer thread). Real text runs 3-5 characters a token.
+MAX_CHARS_PER_TOKEN = 32
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -38,7 +47,9 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(
+        default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="a signed 64-bit integer"
+    )
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -47,10 +58,12 @@ class _Common(BaseModel):
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(items) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in items):
             raise ValueError("stop sequences must not be empty")
+        if sum(len(s) for s in items) > MAX_STOP_CHARS:
+            raise ValueError(f"stop sequences may hold at most {MAX_STOP_CHARS} characters in all")
         return v
 
     def stops(self) -> tuple[str, ...]:
@@ -142,9 +155,26 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: what every 4xx and 5xx of this server carries."""
+
+    error: ErrorDetail
 
 
 def error_body(

@@ -33,6 +33,7 @@ class ServeOptions:
     host_budget: int | None = None
     max_queue: int = defaults.MAX_QUEUE
     api_key: str | None = None
+    max_body: int = defaults.MAX_BODY
     device: str = defaults.DEVICE
     policy: ServingPolicy = POLICIES[defaults.POLICY]
     max_batch: int = defaults.MAX_BATCH
@@ -46,6 +47,8 @@ class ServeOptions:
             raise ConfigError(f"--direct-io {self.direct_io!r}: choose auto, on or off")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        if self.max_body < 1024:
+            raise ConfigError(f"--max-body must be at least 1KiB, got {self.max_body} bytes")
 
 
 def ensure_default_bundle(out: Path | None = None) -> Path:
@@ -137,7 +140,8 @@ def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
     from wallbreak.coe.server.app import create_app
 
     engine, router, tiers, tokenizers = build(opts)
-    app: FastAPI = create_app(engine, router, tokenizers, opts.api_key or os.environ.get("WALLBREAK_API_KEY"))
+    key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
+    app: FastAPI = create_app(engine, router, tokenizers, key, max_body=opts.max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
