@@ -204,3 +204,28 @@ def test_api_key_from_a_file(bundle: Path, tmp_path: Path) -> None:
         api_key(None, f)
     with pytest.raises(ConfigError, match="not both"):
         api_key("k", f)
+
+
+def test_a_damaged_tokenizer_makes_its_expert_unavailable_and_the_rest_serve(
+    bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from wallbreak.coe.bundle import Bundle
+
+    root = tmp_path / "b"
+    shutil.copytree(bundle, root)
+    tok = Bundle.open(root).tokenizer_path("beta")
+    assert tok is not None
+    (tok / "tokenizer.json").write_text("{not json")
+    with ServerThread(ServeOptions(bundle=root)) as s:
+        got, _, text = http(
+            "POST", f"{s.url}/v1/completions", {"model": "beta", "prompt": "x", "max_tokens": 2}
+        )
+        assert got == 503 and "beta" in json.loads(text)["error"]["message"]
+        got, _, _ = http(
+            "POST", f"{s.url}/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 2}
+        )
+        assert got == 200
+        health = json.loads(http("GET", f"{s.url}/health")[2])
+        assert "tokenizer" in health["unavailable"]["beta"] and str(tmp_path) not in json.dumps(health)

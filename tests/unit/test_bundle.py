@@ -170,3 +170,82 @@ def test_import_rejects_bad_sources(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(ConfigError, match=r"no config\.json"):
         import_expert(tmp_path / "folder", "x", tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("router", "/OUTSIDE"),  # absolute: router fit would delete it
+        ("router", "router/../../OUTSIDE"),
+        ("router", "OUTSIDE"),
+        ("tokenizer", "tokenizers/.."),
+        ("blob", "experts/.."),
+        ("file", "../../OUTSIDE/x.json"),
+    ],
+)
+def test_a_manifest_path_outside_the_bundle_is_refused_before_anything_is_deleted(
+    synth_bundle_dir: Path, tmp_path: Path, tiny_bert: Path, where: str, value: str
+) -> None:
+    """A hand-edited bundle.json names what a write deletes; nothing outside the bundle may go."""
+    from helpers import router_prompts, write_jsonl
+    from wallbreak.coe.router import FitOptions, fit_router
+
+    root = _copy(synth_bundle_dir, tmp_path)
+    outside = tmp_path / "OUTSIDE"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    raw = json.loads((root / MANIFEST).read_text())
+    e = raw["experts"][0]
+    if where == "router":
+        raw["router"] = {"dir": value if not value.startswith("/") else str(outside)}
+    elif where == "tokenizer":
+        e["tokenizer"]["dir"] = value
+    elif where == "blob":
+        e["blob"] = value
+    else:
+        e["tokenizer"]["files"] = {value: "0" * 64}
+    (root / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="is not allowed"):
+        Bundle.open(root)
+    train = write_jsonl(tmp_path / "train.jsonl", router_prompts(4, seed=0))
+    with pytest.raises(BundleError, match="is not allowed"):
+        fit_router(root, FitOptions(examples=train, encoder=tiny_bert, methods=("logreg",)), progress=False)
+    assert (outside / "precious.txt").read_text() == "keep me"
+
+
+def test_a_shape_whose_product_wraps_in_int64_is_caught(synth_bundle_dir: Path, tmp_path: Path) -> None:
+    root = _copy(synth_bundle_dir, tmp_path)
+    raw = json.loads((root / MANIFEST).read_text())
+    raw["experts"][0]["tensors"][0]["shape"] = [2**62, 4]  # 2**64 elements: 0 in int64
+    raw["experts"][0]["tensors"][0]["nbytes"] = 0
+    (root / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="needs"):
+        Bundle.open(root)
+
+
+def test_an_interrupted_default_bundle_is_finished_not_served_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first `serve` killed between its two imports left one expert: the next start imports the
+    missing one (and only that one) before fitting the router."""
+    from helpers import make_tiny_llama_folder
+    from wallbreak.coe import importers
+    from wallbreak.coe.server import serve
+
+    srcs = {n: make_tiny_llama_folder(tmp_path / n, seed=i) for i, n in enumerate(("one", "two"))}
+    experts = tuple(
+        importers.PackagedModel(n, f"pkg-{n}", lambda p=p: p, f"expert {n}", (f"about {n}",))
+        for n, p in srcs.items()
+    )
+    monkeypatch.setattr(importers, "DEFAULT_EXPERTS", experts)
+    fitted: list[list[str]] = []
+    monkeypatch.setattr(
+        "wallbreak.coe.router.fit_router", lambda root, opts: fitted.append(Bundle.open(root).names)
+    )
+    out = tmp_path / "default"
+    importers.default_bundle(out, "float32", only=["one"])  # what the interrupted run committed
+    blob = Bundle.open(out).blob_path("one")
+    serve.ensure_default_bundle(out)
+    b = Bundle.open(out)
+    assert b.names == ["one", "two"] and b.blob_path("one") == blob  # 'one' was not imported again
+    assert fitted == [["one", "two"]]

@@ -12,6 +12,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import jsonschema
 import numpy as np
 import torch
 
-from wallbreak.common.atomic import atomic_write_json, fsync_dir
+from wallbreak.common.atomic import atomic_write_json, fsync_dir, fsync_tree
 from wallbreak.errors import BundleError, ConfigError
 
 MANIFEST = "bundle.json"
@@ -51,6 +52,27 @@ EXPERT_FORMS = (*DTYPES, "int8", "int4")
 
 def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def check_relative(root: Path, rel: Any, where: str, under: str | None = None) -> Path:
+    """`root / rel` for a path a manifest names, which must be relative, normalised (no '.', '..'
+    or empty parts) and, followed through any link, inside `root`; `under`: the folder it must be
+    directly in (blobs in experts/, tokenizers in tokenizers/, routers in router/)."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    bad = (
+        not parts
+        or rel.startswith("/")
+        or any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts)
+        or (under is not None and (len(parts) != 2 or parts[0] != under))
+    )
+    if not bad:
+        path = root / rel
+        base = root.resolve()
+        bad = path.resolve() != base and base not in path.resolve().parents
+    if bad:
+        inside = f"{under}/NAME" if under else "a relative path inside the bundle"
+        raise BundleError(f"{where}: path {rel!r} is not allowed: it must be {inside}, with no '..'")
+    return root / rel
 
 
 def check_expert_name(name: str) -> str:
@@ -267,6 +289,7 @@ class Bundle:
                 f"{mpath}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
             ) from None
         _validate_schema(raw, mpath)
+        _check_paths(root, raw, mpath)
         experts: dict[str, ExpertEntry] = {}
         damaged: dict[str, str] = {}
         for d in raw["experts"]:
@@ -311,6 +334,21 @@ def _validate_schema(raw: Any, mpath: Path) -> None:
         raise BundleError(f"{mpath}: invalid manifest at {where}: {e.message}") from None
 
 
+def _check_paths(root: Path, raw: dict[str, Any], mpath: Path) -> None:
+    """Every path in the manifest stays inside the bundle: what a write deletes comes from here."""
+    for i, d in enumerate(raw["experts"]):
+        where = f"{mpath}: experts[{i}]"
+        check_relative(root, d["blob"], f"{where}.blob", "experts")
+        tok = d.get("tokenizer")
+        if tok:
+            check_relative(root, tok["dir"], f"{where}.tokenizer.dir", "tokenizers")
+            for fname in tok["files"]:
+                check_relative(root / tok["dir"], fname, f"{where}.tokenizer.files")
+    router = raw.get("router")
+    if router and "dir" in router:
+        check_relative(root, router["dir"], f"{mpath}: router.dir", "router")
+
+
 def _check_expert_files(root: Path, e: ExpertEntry) -> None:
     blob = root / e.blob
     if not blob.is_file():
@@ -321,7 +359,7 @@ def _check_expert_files(root: Path, e: ExpertEntry) -> None:
         if t.name in seen:
             raise BundleError(f"expert {e.name!r}: tensor {t.name!r} appears twice in the manifest")
         seen.add(t.name)
-        expect = int(np.prod(t.shape, dtype=np.int64)) * t.torch_dtype.itemsize
+        expect = math.prod(t.shape) * t.torch_dtype.itemsize  # Python ints: numpy's int64 would wrap
         if expect != t.nbytes:
             raise BundleError(
                 f"expert {e.name!r}: tensor {t.name!r} says {t.nbytes} bytes but shape {list(t.shape)} "
@@ -370,7 +408,7 @@ def plan_layout(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> tu
     for _, dtype, shape in specs:
         pos = align_up(pos, TENSOR_ALIGN)
         offsets.append(pos)
-        pos += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        pos += math.prod(shape) * dtype.itemsize
     return offsets, align_up(max(pos, 1), BLOB_ALIGN)
 
 
@@ -478,6 +516,7 @@ class BundleWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, blob)
+        fsync_dir(blob.parent)
         self._created.append(blob)
         tok_rel, tok_files = self._write_tokenizer(src.tokenizer_dir, stem)
         dtypes = {t.dtype for t in entries}
@@ -505,13 +544,15 @@ class BundleWriter:
         rel = f"tokenizers/{stem}"
         tmp = self.root / "tokenizers" / f".tmp-{stem}"
         self._created.append(tmp)
-        shutil.copytree(src_dir, tmp)
+        shutil.copytree(src_dir, tmp, symlinks=False)
         files = {
             str(p.relative_to(tmp)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
+        fsync_tree(tmp)
         os.replace(tmp, self.root / rel)
+        fsync_dir(self.root / "tokenizers")
         self._created.append(self.root / rel)
         return rel, files
 
@@ -538,17 +579,22 @@ class BundleWriter:
             "experts": kept + [e.to_json() for e in self._entries],
             "router": self._router if self._router_set else base.get("router"),
         }
+        for sub in ("experts", "tokenizers", "router"):  # the new names are durable before they are live
+            fsync_dir(self.root / sub)
         atomic_write_json(self.root / MANIFEST, manifest)
         fsync_dir(self.root)
-        # Only after the new manifest is in place are the replaced experts' files unreferenced.
+        # Only after the new manifest is in place are the replaced experts' files unreferenced;
+        # every path deleted was checked to lie inside the bundle when the old manifest was opened,
+        # and is checked again here.
         for d in replaced:
             with contextlib.suppress(FileNotFoundError):
-                (self.root / d["blob"]).unlink()
+                check_relative(self.root, d["blob"], "replaced blob", "experts").unlink()
             if d.get("tokenizer"):
-                shutil.rmtree(self.root / d["tokenizer"]["dir"], ignore_errors=True)
+                tok = check_relative(self.root, d["tokenizer"]["dir"], "replaced tokenizer", "tokenizers")
+                shutil.rmtree(tok, ignore_errors=True)
         old_router = (base.get("router") or {}).get("dir")
         if self._router_set and old_router and old_router != (self._router or {}).get("dir"):
-            shutil.rmtree(self.root / old_router, ignore_errors=True)
+            shutil.rmtree(check_relative(self.root, old_router, "old router", "router"), ignore_errors=True)
         self._created.clear()
 
     def _rollback(self) -> None:

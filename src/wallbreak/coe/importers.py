@@ -381,10 +381,13 @@ DEFAULT_EXPERTS = (
 )
 
 
-def default_bundle(out: str | Path, dtype: str | None = None) -> list[str]:
-    """Import every packaged model; each is slow (dequantising GGUF), so progress is shown."""
+def default_bundle(out: str | Path, dtype: str | None = None, only: Sequence[str] | None = None) -> list[str]:
+    """Import every packaged model (or those named in `only`); each is slow (dequantising GGUF), so
+    progress is shown. Each import commits on its own; `serve.ensure_default_bundle` finishes a
+    bundle that an interrupted first run left with some of them."""
     names = []
-    for pm in tqdm(DEFAULT_EXPERTS, desc="default bundle", unit="expert"):
+    todo = [pm for pm in DEFAULT_EXPERTS if only is None or pm.name in only]
+    for pm in tqdm(todo, desc="default bundle", unit="expert"):
         log.info("importing %s from package %s (30-80 s)", pm.name, pm.package)
         tqdm.write(f"importing {pm.name} from package {pm.package} (dequantising GGUF takes 30-80 s)")
         import_expert(pm.locate(), pm.name, out, pm.description, pm.examples, dtype, pm.chat_template)

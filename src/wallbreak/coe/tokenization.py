@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wallbreak.coe.bundle import Bundle, ExpertEntry
-from wallbreak.errors import ConfigError
+from wallbreak.errors import BundleError, ConfigError, first_line
 
 # Turn-end markers of common chat formats; a chat model stops at these although its config's
 # eos_token_id may name only the document end.
@@ -78,8 +78,23 @@ class ExpertTokenizer:
         return TextStream(self, tuple(stop))
 
 
-def load_tokenizers(bundle: Bundle, entries: Sequence[ExpertEntry]) -> dict[str, ExpertTokenizer]:
-    return {e.name: ExpertTokenizer.load(bundle, e) for e in entries}
+def load_tokenizers(
+    bundle: Bundle, entries: Sequence[ExpertEntry], lenient: bool = False
+) -> dict[str, ExpertTokenizer]:
+    """Each expert's tokenizer facts. `lenient` (a server): an expert whose tokenizer cannot be
+    loaded is left out and recorded in `bundle.damaged`, so the others still serve."""
+    out = {}
+    for e in entries:
+        if lenient and e.name in bundle.damaged:
+            continue
+        try:
+            out[e.name] = ExpertTokenizer.load(bundle, e)
+        except Exception as ex:  # transformers and tokenizers raise their own kinds for bad files
+            why = f"its tokenizer cannot be loaded ({first_line(ex)})"
+            if not lenient:
+                raise BundleError(f"expert {e.name!r}: {why}") from None
+            bundle.damaged[e.name] = why
+    return out
 
 
 class TextStream:

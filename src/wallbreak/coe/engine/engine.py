@@ -143,7 +143,7 @@ class Engine:
     ) -> None:
         self.bundle, self.tiers = bundle, tiers
         self.config = config or EngineConfig()
-        missing = [e.name for e in tiers.entries if e.name not in tokenizers]
+        missing = [e.name for e in tiers.entries if e.name not in tokenizers and e.name not in bundle.damaged]
         if missing:
             raise ConfigError(f"no tokenizer facts for expert(s) {', '.join(missing)}")
         self.tokenizers = tokenizers

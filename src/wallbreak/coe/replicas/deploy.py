@@ -115,7 +115,7 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     assert opts.bundle is not None
     bundle = Bundle.open(opts.bundle, lenient=True)
     entries = [bundle.expert(n) for n in bundle.names if n not in bundle.damaged]
-    tokenizers = load_tokenizers(bundle, entries)
+    tokenizers = load_tokenizers(bundle, entries, lenient=True)
     router = Router.load(bundle) if len(bundle.names) > 1 else None
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
     placement = Placement.spread([e.name for e in entries], replicas, load)

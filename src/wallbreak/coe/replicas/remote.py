@@ -28,6 +28,7 @@ from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.engine.engine import EngineStats
 from wallbreak.coe.replicas.placement import Placement
 from wallbreak.coe.tiers.manager import TierStats
+from wallbreak.errors import without_paths
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a relay checks whether its client went away
@@ -62,7 +63,7 @@ class RemoteEngine:
     def __init__(self, bundle: Bundle, handles: Sequence[Any], placement: Placement, max_queue: int) -> None:
         self.bundle, self.handles, self.placement = bundle, list(handles), placement
         self.max_queue = max_queue
-        self.broken: dict[str, str] = dict(bundle.damaged)
+        self.broken: dict[str, str] = {e: without_paths(why) for e, why in bundle.damaged.items()}
         self.stats = EngineStats()
         self.tiers = _Tiers()
         self.statuses: dict[int, dict[str, Any]] = {}

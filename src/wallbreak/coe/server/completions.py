@@ -187,7 +187,10 @@ class Completions:
             else body.text()
         )
         expert, alternatives = await self.choose(body.model, text)
-        tok = self.tokenizers[expert]
+        tok = self.tokenizers.get(expert)
+        if tok is None:  # its tokenizer is damaged: the engine lists it as unavailable
+            why = self.engine.broken.get(expert, "its tokenizer cannot be loaded")
+            raise ApiError(503, f"expert {expert!r} is unavailable: {why}", "model", {"Retry-After": "1"})
         ids = await run_in_threadpool(self.encode, tok, body)
         room = tok.context - len(ids)
         limit = body.limit()

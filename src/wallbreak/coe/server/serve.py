@@ -57,11 +57,16 @@ def ensure_default_bundle(out: Path | None = None) -> Path:
     from wallbreak.coe.router import FitOptions, fit_router
 
     out = out or defaults.default_bundle_dir()
-    if not (out / MANIFEST).is_file():
+    have = Bundle.open(out).names if (out / MANIFEST).is_file() else []
+    missing = [pm for pm in importers.DEFAULT_EXPERTS if pm.name not in have]
+    if missing:
         form = defaults.BUNDLE_FORM
         say = functools.partial(print, file=sys.stderr)
-        say(f"first run: building the default expert bundle ({form}) in {out} (about 2 minutes)")
-        importers.default_bundle(out, form)
+        if have:  # an earlier first run was interrupted between its experts: finish it
+            say(f"the default bundle in {out} lacks {', '.join(pm.name for pm in missing)}: importing it")
+        else:
+            say(f"first run: building the default expert bundle ({form}) in {out} (about 2 minutes)")
+        importers.default_bundle(out, form, only=[pm.name for pm in missing])
         old = defaults.cache_dir() / "default-bundle"
         if (old / MANIFEST).is_file():
             say(f"{old} (an earlier, fp32 default bundle) is no longer used: delete it to free its space")
@@ -92,8 +97,6 @@ def build(
 ) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
     root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
     bundle = Bundle.open(root, lenient=True)
-    for name, why in bundle.damaged.items():
-        log.error("expert %s cannot be served (503 until the bundle is repaired): %s", name, why)
     host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
     tiers = TierManager(
         bundle,
@@ -106,7 +109,9 @@ def build(
         ),
     )
     try:
-        tokenizers = load_tokenizers(bundle, tiers.entries)
+        tokenizers = load_tokenizers(bundle, tiers.entries, lenient=True)
+        for name, why in bundle.damaged.items():
+            log.error("expert %s cannot be served (503 until the bundle is repaired): %s", name, why)
         engine = Engine(
             bundle,
             tiers,
