@@ -249,3 +249,43 @@ def test_an_interrupted_default_bundle_is_finished_not_served_half(
     b = Bundle.open(out)
     assert b.names == ["one", "two"] and b.blob_path("one") == blob  # 'one' was not imported again
     assert fitted == [["one", "two"]]
+
+
+def test_leftovers_of_interrupted_writes_are_swept_only_while_no_writer_works(
+    synth_bundle_dir: Path, tmp_path: Path
+) -> None:
+    from wallbreak.coe.bundle import sweep
+
+    root = _copy(synth_bundle_dir, tmp_path)
+    junk = [
+        root / "experts" / ".tmp-x-1234.blob",
+        root / "experts" / "x-99999999.blob",  # renamed into place, never committed
+        root / ".tmp-bundle.json-abc",
+    ]
+    for p in junk:
+        p.write_bytes(b"\0" * 5000)
+    (root / "tokenizers" / ".tmp-x-1234").mkdir()
+    (root / "tokenizers" / ".tmp-x-1234" / "tokenizer.json").write_text("{}")
+    (root / "router" / "0123456789ab").mkdir(parents=True)
+    with BundleWriter(root):  # a writer at work: nothing of its may go
+        assert sweep(root) == (0, 0)
+    assert sweep(root) == (5, 15002)
+    assert not any(p.exists() for p in junk)
+    assert (
+        not (root / "tokenizers" / ".tmp-x-1234").exists() and not (root / "router" / "0123456789ab").exists()
+    )
+    Bundle.open(root).verify()  # everything the manifest names is still there
+    assert sweep(root) == (0, 0)
+
+
+def test_a_killed_builds_temporary_package_is_swept_a_running_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from wallbreak.coe.engine import aot
+
+    dead = tmp_path / f"{aot.TMP_PREFIX}999999999-x.pt2"
+    alive = tmp_path / f"{aot.TMP_PREFIX}{os.getpid()}-y.pt2"
+    for p in (dead, alive):
+        p.write_bytes(b"\0" * 1000)
+    assert aot.sweep(tmp_path) == (1, 1000)
+    assert alive.exists() and not dead.exists()

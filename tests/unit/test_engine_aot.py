@@ -107,7 +107,8 @@ def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
     with caplog.at_level(logging.WARNING, logger="wallbreak.coe.engine.compiled"):
         assert serve_compiled() == first
     assert builds == ["l8:decode", "l8:prefill", "l8:decode"]  # the damaged one only
-    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert len(said) == 1 and "does not match its checksum" in said[0], said
 
 
 def test_a_build_that_fails_leaves_the_expert_eager_with_one_warning(
@@ -277,3 +278,61 @@ def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: P
     with torch.no_grad():
         a_logits = compiled_mod.forward(models["a"], ids, other)[:, -1]
     assert not torch.allclose(a_logits.float(), expect.float(), atol=0.5)
+
+
+def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_loaded(
+    tmp_path: Path, cache: Path
+) -> None:
+    """A package is a native library: one whose bytes changed since its builder sealed it, one
+    others could have written, one in a cache directory others can write, or one that computes
+    other logits than the eager forward (stale: built for another configuration) is refused."""
+    import json
+    import os
+    import shutil
+
+    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.tiers.device import load_standalone
+
+    bundle = tmp_path / "b"
+    import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "m", bundle)
+    opened = Bundle.open(bundle)
+    path = aot.package_path(opened.expert("m").layout_key)
+    aot.build(bundle, "m", path)
+    model = load_standalone(opened, "m")
+    aot.verify(path)
+    aot.AotStep(path).check(model)
+    assert oct(os.stat(path.parent).st_mode & 0o777) == "0o700"
+
+    pristine = path.read_bytes()
+    damaged = bytearray(pristine)
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(aot.StalePackage, match="does not match its checksum"):
+        aot.verify(path)
+    path.write_bytes(pristine)
+    os.chmod(path, 0o664)
+    with pytest.raises(aot.StalePackage, match="writable by others"):
+        aot.verify(path)
+    os.chmod(path, 0o644)
+    seal = aot.seal_path(path)
+    sealed = seal.read_text()
+    seal.unlink()
+    with pytest.raises(aot.StalePackage, match="no checksum"):
+        aot.verify(path)
+    seal.write_text(sealed)
+    os.chmod(path.parent, 0o777)
+    with pytest.raises(aot.UnsafeCache, match="chmod go-w"):
+        aot.verify(path)
+    os.chmod(path.parent, 0o700)
+    aot.verify(path)
+
+    # Stale: the same weights' shapes, another norm epsilon, which the compiler baked into the code.
+    other = tmp_path / "hf2"
+    shutil.copytree(tmp_path / "hf", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 10.0
+    (other / "config.json").write_text(json.dumps(cfg))
+    import_expert(other, "m2", bundle)
+    model2 = load_standalone(Bundle.open(bundle), "m2")
+    with pytest.raises(aot.StalePackage, match="differ from the eager forward"):
+        aot.AotStep(path).check(model2)

@@ -607,6 +607,44 @@ class BundleWriter:
         self._created.clear()
 
 
+def sweep(root: Path) -> tuple[int, int]:
+    """Remove what interrupted writes left in a bundle: temporary files and folders, and blobs,
+    tokenizer folders and router folders the manifest does not name. Only while no writer holds
+    the bundle's lock (and where we may write); returns (entries, bytes) removed."""
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR)
+    except OSError:
+        return 0, 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0, 0  # a writer is at work: what looks unreferenced may be its
+        raw = Bundle.open(root, lenient=True).raw
+        live = {d["blob"] for d in raw["experts"]}
+        live |= {d["tokenizer"]["dir"] for d in raw["experts"] if d.get("tokenizer")}
+        live |= {(raw.get("router") or {}).get("dir")}
+        stale = list(root.glob(".tmp-*"))
+        for sub in ("experts", "tokenizers", "router"):
+            if (root / sub).is_dir():
+                stale += [p for p in (root / sub).iterdir() if f"{sub}/{p.name}" not in live]
+        count = nbytes = 0
+        for p in stale:
+            folder = p.is_dir() and not p.is_symlink()
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if folder else p.lstat().st_size
+            try:
+                if folder:
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            except OSError:
+                continue
+            count, nbytes = count + 1, nbytes + size
+        return count, nbytes
+    finally:
+        os.close(fd)
+
+
 def iter_blob_tensors(buf: torch.Tensor, entry: ExpertEntry) -> Iterator[tuple[str, torch.Tensor]]:
     """Views of each tensor inside a flat uint8 buffer holding the expert's blob."""
     for t in entry.tensors:

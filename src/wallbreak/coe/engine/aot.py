@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import subprocess
 import sys
 import tempfile
@@ -54,10 +55,16 @@ from torch import nn
 from wallbreak.coe import defaults
 from wallbreak.coe.engine.compiled import _decode, forward
 from wallbreak.coe.engine.kv import DECODE_ATTENTION, MIN_CAPACITY, KVCache, forward_kwargs
+from wallbreak.common.atomic import atomic_write_json
+from wallbreak.errors import WallbreakError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 4  # bump when what a package holds or how it is called changes
+# A loaded package's probe logits must match the eager forward's this closely (the compiled-vs-eager
+# tests' tolerance); a package that does not is stale or foreign, and is rebuilt.
+PROBE_RTOL = PROBE_ATOL = 0.05
+TMP_PREFIX = ".tmp-build-"  # + the builder's pid: what `sweep` may delete once that process is gone
 MAX_CAPACITY = 1 << 20  # the largest block capacity the package accepts (columns)
 BUILD_TIMEOUT_S = 3600.0
 # The build's CPU priority. At 19 it got ~2% of a CPU that serving kept busy and never finished
@@ -82,6 +89,96 @@ def package_path(layout: str, part: str = "decode") -> Path:
     if part != "decode":  # decode packages keep the names they had before there were parts
         stem, ident = f"{layout}-{part}", f"{ident}|{part}"
     return defaults.cache_dir() / "aot" / f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.pt2"
+
+
+# -- integrity: a package is a native library, so only one this user built is ever loaded ----------
+
+
+class StalePackage(Exception):
+    """A package that must not be loaded as it is (no seal, another owner, a changed byte): rebuild it."""
+
+
+class UnsafeCache(WallbreakError):
+    """The cache directory is writable by others: nothing in it is loaded, and nothing built into it."""
+
+
+def private_dir(d: Path) -> Path:
+    """`d`, made if missing (mode 0700, whatever the umask); refused if another user owns it or
+    others may write it, since a library planted there would run in the server."""
+    if not d.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+    for level in (d, d.parent):
+        st = os.stat(level)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise UnsafeCache(
+                f"the compiled-step cache {level} is owned by uid {st.st_uid} with mode "
+                f"{stat.filemode(st.st_mode)}: it must be yours and not writable by others "
+                f"(chmod go-w {level}); compiled steps stay off until then"
+            )
+    return d
+
+
+def seal_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256.json")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(path: Path) -> None:
+    """Write the package's sha256 beside it (what `verify` checks before loading)."""
+    atomic_write_json(
+        seal_path(path), {"sha256": _digest(path), "bytes": path.stat().st_size, "format": FORMAT}
+    )
+
+
+def _own_file(path: Path) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise StalePackage(f"{path.name} is not a plain file")
+    if st.st_uid != os.geteuid():
+        raise StalePackage(f"{path.name} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o022:
+        raise StalePackage(f"{path.name} is writable by others ({stat.filemode(st.st_mode)})")
+
+
+def verify(path: Path) -> None:
+    """Refuse a package that this user's builder did not seal, or whose bytes changed since."""
+    private_dir(path.parent)
+    _own_file(path)
+    sp = seal_path(path)
+    if not sp.is_file():
+        raise StalePackage(f"{path.name} has no checksum beside it")
+    _own_file(sp)
+    try:
+        sealed = json.loads(sp.read_text())
+        want = str(sealed["sha256"])
+    except (ValueError, KeyError, TypeError):
+        raise StalePackage(f"{sp.name} is not a checksum record") from None
+    if sealed.get("format") != FORMAT or _digest(path) != want:
+        raise StalePackage(f"{path.name} does not match its checksum")
+
+
+def sweep(d: Path | None = None) -> tuple[int, int]:
+    """Delete the temporary files of builds whose process is gone (a SIGKILLed build leaves a
+    full-weight package behind); (files, bytes) removed."""
+    d = d or defaults.cache_dir() / "aot"
+    files = nbytes = 0
+    for p in d.glob(f"{TMP_PREFIX}*"):
+        pid = p.name.removeprefix(TMP_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # a build still running (here or in another server)
+        with contextlib.suppress(OSError):
+            size = p.stat().st_size
+            p.unlink()
+            files, nbytes = files + 1, nbytes + size
+    return files, nbytes
 
 
 def model_form(model: nn.Module) -> str:
@@ -189,8 +286,8 @@ def build(bundle_root: Path, expert: str, out: Path, part: str = "decode") -> No
         warnings.simplefilter("ignore")
         program = torch.export.export(_Step(model), args, dynamic_shapes=spec, strict=False)
     log.info("exported %s's %s step in %.1f s; compiling", expert, part, time.monotonic() - t0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+    private_dir(out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".pt2", dir=out.parent)
     os.close(fd)
     try:
         with warnings.catch_warnings():
@@ -230,7 +327,7 @@ def _without_model_weights(src: str, out: Path) -> None:
     fp32). The table of what is left keeps the compiler's own constants."""
     from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
 
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".pt2", dir=out.parent)
     os.close(fd)
     try:
         with PT2ArchiveReader(src) as reader, PT2ArchiveWriter(tmp) as writer:
@@ -244,7 +341,9 @@ def _without_model_weights(src: str, out: Path) -> None:
                     writer.write_string(name, json.dumps(own))
                 else:
                     writer.write_bytes(name, reader.read_bytes(name))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)  # whole or not at all: a reader never sees half a package
+        seal(out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -352,15 +451,22 @@ class AotStep:
             self.bound = mark
 
     def check(self, model: nn.Module, columns: int = 1) -> None:
-        """Run one step of `columns` (1: decode; more: a prefill chunk) on a throwaway cache: a
-        package that does not fit `model` raises here, before it serves."""
+        """Run one probe of `columns` (1: decode; more: a prefill chunk) through the package and
+        through the eager forward, each on a throwaway cache: a package that does not fit `model`
+        raises here, and one whose logits differ (stale, or built for other weights) is refused."""
+        device = next(model.parameters()).device
+        ids = torch.tensor([[7, 11, 13, 17][:columns] + [5] * max(columns - 4, 0)], device=device)
+        eager = KVCache.for_model(model)
+        eager.open_rows(1)
+        want = forward(model, ids, eager)[:, -1]
         cache = KVCache.for_model(model)
         cache.open_rows(1)
-        ids = torch.ones(1, columns, dtype=torch.long, device=next(model.parameters()).device)
-        forward(model, ids, cache)
-        logits = self(model, ids, cache)
-        if logits.ndim != 2 or logits.shape[0] != 1:
-            raise RuntimeError(f"the compiled step gave logits of shape {list(logits.shape)}")
+        got = self(model, ids, cache)
+        if got.shape != want.shape:
+            raise StalePackage(f"the compiled step gave logits of shape {list(got.shape)}")
+        if not torch.allclose(got.float(), want.float(), rtol=PROBE_RTOL, atol=PROBE_ATOL):
+            worst = float((got.float() - want.float()).abs().max())
+            raise StalePackage(f"its probe logits differ from the eager forward's by up to {worst:.3g}")
 
     def __call__(self, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one row its next ids [1, q] (q = 1 for a decode package; a prefill package takes

@@ -231,15 +231,18 @@ class CompiledSteps:
         columns = 1 if part == "decode" else aot.MIN_PREFILL + 1
 
         def checked() -> Any:
+            aot.verify(path)  # sealed by this user's builder, bytes unchanged: only then loaded
             step = aot.AotStep(path)
-            step.check(model, columns)
+            step.check(model, columns)  # and it computes what the eager forward computes
             return step
 
         if path.is_file():
             try:
                 return checked()
+            except aot.UnsafeCache:
+                raise
             except Exception as e:
-                log.warning("compiled step %s did not load (%s); rebuilding it", path, first_line(e))
+                log.warning("compiled step %s is not used (%s); rebuilding it", path.name, first_line(e))
         if self.closed:
             raise RuntimeError("the engine stopped")
         assert self.bundle_root is not None

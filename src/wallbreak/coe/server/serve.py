@@ -92,10 +92,28 @@ def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tup
     return host, device
 
 
+def sweep_leftovers(root: Path) -> None:
+    """What interrupted writes and killed builds left behind, removed at start, with one line each."""
+    from wallbreak.coe import bundle as bundle_files
+    from wallbreak.coe.engine import aot
+
+    for where, (count, nbytes) in (
+        (root, bundle_files.sweep(root)),
+        (defaults.cache_dir() / "aot", aot.sweep()),
+    ):
+        if count:
+            print(
+                f"wallbreak: removed {count} leftover(s) of interrupted writes from {where} "
+                f"({format_bytes(nbytes)})",
+                file=sys.stderr,
+            )
+
+
 def build(
     opts: ServeOptions, with_router: bool = True
 ) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
     root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
+    sweep_leftovers(root)
     bundle = Bundle.open(root, lenient=True)
     host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
     tiers = TierManager(
