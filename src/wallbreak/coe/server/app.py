@@ -9,13 +9,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from wallbreak.coe import defaults
 from wallbreak.coe.engine import Engine
 from wallbreak.coe.router import Router
+from wallbreak.coe.server import openapi
 from wallbreak.coe.server.completions import VIRTUAL_MODEL, ApiError, Completions
 from wallbreak.coe.server.metrics import Metrics
-from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, error_body
+from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, ModelList, error_body
 from wallbreak.coe.tokenization import ExpertTokenizer
 
 
@@ -66,7 +68,11 @@ def create_app(
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return _err(e.status, e.message, e.param, e.headers)
 
-    @app.get("/health")
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # 404, 405: OpenAI's shape too
+        return _err(e.status_code, str(e.detail), headers=dict(e.headers or {}))
+
+    @app.get("/health", responses={200: {"description": "engine, tiers, compile and retry state"}})
     async def health() -> dict[str, Any]:
         if extra_health is not None:
             await extra_health.refresh()
@@ -84,13 +90,13 @@ def create_app(
             "tiers": engine.tiers.stats.summary(),
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         if extra_health is not None:
             await extra_health.refresh()
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=openapi.errors(401))
     async def models() -> dict[str, Any]:
         names = [VIRTUAL_MODEL, *engine.experts]
         return {
@@ -100,12 +106,13 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=openapi.CHAT_RESPONSES)
     async def chat(request: Request) -> Response:
         return await handler.generate(await handler.parse(request, ChatRequest), "chat", request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=openapi.COMPLETION_RESPONSES)
     async def completions(request: Request) -> Response:
         return await handler.generate(await handler.parse(request, CompletionRequest), "completions", request)
 
+    openapi.install(app, [VIRTUAL_MODEL, *engine.experts])
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,6 +14,9 @@ MAX_STOP_CHARS = 1024  # all stop strings together: the detokenizer holds back u
 # tokenized (a prompt longer than this could not fit; refusing it early keeps a 200 MB prompt from
 # tying up a tokenizer thread). Real text runs 3-5 characters a token.
 MAX_CHARS_PER_TOKEN = 32
+# The shapes the validators below enforce, in the types too, so the OpenAPI schema states them.
+StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)]
+OnePrompt = Annotated[list[str], Field(min_length=1, max_length=1)]
 
 
 class TextPart(BaseModel):
@@ -46,7 +49,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | StopList | None = None
     seed: int | None = Field(
         default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="a signed 64-bit integer"
     )
@@ -91,7 +94,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | OnePrompt
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
@@ -188,3 +191,86 @@ def error_body(
             "code": code,
         }
     }
+
+
+# -- answers, as the OpenAPI schema documents them (the handlers build these shapes as dicts) ------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+FinishReasonOut = Literal["stop", "length"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReasonOut
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReasonOut
+    logprobs: CompletionLogprobs | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
