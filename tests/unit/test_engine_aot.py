@@ -293,8 +293,14 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     from wallbreak.coe.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
 
+    from safetensors.torch import load_file, save_file
+
     bundle = tmp_path / "b"
-    import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "m", bundle)
+    hf = make_tiny_llama_folder(tmp_path / "hf", seed=4)
+    weights = load_file(hf / "model.safetensors")
+    weights["lm_head.weight"] *= 300  # a peaked next-token distribution, as a trained model has
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    import_expert(hf, "m", bundle)
     opened = Bundle.open(bundle)
     path = aot.package_path(opened.expert("m").layout_key)
     aot.build(bundle, "m", path)
@@ -330,9 +336,9 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     other = tmp_path / "hf2"
     shutil.copytree(tmp_path / "hf", other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["rms_norm_eps"] = 10.0
+    cfg["rms_norm_eps"] = 1.0
     (other / "config.json").write_text(json.dumps(cfg))
     import_expert(other, "m2", bundle)
     model2 = load_standalone(Bundle.open(bundle), "m2")
-    with pytest.raises(aot.StalePackage, match="differ from the eager forward"):
+    with pytest.raises(aot.StalePackage, match="differs from the eager forward's") as e:
         aot.AotStep(path).check(model2)

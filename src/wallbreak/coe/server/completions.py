@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,20 @@ from wallbreak.errors import ConfigError
 
 VIRTUAL_MODEL = "coe"
 DISCONNECT_POLL_S = 0.25  # how often a whole-answer request checks that its client is still there
+
+
+# pydantic names the branch of a union it tried in the error's location ("str", "list[...]",
+# "constrained-str"); a client wants the field's name alone.
+_UNION_TAG = re.compile(r"[\[\]-]|^(str|int|float|bool|none|list|dict|constrained-str)$")
+
+
+def telling_error(e: ValidationError) -> Any:
+    """The error a client can act on. For a value of a union (`stop`: a string or a list), pydantic
+    reports one error per branch, and the first is usually "not a string" for a list that is too
+    long; prefer one about the value over one about its type."""
+    errs = e.errors()
+    about_value = [x for x in errs if not (x["type"].endswith("_type") or x["type"] == "none_required")]
+    return (about_value or errs)[0]
 
 
 class ApiError(Exception):
@@ -120,8 +135,8 @@ class Completions:
         try:
             return kind.model_validate(body)
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(x) for x in first["loc"]) or None
+            first = telling_error(e)
+            param = ".".join(str(x) for x in first["loc"] if not _UNION_TAG.search(str(x))) or None
             msg = first["msg"]
             raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
