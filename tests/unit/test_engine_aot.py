@@ -290,10 +290,10 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     import os
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     from wallbreak.coe.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
-
-    from safetensors.torch import load_file, save_file
 
     bundle = tmp_path / "b"
     hf = make_tiny_llama_folder(tmp_path / "hf", seed=4)
@@ -340,5 +340,5 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     (other / "config.json").write_text(json.dumps(cfg))
     import_expert(other, "m2", bundle)
     model2 = load_standalone(Bundle.open(bundle), "m2")
-    with pytest.raises(aot.StalePackage, match="differs from the eager forward's") as e:
+    with pytest.raises(aot.StalePackage, match="differs from the eager forward's"):
         aot.AotStep(path).check(model2)
