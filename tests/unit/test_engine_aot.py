@@ -340,5 +340,5 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     (other / "config.json").write_text(json.dumps(cfg))
     import_expert(other, "m2", bundle)
     model2 = load_standalone(Bundle.open(bundle), "m2")
-    with pytest.raises(aot.StalePackage, match="differs from the eager forward's"):
+    with pytest.raises(aot.StalePackage, match="predicts otherwise than the eager forward"):
         aot.AotStep(path).check(model2)
