@@ -92,23 +92,15 @@ class Streams:
             t.join(600)
 
 
-def responses(ndjson: Path) -> Iterator[dict[str, Any]]:
-    """Every response schemathesis recorded (status_code, elapsed, ...)."""
-
-    def walk(o: Any) -> Iterator[dict[str, Any]]:
-        if isinstance(o, dict):
-            if "status_code" in o and "elapsed" in o:
-                yield o
-                return
-            for v in o.values():
-                yield from walk(v)
-        elif isinstance(o, list):
-            for v in o:
-                yield from walk(v)
-
+def responses(ndjson: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every response schemathesis recorded, with its operation ("POST /v1/completions")."""
     for line in ndjson.read_text().splitlines():
-        if '"status_code"' in line:
-            yield from walk(json.loads(line))
+        if '"ScenarioFinished"' not in line:
+            continue
+        recorder = json.loads(line)["ScenarioFinished"].get("recorder") or {}
+        for interaction in (recorder.get("interactions") or {}).values():
+            if interaction.get("response"):
+                yield recorder.get("label", "?"), interaction["response"]
 
 
 def schemathesis(url: str, cases: int, seed: int, out: Path) -> dict[str, Any]:
@@ -121,14 +113,15 @@ def schemathesis(url: str, cases: int, seed: int, out: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600)
     report = json.loads((out / "run.json").read_text())
     seen = list(responses(out / "run.ndjson"))
-    codes = Counter(r["status_code"] for r in seen)
-    slow_4xx = max((r["elapsed"] for r in seen if 400 <= r["status_code"] < 500), default=0.0)
+    codes = Counter(r["status_code"] for _, r in seen)
+    slow_4xx = max((r["elapsed"] for _, r in seen if 400 <= r["status_code"] < 500), default=0.0)
     return {
         "exit_code": proc.returncode,
         "cases": report["test_cases"]["generated"],
         "failures": [f.get("title", f) if isinstance(f, dict) else f for f in report["failures"]],
         "errors": report["errors"],
         "responses": len(seen),
+        "responses_by_operation": dict(Counter(label for label, _ in seen)),
         "status_codes": dict(sorted(codes.items())),
         "server_errors": sum(n for c, n in codes.items() if c >= 500),
         "slowest_4xx_s": round(slow_4xx, 3),
