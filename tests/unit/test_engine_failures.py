@@ -159,3 +159,36 @@ def test_a_request_that_cannot_fit_even_alone_gets_a_400(synth_bundle_dir: Path)
     finally:
         eng.stop(timeout=5)
         tiers.close()
+
+
+def test_a_blob_removed_under_the_server_is_retried_and_served_once_back(
+    synth_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle writer replacing an expert moves its blob; while it is gone the expert is retried
+    (its request waits), not marked broken, and it serves once the file is back."""
+    import shutil
+    import time
+
+    from wallbreak.coe.bundle import Bundle
+
+    root = tmp_path / "b"
+    shutil.copytree(synth_bundle_dir, root)
+    monkeypatch.setattr("wallbreak.coe.engine.engine.RETRY_FIRST_S", 0.05)
+    eng, tiers = make_engine(root)
+    expert = eng.experts[2]
+    blob = Bundle.open(root).blob_path(expert)
+    aside = tmp_path / "aside.blob"
+    blob.rename(aside)
+    eng.start()
+    try:
+        c = run(eng, expert, [1, 2, 3], 5)
+        deadline = time.monotonic() + 30
+        while expert not in eng.retry_summary() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "replaced or removed" in eng.retry_summary()[expert]["reason"]
+        shutil.copyfile(aside, blob)  # back, as a new file
+        assert c.done.wait(30) and c.finish == "length", c.error
+        assert expert not in eng.broken and not eng.retry_summary()
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()

@@ -327,6 +327,7 @@ class Engine:
     def _load_succeeded(self, expert: str) -> None:
         if self.retrying.pop(expert, None) is not None:
             self.scheduler.hold_until(expert, None)
+            self._blobs[expert] = _blob_identity(self.bundle.blob_path(expert))  # the file it now serves
             log.info("expert %s loaded after retrying", expert)
 
     def _batch(self, expert: str) -> Batch:
