@@ -110,7 +110,8 @@ def schemathesis(url: str, cases: int, seed: int, out: Path) -> dict[str, Any]:
     cmd += ["--seed", str(seed), "--workers", "1", "--no-color", "--generation-database", "none"]
     cmd += ["--request-timeout", "600", "--report", "json,ndjson"]
     cmd += ["--report-json-path", str(out / "run.json"), "--report-ndjson-path", str(out / "run.ndjson")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600)
+    # In `out`: schemathesis keeps a crash cache in its working directory.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600, cwd=out)
     report = json.loads((out / "run.json").read_text())
     seen = list(responses(out / "run.ndjson"))
     codes = Counter(r["status_code"] for _, r in seen)
