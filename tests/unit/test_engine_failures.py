@@ -150,12 +150,24 @@ def test_one_kv_budget_for_the_whole_engine_with_preemptions(synth_bundle_dir: P
     assert 0 < peak["held"] <= budget and peak["reserved"] <= budget
 
 
-def test_a_request_that_cannot_fit_even_alone_gets_a_400(synth_bundle_dir: Path) -> None:
-    eng, tiers = make_engine(synth_bundle_dir, kv_budget=1024)
+def test_a_request_that_cannot_fit_even_alone_gets_a_400_and_the_next_is_served(
+    synth_bundle_dir: Path,
+) -> None:
+    from transformers import AutoConfig
+
+    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.engine.runner import kv_bytes_per_row
+
+    bundle = Bundle.open(synth_bundle_dir)
+    cfg = dict(bundle.expert(bundle.names[0]).config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    eng, tiers = make_engine(synth_bundle_dir, kv_budget=2 * kv_bytes_per_row(config, torch.float32, 3 + 5))
+    expert = eng.experts[0]
+    big, small = run(eng, expert, [1, 2, 3], 1000), run(eng, expert, [1, 2, 3], 5)
     eng.start()
     try:
-        c = run(eng, eng.experts[0], [1, 2, 3], 40)
-        assert c.done.wait(30) and c.finish == "error" and "KV budget" in (c.error or "")
+        assert big.done.wait(30) and big.finish == "error" and "KV budget" in (big.error or "")
+        assert small.done.wait(30) and small.finish == "length", small.error
     finally:
         eng.stop(timeout=5)
         tiers.close()

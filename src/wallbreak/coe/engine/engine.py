@@ -365,7 +365,7 @@ class Engine:
         fit = len(new)
         while fit and others + batch.projected_bytes(model, new[:fit]) > budget:
             fit -= 1
-        if fit == 0 and not len(batch) and others == 0:
+        if fit == 0 and not len(batch) and others == 0:  # it could never fit: tell it so
             need = batch.projected_bytes(model, new[:1])
             reject(
                 new[0],
@@ -374,10 +374,11 @@ class Engine:
                 "ask for fewer tokens",
                 400,
             )
-            new = new[1:]
+            self.scheduler.requeue(batch.expert, new[1:])
+            return []
         if fit < len(new):
             self.scheduler.requeue(batch.expert, new[fit:])
-        if fit == 0 and not len(batch) and new:
+        if fit == 0 and not len(batch):  # others hold the room: wait until they give some back
             self._kv_blocked_at = self.kv_reserved()
             self.scheduler.block_kv(batch.expert)
         return new[:fit]
