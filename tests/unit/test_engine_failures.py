@@ -204,3 +204,16 @@ def test_a_blob_removed_under_the_server_is_retried_and_served_once_back(
     finally:
         eng.stop(timeout=5)
         tiers.close()
+
+
+def test_a_paused_batch_whose_reload_fails_waits_its_backoff() -> None:
+    """A paused batch keeps its rows; while its expert's load is in backoff the scheduler does not
+    choose it (else the engine would retry the load in a tight loop), and it is chosen again after."""
+    from wallbreak.coe.engine.scheduler import Scheduler
+
+    now = [100.0]
+    s = Scheduler(clock=lambda: now[0])
+    s.hold_until("a", 101.0)
+    assert s.choose(None, {"a": 2}) is None
+    now[0] = 101.5
+    assert s.choose(None, {"a": 2}) == "a"

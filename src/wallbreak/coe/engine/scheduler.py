@@ -122,8 +122,10 @@ class Scheduler:
         """The expert to run now. `active`: live sequences per expert; `switch_cost`: seconds to
         make an expert ready (0 when resident)."""
         with self.lock:
-            startable = self._startable(self.clock())
-            work = startable | {e for e, n in active.items() if n}
+            now = self.clock()
+            startable = self._startable(now)
+            active = {e: n for e, n in active.items() if n and self.backoff.get(e, 0.0) <= now}
+            work = startable | set(active)
             if not work:
                 return None
             if current is not None and active.get(current) and self.kind != "switch-aware":
