@@ -118,7 +118,19 @@ def test_names_that_could_become_shell_are_refused_before_anything_is_written(
         parse_topology(MIXED.replace(old, new, 1), "mixed.yaml")
     line = next(i for i, text in enumerate(MIXED.splitlines(), 1) if old in text)
     assert f"mixed.yaml:{line}" in str(e.value) and key in str(e.value) and "not allowed" in str(e.value)
-    assert not list(tmp_path.iterdir())
+    # Through the CLI: one line, exit 2, and no plan or node script written.
+    import subprocess
+    import sys
+
+    bad = tmp_path / "mixed.yaml"
+    bad.write_text(MIXED.replace(old, new, 1))
+    out = tmp_path / "launch"
+    cmd = [sys.executable, "-m", "wallbreak.cli", "plan", str(bad), "--model", "gpt-1.7b"]
+    proc = subprocess.run(
+        [*cmd, "--global-batch", "64", "--emit-launch", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and key in proc.stderr
+    assert not out.exists()
 
 
 def test_every_value_in_a_node_script_is_quoted_comments_included(tmp_path: Path) -> None:
