@@ -57,7 +57,7 @@ def ensure_default_bundle(out: Path | None = None) -> Path:
     from wallbreak.coe.router import FitOptions, fit_router
 
     out = out or defaults.default_bundle_dir()
-    have = Bundle.open(out).names if (out / MANIFEST).is_file() else []
+    have = Bundle.open(out, lenient=True).names if (out / MANIFEST).is_file() else []
     missing = [pm for pm in importers.DEFAULT_EXPERTS if pm.name not in have]
     if missing:
         form = defaults.BUNDLE_FORM
@@ -70,7 +70,7 @@ def ensure_default_bundle(out: Path | None = None) -> Path:
         old = defaults.cache_dir() / "default-bundle"
         if (old / MANIFEST).is_file():
             say(f"{old} (an earlier, fp32 default bundle) is no longer used: delete it to free its space")
-    if Bundle.open(out).router is None:
+    if Bundle.open(out, lenient=True).router is None:
         print("fitting the router on the experts' example prompts", file=sys.stderr)
         report = fit_router(out, FitOptions(generalist="smollm2-135m-instruct"))
         if report is not None:
