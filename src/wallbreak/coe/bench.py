@@ -22,7 +22,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
 from wallbreak.coe.tiers import Lease, TierConfig, TierManager
@@ -30,6 +29,7 @@ from wallbreak.coe.tiers.device import build_skeleton
 from wallbreak.coe.tiers.disk import drop_file_cache, resident_fraction
 from wallbreak.coe.tiers.host import HostArena
 from wallbreak.errors import ConfigError
+from wallbreak.progress import progress, say
 
 Cache = Literal["warm", "cold"]
 INPUT = torch.tensor([[1, 2, 3, 4]])  # a short prompt: 4 token ids valid in every vocabulary
@@ -215,7 +215,7 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
     biggest = max(e.total_bytes for e in entries)
     conditions: list[Cache] = ["warm", "cold"] if args.cache == "both" else [args.cache]  # type: ignore[list-item]
     if "cold" in conditions and not drop_file_cache(bundle.blob_path(names[0])):
-        tqdm.write("note: the page cache cannot be dropped here; cold figures are skipped")
+        say("note: the page cache cannot be dropped here; cold figures are skipped")
         conditions = [c for c in conditions if c != "cold"]
         if not conditions:
             conditions = ["warm"]
@@ -245,7 +245,7 @@ def run_bench_switch(args: BenchSwitchArgs) -> dict[str, Any]:
         TierManager(bundle, config, names) as mgr,
     ):
         steps = len(entries) * len(conditions) * args.repeats * (4 + (copy_mgr is not None))
-        bar = tqdm(total=steps, desc="bench switch", unit="run", leave=False)
+        bar = progress(steps, "bench switch", "run", leave=False)
         for entry in entries:
             folder = export_hf_folder(bundle, entry, Path(tmp) / entry.name)
             prebuilt = build_skeleton(entry, device)

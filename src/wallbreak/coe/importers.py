@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from wallbreak.coe import compact
 from wallbreak.coe.bundle import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
 from wallbreak.errors import ConfigError, WallbreakError
+from wallbreak.progress import each, progress, say
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,13 @@ def _write(out: str | Path, sources: Sequence[ExpertSource], form: str | None) -
         for es in sources:
             quant = None
             if form in compact.FORMS:
-                tqdm.write(f"quantizing {es.name} to {form}")
+                say(f"quantizing {es.name} to {form}")
                 es.tensors, quant = compact.compact_tensors(es.model_type, es.config, es.tensors, form)
             tensors = list(es.tensors)
             unique = {t.untyped_storage().data_ptr(): t for _, t in tensors}.values()  # tied weights once
             total = sum(t.numel() * (dtype.itemsize if dtype else t.element_size()) for t in unique)
             es.tensors = tensors
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {es.name}", leave=False) as bar:
+            with progress(total, f"writing {es.name}", "B", unit_scale=True, leave=False) as bar:
                 w.add(es, dtype=dtype, progress=bar.update, quant=quant)
 
 
@@ -276,7 +276,7 @@ def synth_bundle(
         tok_dir = byte_tokenizer_dir(Path(tmp) / "tok")
         with BundleWriter(out) as w:
             nbytes = shape.params * to.itemsize
-            with tqdm(total=nbytes * experts, unit="B", unit_scale=True, desc="synth experts") as bar:
+            with progress(nbytes * experts, "synth experts", "B", unit_scale=True) as bar:
                 for i, n in enumerate(names):
                     w.add(
                         ExpertSource(
@@ -387,9 +387,9 @@ def default_bundle(out: str | Path, dtype: str | None = None, only: Sequence[str
     bundle that an interrupted first run left with some of them."""
     names = []
     todo = [pm for pm in DEFAULT_EXPERTS if only is None or pm.name in only]
-    for pm in tqdm(todo, desc="default bundle", unit="expert"):
+    for pm in each(todo, "default bundle", "expert"):
         log.info("importing %s from package %s (30-80 s)", pm.name, pm.package)
-        tqdm.write(f"importing {pm.name} from package {pm.package} (dequantising GGUF takes 30-80 s)")
+        say(f"importing {pm.name} from package {pm.package} (dequantising GGUF takes 30-80 s)")
         import_expert(pm.locate(), pm.name, out, pm.description, pm.examples, dtype, pm.chat_template)
         names.append(pm.name)
     return names

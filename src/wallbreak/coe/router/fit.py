@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from wallbreak.coe.router.encoder import Encoder, weights_sha256
 from wallbreak.coe.router.heads import expected_calibration_error, fit_head, fit_scale, softmax
 from wallbreak.common.atomic import fsync_tree
 from wallbreak.errors import ConfigError
+from wallbreak.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +262,11 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
         n_train = int(data.all_mask(use_desc).sum())
         steps = opts.tune_steps or auto_tune_steps(n_train)
         fold_steps = opts.tune_steps or auto_tune_steps(int(n_train * (k - 1) / k))
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=fold_steps * k + steps,
-            desc="tuning the encoder (cross-validation, then final)",
-            unit="step",
-            file=sys.stderr,
-            disable=not progress,
+        bar = progress_bar(
+            fold_steps * k + steps,
+            "tuning the encoder (cross-validation, then final)",
+            "step",
+            enabled=progress,
         )
         tuned_oof = {label: np.zeros((data.n_cv, C), np.float32) for label, _, _ in specs}
         for f in range(k):
