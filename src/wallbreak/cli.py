@@ -21,6 +21,7 @@ from wallbreak.coe import defaults
 from wallbreak.coe.bundle_cli import add_bundle_parser, run_bundle_command
 from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS, serving_policy
 from wallbreak.errors import ConfigError, WallbreakError
+from wallbreak.holmes.spec import MASTER_PORT
 from wallbreak.units import format_bytes
 
 
@@ -140,8 +141,8 @@ def _serve_parser(verbs: Any) -> None:
     )
     sv.add_argument(
         "--direct-io",
-        default="auto",
-        choices=["auto", "on", "off"],
+        default=defaults.DIRECT_IO,
+        choices=defaults.DIRECT_IO_MODES,
         help="O_DIRECT disk reads: auto (when the blob is not cached), on (always, as for a bundle "
         "larger than RAM), off",
     )
@@ -191,7 +192,12 @@ def _plan_parsers(verbs: Any) -> None:
     pl.add_argument(
         "--emit-launch", type=Path, help="write plan.json, per-node torchrun scripts, Megatron args"
     )
-    pl.add_argument("--master-port", type=int, default=29500, help="rendezvous port in the launch scripts")
+    pl.add_argument(
+        "--master-port",
+        type=int,
+        default=MASTER_PORT,
+        help=f"rendezvous port in the launch scripts ({MASTER_PORT})",
+    )
     cal = pl.add_mutually_exclusive_group()
     cal.add_argument(
         "--calibrate",
@@ -260,7 +266,7 @@ def _bench_parsers(verbs: Any) -> None:
     bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
     bs.add_argument(
         "--direct-io",
-        choices=["auto", "on", "off"],
+        choices=defaults.DIRECT_IO_MODES,
         help="the servers' --direct-io (on: every miss reads disk)",
     )
     bs.add_argument(

@@ -15,6 +15,8 @@ KV_BUDGET = 2 << 30  # bytes of KV cache all batches together may grow to (pause
 MAX_BODY = 4 << 20  # bytes of one HTTP request body (413 past it)
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
+DIRECT_IO_MODES = ("auto", "on", "off")  # O_DIRECT disk reads: when the blob is not cached, always, never
+DIRECT_IO = "auto"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
 # The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes (so

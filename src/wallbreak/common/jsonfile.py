@@ -16,4 +16,4 @@ def read_json(path: Path, what: str) -> Any:
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        raise ConfigError(f"{what} {path}: not JSON (line {e.lineno}: {e.msg})") from None

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import WallbreakError
 from wallbreak.holmes import emulate
 from wallbreak.holmes.calibrate import Calibration, job_record
 from wallbreak.holmes.emulate import Emulation
+from wallbreak.holmes.plan_file import PLAN_NAME
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.topology import Host, Link, Topology
 
-MASTER_PORT = 29500  # inside node 0's namespace, where nothing else listens
 PLACEMENTS = ("holmes", "megatron", "all-rdma", "all-ethernet")
 
 
@@ -132,7 +133,7 @@ def run_placement(
     topo = job.calibration.apply(shaped) if job.calibration else shaped
     report = make_report(with_emulated_hosts(topo, emu), job.model, job.training, placement, *job.degrees)
     with tempfile.TemporaryDirectory(prefix=f"wallbreak-emu-{placement}-") as tmp:
-        rows = _launch(emu, emit_launch(report, Path(tmp), MASTER_PORT), Path(tmp), job)
+        rows = _launch(emu, emit_launch(report, Path(tmp)), Path(tmp), job)  # port: inside node 0's netns
     step_s = [float(r["step_s"]) for r in rows][job.warmup :]
     if not step_s:
         raise WallbreakError(f"placement {placement}: the run logged no step after warm-up")
@@ -166,7 +167,7 @@ def _launch(emu: Emulation, written: list[Path], out: Path, job: EmuJob) -> list
     Node ranks follow the plan's cluster order, not the file's, so scripts are matched to namespaces
     by host name (the plan file lists its nodes in node-rank order, as the scripts are numbered)."""
     scripts = sorted(p for p in written if p.name.startswith("node-"))
-    netns = namespaces_in_rank_order(emu, json.loads((out / "plan.json").read_text())["nodes"])
+    netns = namespaces_in_rank_order(emu, read_json(out / PLAN_NAME, "plan")["nodes"])
     log = out / "rank0.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     procs = []

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.common.atomic import atomic_open
-from wallbreak.holmes.plan_file import model_json, training_json, write_plan
+from wallbreak.holmes.plan_file import PLAN_NAME, model_json, training_json, write_plan
 from wallbreak.holmes.planner import Plan
 from wallbreak.holmes.report import PlanReport
+from wallbreak.holmes.spec import MASTER_PORT
 from wallbreak.holmes.topology import Cluster, Host, Topology
 
 NCCL_NET = {"infiniband": "IB", "roce": "IB", "tcp": "Socket"}  # per communicator, by group transport
@@ -157,11 +158,11 @@ def comment(text: str) -> str:
     return "# " + " ".join(text.splitlines())
 
 
-def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list[Path]:
+def emit_launch(report: PlanReport, out: Path, master_port: int = MASTER_PORT) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pf = plan_body(report)
-    write_plan(out / "plan.json", pf)
-    written = [out / "plan.json"]
+    write_plan(out / PLAN_NAME, pf)
+    written = [out / PLAN_NAME]
     nodes = pf["nodes"]
     master = nodes[0]["address"] or nodes[0]["host"]
     job = job_env(report.plan)
@@ -186,7 +187,7 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = 29500) -> list
             f"exec torchrun --nnodes {q(str(len(nodes)))} --nproc-per-node {q(str(n['nproc']))} "
             f"--node-rank {q(str(n['node_rank']))} --master-addr {q(str(master))} "
             f"--master-port {q(str(master_port))} "
-            '-m wallbreak.holmes.train --plan "$HERE/plan.json" "$@"'
+            f'-m wallbreak.holmes.train --plan "$HERE/{PLAN_NAME}" "$@"'
         )
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(n["host"]))
         path = out / f"node-{n['node_rank']:03d}-{safe}.sh"

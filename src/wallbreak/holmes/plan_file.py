@@ -21,6 +21,7 @@ from wallbreak.holmes.layout import GROUP_KINDS, ParallelLayout
 from wallbreak.holmes.spec import ModelSpec, TrainingSpec
 
 PLAN_FORMAT = "wallbreak-plan"
+PLAN_NAME = "plan.json"  # the plan's file name in a launch folder
 PLAN_VERSION = 1  # bump when a reader of version N could misread the new file
 MODEL_FIELDS = ("vocab", "layers", "hidden", "heads", "seq_len")  # the shape the runtime builds
 TRAINING_FIELDS = ("global_batch", "micro_batch", "recompute", "dtype")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from wallbreak.errors import ConfigError
 
+MASTER_PORT = 29500  # torchrun's rendezvous port in the node scripts (torchrun's own default too)
+
 # Megatron-LM's standard GPT sizes (layers, hidden, heads); seq 2048, vocab 51200.
 PRESETS: dict[str, tuple[int, int, int]] = {
     "gpt-1.7b": (24, 2304, 24),

@@ -20,23 +20,18 @@ The ingress owns this table (one owner: replicas never decide placement). Rules:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
 
 
 def read_load(path: Path, experts: Sequence[str]) -> dict[str, float]:
     """An --expert-load file: {expert: requests or weight}, or a saved /health answer (its
     `requests_by_expert`). Experts it does not name weigh 0; names the bundle lacks are an error."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"--expert-load {path}: cannot read it ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ConfigError(f"--expert-load {path}: not JSON ({e})") from None
+    data = read_json(Path(path), "--expert-load file")
     if isinstance(data, dict) and isinstance(data.get("requests_by_expert"), dict):
         data = data["requests_by_expert"]
     if not isinstance(data, dict) or not data:

@@ -39,12 +39,12 @@ class ServeOptions:
     max_batch: int = defaults.MAX_BATCH
     max_wait_s: float = defaults.MAX_WAIT_S
     kv_budget: int = defaults.KV_BUDGET
-    direct_io: str = "auto"  # O_DIRECT disk reads: auto (when not cached), on, off
+    direct_io: str = defaults.DIRECT_IO  # O_DIRECT disk reads: auto (when not cached), on, off
     compile: str = defaults.COMPILE
 
     def __post_init__(self) -> None:
-        if self.direct_io not in ("auto", "on", "off"):
-            raise ConfigError(f"--direct-io {self.direct_io!r}: choose auto, on or off")
+        if self.direct_io not in defaults.DIRECT_IO_MODES:
+            raise ConfigError(f"--direct-io {self.direct_io!r}: choose {', '.join(defaults.DIRECT_IO_MODES)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if self.max_body < 1024:

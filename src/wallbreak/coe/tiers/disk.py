@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from wallbreak.coe import defaults
 from wallbreak.errors import BundleError, ConfigError
 
 DirectMode = Literal["auto", "on", "off"]
@@ -119,8 +120,10 @@ class DiskReader:
             raise ConfigError(
                 f"reader chunk size must be a positive multiple of {DIRECT_ALIGN}, got {chunk_bytes}"
             )
-        if direct not in ("auto", "on", "off"):
-            raise ConfigError(f"direct I/O mode must be auto, on or off, got {direct!r}")
+        if direct not in defaults.DIRECT_IO_MODES:
+            raise ConfigError(
+                f"direct I/O mode must be {', '.join(defaults.DIRECT_IO_MODES)}, got {direct!r}"
+            )
         self.threads = threads
         self.chunk_bytes = chunk_bytes
         self.direct = direct
