@@ -159,18 +159,19 @@ def test_a_killed_replica_costs_no_request_the_client_cannot_retry(server: RaySe
 
 
 def test_sigterm_drains_and_exits_cleanly(server: RayServer) -> None:
+    """Requests in flight when SIGTERM comes finish (Ray Serve's own shutdown closes the proxy's
+    connections at once: the server first refuses new requests and waits for these)."""
     results: list[int] = []
-    t = threading.Thread(
-        target=lambda: results.append(
-            http(
-                "POST",
-                f"{server.url}/v1/completions",
-                {"model": "expert-03", "prompt": "x", "max_tokens": 64},
-            )[0]
-        )
-    )
-    t.start()
+
+    def one(expert: str) -> None:
+        body = {"model": expert, "prompt": "x", "max_tokens": 200, "temperature": 0}
+        results.append(http("POST", f"{server.url}/v1/completions", body)[0])
+
+    threads = [threading.Thread(target=one, args=(f"expert-0{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
     time.sleep(0.5)
     assert server.stop() == 0
-    t.join(timeout=30)
-    assert results == [200]  # the in-flight request finished before the server went away
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [200] * 4  # the in-flight requests finished before the server went away

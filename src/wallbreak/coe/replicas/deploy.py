@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingPa
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.server.serve import ServeOptions
 from wallbreak.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 APP = "wallbreak"
 
@@ -120,9 +124,20 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
     placement = Placement.spread([e.name for e in entries], replicas, load)
     remote = RemoteEngine(bundle, handles, placement, opts.max_queue * replicas)
+    _INGRESS.append(remote)
     app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote, max_body=opts.max_body)  # type: ignore[arg-type]
     app.state.metrics.registry.register(ReplicaCollector(remote))
     return app
+
+
+_INGRESS: list[Any] = []  # the ingress replica's RemoteEngine, once its app is built (in that process)
+
+
+def drain_ingress() -> int:
+    """In the ingress process: stop taking requests; how many are still being relayed."""
+    for remote in _INGRESS:
+        remote.draining = True
+    return sum(remote.queue_depth() for remote in _INGRESS)
 
 
 def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
@@ -145,6 +160,10 @@ def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] |
         def __init__(self, *replica_handles: Any) -> None:
             self.replica_handles = replica_handles  # bound so that Serve deploys them with the app
 
+        def drain(self) -> int:
+            """Refuse new requests (503); the requests still in flight."""
+            return drain_ingress()
+
     ingress: Any = serve.deployment(
         serve.ingress(builder)(Ingress),
         name="ingress",
@@ -153,6 +172,24 @@ def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] |
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(*bound)
+
+
+DRAIN_S = 30.0  # what SIGTERM waits for in-flight requests, as `wallbreak serve` does
+
+
+def _drain(ingress: Any) -> None:
+    """New requests get a 503 and in-flight ones finish (up to DRAIN_S) before Serve shuts down: its
+    own shutdown closes the proxy's connections at once, in-flight answers and all."""
+    deadline = time.monotonic() + DRAIN_S
+    while time.monotonic() < deadline:
+        try:
+            if ingress.drain.remote().result(timeout_s=5) == 0:
+                time.sleep(0.5)  # the last answers' bytes are still on their way through the proxy
+                return
+        except Exception as e:  # the ingress is gone: nothing is left to wait for
+            log.warning("draining the ingress failed (%s); shutting down", e)
+            return
+        time.sleep(0.1)
 
 
 def serve_ray(
@@ -190,6 +227,7 @@ def serve_ray(
               "replica(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()
         print("wallbreak: draining in-flight requests", file=sys.stderr, flush=True)
+        _drain(serve.get_app_handle(APP))
     finally:
         serve.shutdown()  # replicas finish their in-flight requests (graceful_shutdown_timeout_s)
         ray.shutdown()

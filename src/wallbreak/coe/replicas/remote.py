@@ -68,6 +68,7 @@ class RemoteEngine:
         self.tiers = _Tiers()
         self.statuses: dict[int, dict[str, Any]] = {}
         self.retries = 0  # requests moved to another replica after a failure
+        self.draining = False  # SIGTERM: new requests get a 503, in-flight ones finish
         self._refreshed = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -81,6 +82,8 @@ class RemoteEngine:
         """Switches and steps happen in the replicas; their counts arrive through `refresh`."""
 
     def submit(self, req: EngineRequest) -> None:
+        if self.draining:
+            raise ExpertUnavailable("the server is shutting down")
         if req.expert in self.broken:
             raise ExpertUnavailable(f"expert {req.expert!r} is unavailable: {self.broken[req.expert]}")
         if self.queue_depth() >= self.max_queue:
