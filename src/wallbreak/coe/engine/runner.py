@@ -122,8 +122,7 @@ class Batch:
             try:
                 live.append(new_seq(req))
             except Exception as e:  # a seed torch cannot take, say: this request's own fault
-                self._fail(req, f"its sampling setup failed ({first_line(e)})", 400)
-                self._end(req, "error")
+                self._fail_now(req, f"its sampling setup failed ({first_line(e)})", 400)
         for group in self._prefill_groups(live):
             self._admit_group(model, group)
         self._drop_finished()
@@ -139,8 +138,7 @@ class Batch:
                 for s in group:
                     self._admit_group(model, [s])
                 return
-            self._fail(group[0].req, f"the expert's forward failed on this prompt ({first_line(e)})", 500)
-            self._end(group[0].req, "error")
+            self._fail_now(group[0].req, f"the expert's forward failed on this prompt ({first_line(e)})", 500)
             return
         if self.cache is None:
             self.cache = cache
@@ -216,15 +214,14 @@ class Batch:
         """The batch's decode step raised: run it for each row alone, on a copy of its cache (the
         failed step wrote nothing the lengths count), and fail only the rows that fail alone."""
         assert self.cache is not None
-        log.warning("decode of of %s failed for %d rows (%s); each alone", self.expert, len(self), error)
+        log.warning("decode of %s failed for %d rows (%s); each alone", self.expert, len(self), error)
         kept: list[tuple[Seq, int, KVCache, torch.Tensor]] = []
         for i, seq in enumerate(self.seqs):
             cache = self.cache.copy_rows([i])
             try:
                 logits = self._decode(model, [self.next[i]], cache)
             except Exception as e:
-                self._fail(seq.req, f"the expert's forward failed ({first_line(e)})", 500)
-                self._end(seq.req, "error")
+                self._fail_now(seq.req, f"the expert's forward failed ({first_line(e)})", 500)
                 continue
             kept.append((seq, self.next[i], cache, logits))
         self.seqs, self.next = [k[0] for k in kept], [k[1] for k in kept]
@@ -301,9 +298,14 @@ class Batch:
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _fail(self, req: Request, message: str, status: int) -> None:
-        """Mark one request failed (it leaves at the next `_drop_finished`, or `_end` now)."""
+        """Mark one request failed; it leaves, with its error event, at the next `_drop_finished`."""
         req.error = (message, status)
         req.finish_reason = "error"
+
+    def _fail_now(self, req: Request, message: str, status: int) -> None:
+        """Fail one request that is not (or no longer) in `seqs`, and tell it at once."""
+        self._fail(req, message, status)
+        self._end(req, "error")
 
     def _end(self, req: Request, reason: FinishReason) -> None:
         req.finish_reason = reason
@@ -336,8 +338,7 @@ class Batch:
 
     def fail(self, message: str, status: int = 503) -> None:
         for s in self.seqs:
-            self._fail(s.req, message, status)
-            self._end(s.req, "error")
+            self._fail_now(s.req, message, status)
         self.seqs, self.next, self.cache = [], [], None
 
 

@@ -60,11 +60,8 @@ class _Common(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        # The count and emptiness are in the type (StopList); the total is not expressible there.
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if any(not s for s in items):
-            raise ValueError("stop sequences must not be empty")
         if sum(len(s) for s in items) > MAX_STOP_CHARS:
             raise ValueError(f"stop sequences may hold at most {MAX_STOP_CHARS} characters in all")
         return v
@@ -100,13 +97,6 @@ class CompletionRequest(_Common):
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("send one prompt per request (a list of exactly one string)")
-        return v
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
