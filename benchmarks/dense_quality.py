@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wallbreak.coe import compact
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.tiers.device import load_standalone
 
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wallbreak.common.net import free_port
+from wallbreak.coe.server.net import free_port
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 STREAM = {"model": "alpha", "prompt": "go", "temperature": 0}
@@ -181,7 +181,7 @@ def main() -> int:
     try:
         bundle = a.bundle
         if bundle is None:
-            from wallbreak.coe.importers import synth_bundle
+            from wallbreak.coe.bundle.importers import synth_bundle
 
             bundle = work / "bundle"
             synth_bundle(bundle, experts=2, params=300_000, names=["alpha", "beta"], seed=3)

@@ -27,7 +27,7 @@ YAML
 $PY -m wallbreak.cli plan "$OUT/one-gpu.yaml" --layers 4 --hidden 128 --heads 4 --seq-len 64 --vocab 256 \
   --global-batch 8 --micro-batch 2 --dtype fp32 --emit-launch "$OUT/launch" > /dev/null
 for BACKEND in nccl gloo; do
-  $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m wallbreak.holmes.train \
+  $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m wallbreak.holmes.runtime.train \
     --plan "$OUT/launch/plan.json" --steps 5 --backend $BACKEND --log-file "$OUT/$BACKEND.jsonl" \
     --checkpoint-dir "$OUT/ckpt-$BACKEND" 2> "$OUT/$BACKEND.err" || { tail -20 "$OUT/$BACKEND.err"; exit 1; }
 done

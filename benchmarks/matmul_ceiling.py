@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wallbreak.coe import compact
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.tiers.device import load_standalone
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from wallbreak.coe import defaults
-from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.engine import aot, compiled
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.engine import aot
+from wallbreak.coe.engine.step import run_step
 from wallbreak.coe.engine.kv import KVCache
 from wallbreak.coe.tiers.device import load_standalone
 
@@ -54,7 +55,7 @@ def main() -> int:
             if mode == "compiled" and chunk.shape[1] >= aot.MIN_PREFILL:
                 logits = package(model, chunk, cache)
             else:
-                logits = compiled.run_step(model, chunk, cache, None)
+                logits = run_step(model, chunk, cache, None)
         return time.perf_counter() - t0, logits
 
     out: dict[str, object] = {"expert": a.expert, "chunk": a.chunk, "lengths": {}}

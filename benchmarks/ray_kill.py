@@ -27,8 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wallbreak.coe.bundle import Bundle
-from wallbreak.common.net import free_port
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.server.net import free_port
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str]]:

@@ -27,7 +27,7 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-from wallbreak.common.net import free_port
+from wallbreak.coe.server.net import free_port
 
 LONG_WORDS = ["the", "river", "mountain", "village", "story", "old", "history", "morning", "city", "water"]
 PROMPTS = [

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.engine import aot, compiled
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.engine import aot
+from wallbreak.coe.engine.step import forward, run_step
 from wallbreak.coe.engine.kv import KVCache
 from wallbreak.coe.tiers.device import load_standalone
 
@@ -46,7 +47,7 @@ def main() -> int:
     def context() -> KVCache:
         cache = KVCache.for_model(model)
         cache.open_rows(1)
-        compiled.forward(model, torch.ones(1, 128, dtype=torch.long), cache)
+        forward(model, torch.ones(1, 128, dtype=torch.long), cache)
         return cache
 
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -58,7 +59,7 @@ def main() -> int:
                 if mode == "compiled":
                     step(model, ids, cache)
                 else:
-                    compiled.run_step(model, ids, cache, None)
+                    run_step(model, ids, cache, None)
             times[mode].append((time.perf_counter() - t0) / a.steps * 1e3)
     med = {k: round(statistics.median(v), 2) for k, v in times.items()}
     out = {

@@ -24,7 +24,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four identical-shape synthetic experts of ~0.3M parameters."""
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "synth4"
     synth_bundle(out, experts=4, params=300_000, seed=7)
@@ -42,7 +42,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def router_bundle(tmp_path: Path) -> Path:
     """Three tiny experts named after the router test topics, no router yet."""
     from helpers import ROUTER_TOPICS
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     out = tmp_path / "rb"
     synth_bundle(out, experts=3, params=50_000, names=list(ROUTER_TOPICS), seed=1)
@@ -54,7 +54,7 @@ def arch_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One expert of each architecture the importers accept: llama-like and gemma3-like (sliding
     windows of 8 tokens, so short tests already cross the window)."""
     from helpers import make_tiny_gemma3_folder
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
 
     root = tmp_path_factory.mktemp("arch")
     out = root / "bundle"

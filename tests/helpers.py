@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
     """A random-init Llama saved as a Hugging Face folder (config, safetensors, byte tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wallbreak.coe.importers import BYTE_VOCAB, byte_tokenizer_dir
+    from wallbreak.coe.bundle.importers import BYTE_VOCAB, byte_tokenizer_dir
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -41,7 +42,7 @@ def make_tiny_gemma3_folder(out: Path, seed: int = 0, window: int = 8) -> Path:
     full-attention layer, saved as a Hugging Face folder with the byte tokenizer."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from wallbreak.coe.importers import BYTE_VOCAB, byte_tokenizer_dir
+    from wallbreak.coe.bundle.importers import BYTE_VOCAB, byte_tokenizer_dir
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
@@ -125,12 +126,12 @@ class ServerThread:
 
         import uvicorn
 
+        from wallbreak.coe.server.net import free_port
         from wallbreak.coe.server.serve import make_app
-        from wallbreak.common.net import free_port
 
         self.port = free_port()
         opts.port = self.port  # type: ignore[attr-defined]
-        opts.compile = compile  # type: ignore[attr-defined]
+        opts.engine = dataclasses.replace(opts.engine, compile=compile)  # type: ignore[attr-defined]
         self.app = make_app(opts)  # type: ignore[arg-type]
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -185,8 +186,8 @@ def one_process_training(
 ) -> tuple[list[float], dict[str, Any]]:
     """What the Holmes runtime must reproduce: the same GPT, data and AdamW in one process, on the
     whole global batch at once (the trainer's defaults: seed 0, no weight decay, byte tokens)."""
-    from wallbreak.common.gpt import GPT, lm_loss
     from wallbreak.holmes.runtime.data import Batches, tokenize
+    from wallbreak.holmes.runtime.gpt import GPT, lm_loss
 
     model = GPT(config, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -225,7 +226,7 @@ class Collector:
 
 
 def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager]:
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
     from wallbreak.coe.engine import Engine, EngineConfig
     from wallbreak.coe.tiers import TierConfig, TierManager
     from wallbreak.coe.tokenization import load_tokenizers

@@ -18,7 +18,7 @@ def on_terminal() -> bool:
 def say(message: str) -> None:
     """One line to stderr that does not tear a bar drawn on the terminal."""
     if on_terminal():
-        from tqdm import tqdm
+        from tqdm import tqdm  # deferred: loads tqdm
 
         tqdm.write(message, file=sys.stderr)
     else:
@@ -78,7 +78,7 @@ def progress(
     """A bar with `update(n)`, `close()` and a context manager: tqdm on a terminal, else LogProgress
     (`enabled=False`: one that shows nothing)."""
     if on_terminal() or not enabled:
-        from tqdm import tqdm
+        from tqdm import tqdm  # deferred: loads tqdm
 
         return tqdm(
             total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave, disable=not enabled

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from wallbreak.cli import main
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

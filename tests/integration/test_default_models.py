@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.importers import DEFAULT_EXPERTS, import_expert
+from wallbreak.coe.bundle.importers import DEFAULT_EXPERTS, import_expert
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.tiers import TierConfig, TierManager
 
 
@@ -16,7 +16,7 @@ from wallbreak.coe.tiers import TierConfig, TierManager
 def smol_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     smol = DEFAULT_EXPERTS[0]
     out = tmp_path_factory.mktemp("smol") / "b"
-    import_expert(smol.locate(), smol.name, out, smol.description, smol.examples)
+    import_expert(smol.locate(), smol.name, out, description=smol.description, examples=smol.examples)
     return out
 
 
@@ -73,7 +73,7 @@ def test_gemma3_past_its_sliding_window_batched_matches_transformers(tmp_path: P
 
     gemma = DEFAULT_EXPERTS[1]
     out = tmp_path / "b"
-    import_expert(gemma.locate(), gemma.name, out, gemma.description, gemma.examples)
+    import_expert(gemma.locate(), gemma.name, out, description=gemma.description, examples=gemma.examples)
     bundle = Bundle.open(out)
     tok = load_tokenizers(bundle, [bundle.expert(gemma.name)])[gemma.name]
     assert tok.context == 32768  # the model's own context, not its window

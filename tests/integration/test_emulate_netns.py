@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes import emulate
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import load_topology
+from wallbreak.holmes.emulate import netns as emulate
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import load_topology
 
 pytestmark = pytest.mark.netns
 SMALL = Path(__file__).parents[2] / "examples" / "clusters" / "emu-small.yaml"
@@ -106,7 +106,7 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
 ) -> None:
     """The runtime checks every group's sockets against its NIC at start-up and stops on a mismatch,
     so a run that completes had its DP groups on fab0 (holmes) or everything on eth0 (megatron)."""
-    from wallbreak.holmes.emulate_run import EmuJob, run_placement
+    from wallbreak.holmes.emulate.run import EmuJob, run_placement
 
     model = ModelSpec("tiny", 2, 64, 2, 32, 256)
     training = TrainingSpec(8, 2, "none", "fp32")
@@ -114,7 +114,7 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
     ref = one_process_losses(model, training, 4)
     for placement in ("holmes", "megatron"):
         r = run_placement(emu, job.topo, job, placement)
-        assert r["degrees"] == {"tp": 1, "pp": 2, "dp": 2}
+        assert (r["tp"], r["pp"], r["dp"]) == (1, 2, 2)
         assert r["measured"]["iteration_s"] > 0 and r["measured"]["steps"] == 2
         # The emulated network changes the time, never the arithmetic: same losses as one process.
         assert r["measured"]["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6), placement
@@ -124,16 +124,16 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
 def one_process_losses(model: ModelSpec, training: TrainingSpec, steps: int) -> list[float]:
     """The trainer's defaults (seed 0, AdamW lr 1e-3, the default corpus) in one process."""
     from helpers import one_process_training
-    from wallbreak.common.gpt import GPTConfig
-    from wallbreak.holmes.plan_file import MODEL_FIELDS
+    from wallbreak.holmes.plan.plan_file import MODEL_FIELDS
     from wallbreak.holmes.runtime.data import default_corpus, read_text
+    from wallbreak.holmes.runtime.gpt import GPTConfig
 
     c = GPTConfig(**{f: getattr(model, f) for f in MODEL_FIELDS})
     return one_process_training(c, read_text(default_corpus()), training.global_batch, steps)[0]
 
 
 def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(emu: emulate.Emulation) -> None:
-    from wallbreak.holmes.emulate_run import EmuJob, bench_holmes
+    from wallbreak.holmes.emulate.run import EmuJob, bench_holmes
 
     model, training = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
     job = EmuJob(SMALL, load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX, timeout_s=300)

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from helpers import one_process_training
-from wallbreak.common.gpt import GPTConfig
-from wallbreak.holmes.launch import emit_launch
-from wallbreak.holmes.report import make_report
+from wallbreak.holmes.plan.launch import emit_launch
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import parse_topology
 from wallbreak.holmes.runtime import checkpoint
 from wallbreak.holmes.runtime.data import read_text
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import parse_topology
+from wallbreak.holmes.runtime.gpt import GPTConfig
 
 CPU_CLUSTER = """
 name: localhost
@@ -72,7 +72,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def torchrun(plan: Path, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "wallbreak.holmes.train", "--plan", str(plan), *args,
+        "-m", "wallbreak.holmes.runtime.train", "--plan", str(plan), *args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -191,7 +191,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
     ck = tmp_path / "killed"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-        "--max-restarts=1", "-m", "wallbreak.holmes.train", "--plan", str(plan), *common,
+        "--max-restarts=1", "-m", "wallbreak.holmes.runtime.train", "--plan", str(plan), *common,
         "--checkpoint-dir", str(ck),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -210,7 +210,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
                 except OSError:
                     continue
                 if (
-                    b"wallbreak.holmes.train" in cmdline
+                    b"wallbreak.holmes.runtime.train" in cmdline
                     and b"RANK=2" in environ
                     and str(ck).encode() in cmdline
                 ):

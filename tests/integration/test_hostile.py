@@ -19,7 +19,7 @@ from wallbreak.coe.server.serve import ServeOptions
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     out = tmp_path_factory.mktemp("hostile") / "b"
     synth_bundle(out, experts=2, params=300_000, names=["alpha", "beta"], seed=3)
@@ -211,7 +211,7 @@ def test_a_damaged_tokenizer_makes_its_expert_unavailable_and_the_rest_serve(
 ) -> None:
     import shutil
 
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
 
     root = tmp_path / "b"
     shutil.copytree(bundle, root)

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'wallbreak[ray]')")
 
 from helpers import http
-from wallbreak.common.net import free_port
+from wallbreak.coe.server.net import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -72,7 +72,7 @@ class RayServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     bundle = tmp_path_factory.mktemp("ray") / "bundle"
     synth_bundle(bundle, experts=4, params=300_000, seed=3)

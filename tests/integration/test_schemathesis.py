@@ -28,7 +28,7 @@ def fuzz_script() -> ModuleType:
 def test_schemathesis_finds_nothing_and_the_stream_is_untouched(tmp_path: Path) -> None:
     if shutil.which("st", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
 
     bundle = tmp_path / "bundle"
     for seed, name in enumerate(("alpha", "beta")):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ServerThread, http, router_prompts, write_jsonl
+from wallbreak.coe.engine import EngineConfig
 from wallbreak.coe.router import FitOptions, fit_router
 from wallbreak.coe.server.serve import ServeOptions
 
@@ -24,7 +25,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     out = tmp_path_factory.mktemp("serve") / "b"
     synth_bundle(out, experts=3, params=300_000, names=["alpha", "beta", "gamma"], seed=3)
@@ -278,7 +279,7 @@ def test_api_key_is_required_when_set(bundle: Path) -> None:
 
 
 def test_full_queue_gets_429_with_retry_after(bundle: Path) -> None:
-    with ServerThread(ServeOptions(bundle=bundle, max_queue=1, max_batch=1)) as s:
+    with ServerThread(ServeOptions(bundle=bundle, engine=EngineConfig(max_queue=1, max_batch=1))) as s:
         results: list[tuple[int, dict[str, str]]] = []
 
         def one() -> None:
@@ -298,7 +299,7 @@ def test_full_queue_gets_429_with_retry_after(bundle: Path) -> None:
 
 
 def test_an_expert_that_fails_to_load_gets_503_and_the_rest_serve(bundle: Path, tmp_path: Path) -> None:
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
@@ -317,7 +318,7 @@ def test_an_expert_that_fails_to_load_gets_503_and_the_rest_serve(bundle: Path, 
 
 
 def test_sigterm_drains_in_flight_requests(bundle: Path) -> None:
-    from wallbreak.common.net import free_port
+    from wallbreak.coe.server.net import free_port
 
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -356,7 +357,7 @@ def test_burst_over_both_architectures_has_no_failures(arch_bundle_dir: Path) ->
     lengths past the sliding window, some clients leaving mid-stream. Nothing may fail."""
     import random
 
-    with ServerThread(ServeOptions(bundle=arch_bundle_dir, max_batch=8)) as s:
+    with ServerThread(ServeOptions(bundle=arch_bundle_dir, engine=EngineConfig(max_batch=8))) as s:
         assert s.app.state.tokenizers["gemma"].context == 4096  # the model's own context, not its window
         failures: list[str] = []
         lock = threading.Lock()

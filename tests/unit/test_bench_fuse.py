@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from wallbreak.cli import main
-from wallbreak.coe import compact
-from wallbreak.coe.bench_fuse import Slot, graphs_built, load_expert, slot_tensors
-from wallbreak.coe.bundle import Bundle, BundleWriter, ExpertSource
+from wallbreak.coe.bench.fuse import Slot, graphs_built, load_expert, slot_tensors
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import Bundle, BundleWriter, ExpertSource
 
 
 def _next_tokens(slot: Slot, ids: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from wallbreak.coe.bundle import BLOB_ALIGN, MANIFEST, TENSOR_ALIGN, Bundle, BundleWriter, ExpertSource
-from wallbreak.coe.importers import import_expert, synth_bundle, synth_shape
+from wallbreak.coe.bundle.importers import import_expert, synth_bundle, synth_shape
+from wallbreak.coe.bundle.manifest import (
+    BLOB_ALIGN,
+    MANIFEST,
+    TENSOR_ALIGN,
+    Bundle,
+    BundleWriter,
+    ExpertSource,
+)
 from wallbreak.errors import BundleError, ConfigError
 
 
@@ -229,7 +236,7 @@ def test_an_interrupted_default_bundle_is_finished_not_served_half(
     """A first `serve` killed between its two imports left one expert: the next start imports the
     missing one (and only that one) before fitting the router."""
     from helpers import make_tiny_llama_folder
-    from wallbreak.coe import importers
+    from wallbreak.coe.bundle import importers
     from wallbreak.coe.server import serve
 
     srcs = {n: make_tiny_llama_folder(tmp_path / n, seed=i) for i, n in enumerate(("one", "two"))}
@@ -240,7 +247,7 @@ def test_an_interrupted_default_bundle_is_finished_not_served_half(
     monkeypatch.setattr(importers, "DEFAULT_EXPERTS", experts)
     fitted: list[list[str]] = []
     monkeypatch.setattr(
-        "wallbreak.coe.router.fit_router", lambda root, opts: fitted.append(Bundle.open(root).names)
+        "wallbreak.coe.server.serve.fit_router", lambda root, opts: fitted.append(Bundle.open(root).names)
     )
     out = tmp_path / "default"
     importers.default_bundle(out, "float32", only=["one"])  # what the interrupted run committed
@@ -254,7 +261,7 @@ def test_an_interrupted_default_bundle_is_finished_not_served_half(
 def test_leftovers_of_interrupted_writes_are_swept_only_while_no_writer_works(
     synth_bundle_dir: Path, tmp_path: Path
 ) -> None:
-    from wallbreak.coe.bundle import sweep
+    from wallbreak.coe.bundle.manifest import sweep
 
     root = _copy(synth_bundle_dir, tmp_path)
     junk = [

@@ -9,11 +9,12 @@ import pytest
 
 from wallbreak.cli import main
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.calibrate import Calibration, fit, job_record, load_calibration, load_runs
-from wallbreak.holmes.emulate_run import PLACEMENTS, emulated_rates, reference_topology
-from wallbreak.holmes.report import make_report
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import load_topology
+from wallbreak.holmes.emulate.run import PLACEMENTS
+from wallbreak.holmes.plan.calibrate import Calibration, fit, job_record, load_calibration, load_runs
+from wallbreak.holmes.plan.rates import emulated_rates, reference_topology
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import load_topology
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "clusters"
 SMALL = EXAMPLES / "emu-small.yaml"
@@ -29,7 +30,13 @@ def results(tmp: Path, cluster: Path, model: ModelSpec, truth: Calibration, name
         ref = None if name_ in ("holmes", "megatron") else name_
         shaped = emulated_rates(reference_topology(topo, ref) if ref else topo, 0.01, 2)
         plan = make_report(
-            shaped, model, training, "megatron" if name_ == "megatron" else "holmes", 1, 2, 2
+            shaped,
+            model,
+            training,
+            placement="megatron" if name_ == "megatron" else "holmes",
+            tp=1,
+            pp=2,
+            dp=2,
         ).plan
         placements[name_] = {
             "placement": name_,

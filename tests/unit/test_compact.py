@@ -10,9 +10,9 @@ import torch
 
 from helpers import make_tiny_gemma3_folder, make_tiny_llama_folder
 from wallbreak.cli import main
-from wallbreak.coe import compact
-from wallbreak.coe.bundle import Bundle, iter_blob_tensors
-from wallbreak.coe.importers import import_expert
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.importers import import_expert
+from wallbreak.coe.bundle.manifest import Bundle, iter_blob_tensors
 from wallbreak.coe.tiers.device import load_standalone
 from wallbreak.errors import BundleError
 
@@ -212,8 +212,8 @@ def test_blocks_made_ahead_match_the_ones_a_forward_makes(
 ) -> None:
     """`KVCache.ensure_blocks` (the compiled prefill writes into given blocks) makes what a first
     eager forward would: same shapes and dtypes, per layer, for a float and each compact form."""
-    from wallbreak.coe.engine.compiled import forward
     from wallbreak.coe.engine.kv import KVCache
+    from wallbreak.coe.engine.step import forward
 
     for name in ("llama", "gemma"):  # gemma: a head width of its own, sliding layers
         import_expert(sources[name], name, tmp_path / form, dtype=form)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes import cost
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan import cost
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
 
 GPT75 = ModelSpec.preset("gpt-7.5b")
 
@@ -69,7 +69,9 @@ def test_memory_by_hand() -> None:
     # per layer: 16 * 1 * 64 * (10 + 24 + 5 * 4 * 16 / 64) = 39936; two layers; fp32 logits 4 * 16 * 100
     assert mem["activations"] == pytest.approx(2 * 39936 + 6400)
     assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
-    rc = cost.memory_bytes(m, TrainingSpec(4, 1, "full", reserve_gib=0), 2, 1, 2, 3, False, False)
+    rc = cost.memory_bytes(
+        m, TrainingSpec(4, 1, "full", reserve_gib=0), 2, tp=1, dp=2, inflight=3, first=False, last=False
+    )
     # full recompute keeps each layer's input (2 * 16 * 64 bytes) per in-flight micro-batch,
     # plus one working layer
     assert rc["activations"] == pytest.approx(2 * 16 * 64 * 2 * 3 + 39936)

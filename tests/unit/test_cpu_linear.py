@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.cpu_linear import MAX_ROWS, SplitLinear, parts_for, split_linears
+from wallbreak.coe.tiers.cpu_linear import MAX_ROWS, SplitLinear, parts_for, split_linears
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_ROWS, MAX_ROWS + 1])

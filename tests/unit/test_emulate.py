@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.emulate import plan_emulation, up_commands
-from wallbreak.holmes.topology import load_topology
+from wallbreak.holmes.emulate.netns import plan_emulation, up_commands
+from wallbreak.holmes.plan.topology import load_topology
 
 SMALL = Path(__file__).parents[2] / "examples" / "clusters" / "emu-small.yaml"
 
@@ -49,7 +49,7 @@ def test_bad_arguments_are_named(kw: dict[str, object], says: str) -> None:
 
 
 def test_reference_networks_set_every_link_to_one_rate() -> None:
-    from wallbreak.holmes.emulate_run import reference_topology
+    from wallbreak.holmes.plan.rates import reference_topology
 
     topo = load_topology(SMALL)
     fast = plan_emulation(reference_topology(topo, "all-rdma"), scale=0.01, prefix="t")
@@ -63,10 +63,11 @@ def test_reference_networks_set_every_link_to_one_rate() -> None:
 def test_node_scripts_run_in_their_own_hosts_namespaces() -> None:
     """Node ranks follow the plan's cluster order, which need not be the file's: emu-three's holmes
     plan puts the Ethernet cluster before RoCE, so node rank 2 is an Ethernet host, not namespace 2."""
-    from wallbreak.holmes.emulate_run import emulated_rates, namespaces_in_rank_order, with_emulated_hosts
-    from wallbreak.holmes.launch import plan_body
-    from wallbreak.holmes.report import make_report
-    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+    from wallbreak.holmes.emulate.run import namespaces_in_rank_order, with_emulated_hosts
+    from wallbreak.holmes.plan.launch import plan_body
+    from wallbreak.holmes.plan.rates import emulated_rates
+    from wallbreak.holmes.plan.report import make_report
+    from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
 
     topo = load_topology(SMALL.parent / "emu-three.yaml")
     emu = plan_emulation(topo, scale=0.01, prefix="t")
@@ -87,7 +88,7 @@ def test_ending_a_node_script_ends_workers_in_their_own_sessions(tmp_path: Path)
     import sys
     import time
 
-    from wallbreak.holmes.emulate_run import end_tree
+    from wallbreak.holmes.emulate.run import end_tree
 
     pidfile = tmp_path / "worker.pid"
     agent = (

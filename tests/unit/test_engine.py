@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import Collector, make_engine, run
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
 from wallbreak.coe.engine.kv import decode_attention, write_columns
 from wallbreak.coe.engine.scheduler import Scheduler

@@ -13,7 +13,7 @@ import torch
 from test_engine_compiled import PROMPTS, serve, wait_ready
 
 from helpers import make_engine, make_tiny_llama_folder
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Engine, aot
 from wallbreak.coe.engine import compiled as compiled_mod
 
@@ -63,7 +63,7 @@ def test_ahead_of_time_step_gives_eager_tokens_across_switches(
 def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
 
     bundle = tmp_path / "b"
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=3), "l8", bundle, dtype="int8")
@@ -159,7 +159,7 @@ def test_bundle_compile_builds_ahead_of_serving(
     tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from wallbreak.cli import main
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
 
     bundle = tmp_path / "b"
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=4), "l4", bundle, dtype="int4")
@@ -201,8 +201,8 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
 ) -> None:
     """int4 (some layers dense in the package, some through the kernel): one row's chunks through
     the package, shorter chunks eagerly, several prompts admitted together each prefilled alone."""
+    from wallbreak.coe.bundle.importers import import_expert
     from wallbreak.coe.engine.kv import KVCache
-    from wallbreak.coe.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
 
     monkeypatch.setitem(aot.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
@@ -250,8 +250,8 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
 def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: Path, cache: Path) -> None:
     """Two int8 experts of one architecture share a package; each call reads the weights of the
     model it is given (the loader is pointed again when they change), never the last one's."""
+    from wallbreak.coe.bundle.importers import import_expert
     from wallbreak.coe.engine.kv import KVCache
-    from wallbreak.coe.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
 
     bundle = tmp_path / "b"
@@ -292,7 +292,7 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
 
     from safetensors.torch import load_file, save_file
 
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
     from wallbreak.coe.tiers.device import load_standalone
 
     bundle = tmp_path / "b"

@@ -118,8 +118,8 @@ def test_which_experts_each_policy_compiles_on_the_cpu(tmp_path: Path) -> None:
     import torch
 
     from helpers import make_tiny_llama_folder
-    from wallbreak.coe.bundle import Bundle
-    from wallbreak.coe.importers import import_expert
+    from wallbreak.coe.bundle.importers import import_expert
+    from wallbreak.coe.bundle.manifest import Bundle
     from wallbreak.coe.tiers.device import load_standalone
 
     import_expert(make_tiny_llama_folder(tmp_path / "hf"), "l8", tmp_path / "b", dtype="int8")

@@ -119,7 +119,7 @@ def test_one_kv_budget_for_the_whole_engine_with_preemptions(synth_bundle_dir: P
     counting the paused batch, and every request finishes (admission waits, it does not fail)."""
     from transformers import AutoConfig
 
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
     from wallbreak.coe.engine.runner import kv_bytes_per_row
 
     bundle = Bundle.open(synth_bundle_dir)
@@ -155,7 +155,7 @@ def test_a_request_that_cannot_fit_even_alone_gets_a_400_and_the_next_is_served(
 ) -> None:
     from transformers import AutoConfig
 
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
     from wallbreak.coe.engine.runner import kv_bytes_per_row
 
     bundle = Bundle.open(synth_bundle_dir)
@@ -181,7 +181,7 @@ def test_a_blob_removed_under_the_server_is_retried_and_served_once_back(
     import shutil
     import time
 
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
 
     root = tmp_path / "b"
     shutil.copytree(synth_bundle_dir, root)

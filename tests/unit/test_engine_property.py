@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Event, Request, SamplingParams
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.tiers import TierConfig, TierManager

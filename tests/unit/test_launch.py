@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from wallbreak.holmes.launch import emit_launch
-from wallbreak.holmes.report import make_report
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import parse_topology
+from wallbreak.holmes.plan.launch import emit_launch
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import parse_topology
 
 # IB + RoCE + Ethernet-only clusters, one GPU per node, with hosts and their RDMA devices.
 MIXED = """
@@ -43,7 +43,7 @@ PER_PROCESS = re.compile(r"NCCL_IB_|NCCL_SOCKET_IFNAME")
 
 def _emit(tmp: Path, placement: str) -> tuple[dict, dict[str, str]]:
     report = make_report(parse_topology(MIXED, "mixed.yaml"), ModelSpec("m", 6, 1024, 16, 512, 51200),
-                         TrainingSpec(16, 1), placement, 1, 3, 2)  # fmt: skip
+                         TrainingSpec(16, 1), placement=placement, tp=1, pp=3, dp=2)  # fmt: skip
     emit_launch(report, tmp)
     scripts = {p.name.split("-", 2)[2].removesuffix(".sh"): p.read_text() for p in tmp.glob("node-*.sh")}
     return json.loads((tmp / "plan.json").read_text()), scripts
@@ -83,7 +83,7 @@ def test_megatron_forces_one_tcp_transport_for_the_job(tmp_path: Path) -> None:
 def test_example_clusters_emit_nccl_net_per_group_and_hcas_per_node(
     tmp_path: Path, cluster: str, model: str
 ) -> None:
-    from wallbreak.holmes.topology import load_topology
+    from wallbreak.holmes.plan.topology import load_topology
 
     topo = load_topology(EXAMPLES / cluster)
     report = make_report(topo, ModelSpec.preset(model), TrainingSpec(512, 2))
@@ -137,7 +137,7 @@ def test_every_value_in_a_node_script_is_quoted_comments_included(tmp_path: Path
     """Even a plan built past the parser (a name it would refuse) cannot put a command on a line."""
     from dataclasses import replace
 
-    from wallbreak.holmes.launch import comment
+    from wallbreak.holmes.plan.launch import comment
 
     assert comment("a\ntouch /tmp/PWNED #") == "# a touch /tmp/PWNED #"
     topo = parse_topology(MIXED, "mixed.yaml")

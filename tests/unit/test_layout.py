@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.launch import emit_launch
-from wallbreak.holmes.layout import GROUP_KINDS, ParallelLayout
-from wallbreak.holmes.plan_file import PLAN_VERSION, load_plan
-from wallbreak.holmes.report import make_report
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import parse_topology
+from wallbreak.holmes.plan.launch import emit_launch
+from wallbreak.holmes.plan.layout import GROUP_KINDS, ParallelLayout
+from wallbreak.holmes.plan.plan_file import PLAN_VERSION, load_plan
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import parse_topology
 
 CLUSTER = """
 name: local
@@ -60,7 +60,13 @@ def test_bad_degrees_and_ranks_are_clear() -> None:
 def _plan(tmp: Path) -> Path:
     m = ModelSpec("tiny", 4, 32, 4, 16, 256)
     report = make_report(
-        parse_topology(CLUSTER, "c.yaml"), m, TrainingSpec(8, 1, "none", "fp32"), "holmes", 2, 2, 2
+        parse_topology(CLUSTER, "c.yaml"),
+        m,
+        TrainingSpec(8, 1, "none", "fp32"),
+        placement="holmes",
+        tp=2,
+        pp=2,
+        dp=2,
     )
     emit_launch(report, tmp)
     return tmp / "plan.json"

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from wallbreak.cli import main
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.planner import Plan, plan
-from wallbreak.holmes.report import make_report
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import load_topology, parse_topology
+from wallbreak.holmes.plan.planner import Plan, plan
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import load_topology, parse_topology
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-clusters.yaml"
 GPT75 = ModelSpec.preset("gpt-7.5b")
@@ -142,7 +142,7 @@ def test_holmes_is_never_predicted_worse_than_megatron(text: str, model: str, ba
         h = plan(topo, m, t)
     except ConfigError:
         return  # nothing fits: the error case has its own tests
-    meg = plan(topo, m, t, "megatron", h.tp, h.pp, h.dp)
+    meg = plan(topo, m, t, placement="megatron", tp=h.tp, pp=h.pp, dp=h.dp)
     check_invariants(h, m.layers)
     check_invariants(meg, m.layers)
     assert h.predicted.iteration_s <= meg.predicted.iteration_s * (1 + 1e-9)

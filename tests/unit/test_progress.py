@@ -22,7 +22,7 @@ def test_a_log_gets_a_line_per_tenth_and_no_carriage_returns(capsys: pytest.Capt
 
 
 def test_a_real_long_job_writes_a_readable_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     synth_bundle(tmp_path / "b", experts=3, params=200_000, seed=1)
     err = capsys.readouterr().err

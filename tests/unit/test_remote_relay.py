@@ -13,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from wallbreak.coe.bundle import Bundle  # noqa: E402
+from wallbreak.coe.bundle.manifest import Bundle  # noqa: E402
 from wallbreak.coe.engine import Event, SamplingParams  # noqa: E402
 from wallbreak.coe.engine import Request as EngineRequest  # noqa: E402
 from wallbreak.coe.replicas.placement import Placement  # noqa: E402

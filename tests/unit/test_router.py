@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import make_tiny_bert_folder, router_prompts, write_jsonl
-from wallbreak.coe.bundle import MANIFEST, Bundle
+from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
 from wallbreak.coe.router import FitOptions, Router, fit_router, read_examples
 from wallbreak.coe.router.evaluate import evaluate
 from wallbreak.coe.router.heads import fit_head, fit_scale, softmax
@@ -179,7 +179,7 @@ def test_no_router_routes_to_the_generalist_with_a_warning(
 
 
 def test_single_expert_needs_no_router(tmp_path: Path, tiny_bert: Path) -> None:
-    from wallbreak.coe.importers import synth_bundle
+    from wallbreak.coe.bundle.importers import synth_bundle
 
     synth_bundle(tmp_path / "one", experts=1, params=50_000, names=["solo"])
     train = write_jsonl(tmp_path / "t.jsonl", [("hello there", "solo")])

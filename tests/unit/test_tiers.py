@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wallbreak.coe.bundle import Bundle
-from wallbreak.coe.importers import import_expert
+from wallbreak.coe.bundle.importers import import_expert
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.tiers import TierConfig, TierManager
 from wallbreak.coe.tiers.disk import DiskReader
 from wallbreak.coe.tiers.host import HostArena

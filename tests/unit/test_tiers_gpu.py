@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.tiers import TierConfig, TierManager
 
 pytestmark = [

@@ -16,7 +16,7 @@ from wallbreak.coe.tokenization import ExpertTokenizer
 def tok(tmp_path_factory: pytest.TempPathFactory) -> ExpertTokenizer:
     from transformers import AutoTokenizer
 
-    from wallbreak.coe.importers import byte_tokenizer_dir
+    from wallbreak.coe.bundle.importers import byte_tokenizer_dir
 
     d = byte_tokenizer_dir(tmp_path_factory.mktemp("tok"))
     return ExpertTokenizer("bytes", AutoTokenizer.from_pretrained(str(d)), 128, frozenset({258}))
@@ -66,7 +66,7 @@ def test_stop_strings_cut_where_the_streaming_rule_says(
 
 
 def test_context_and_end_ids_come_from_the_bundle(arch_bundle_dir: Path) -> None:
-    from wallbreak.coe.bundle import Bundle
+    from wallbreak.coe.bundle.manifest import Bundle
     from wallbreak.coe.tokenization import load_tokenizers
 
     b = Bundle.open(arch_bundle_dir)

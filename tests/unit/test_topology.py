@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.topology import load_topology, parse_topology
+from wallbreak.holmes.plan.topology import load_topology, parse_topology
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-clusters.yaml"
 

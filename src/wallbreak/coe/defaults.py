@@ -15,6 +15,7 @@ KV_BUDGET = 2 << 30  # bytes of KV cache all batches together may grow to (pause
 MAX_BODY = 4 << 20  # bytes of one HTTP request body (413 past it)
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
 DEVICE = "cpu"
+REPLICAS = 2  # serve --ray: replica deployments
 DIRECT_IO_MODES = ("auto", "on", "off")  # O_DIRECT disk reads: when the blob is not cached, always, never
 DIRECT_IO = "auto"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py

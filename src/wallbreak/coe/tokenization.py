@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry
+from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry
 from wallbreak.errors import BundleError, ConfigError, first_line
 
 # Turn-end markers of common chat formats; a chat model stops at these although its config's
@@ -44,7 +44,7 @@ class ExpertTokenizer:
 
     @classmethod
     def load(cls, bundle: Bundle, entry: ExpertEntry) -> ExpertTokenizer:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: loads transformers
 
         tok_dir = bundle.tokenizer_path(entry.name)
         if tok_dir is None:

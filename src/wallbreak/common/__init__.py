@@ -1,1 +1,1 @@
-"""What both halves of wallbreak really share."""
+"""What both halves of wallbreak share: atomic files, JSON reading, plots."""

@@ -9,7 +9,7 @@ from wallbreak.errors import ConfigError
 
 
 def save_figure(fig: Any, out: Path, what: str, dpi: int = 110) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib
 
     try:
         fig.savefig(out, dpi=dpi)

@@ -1,1 +1,1 @@
-"""Holmes: train one model across clusters whose NICs differ. Only the cluster spec exists so far."""
+"""Holmes: train one model across clusters whose NICs differ: plan/, runtime/, emulate/."""

@@ -53,8 +53,11 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
-from wallbreak.coe.engine.compiled import _decode, forward
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import DTYPE_NAMES, Bundle
 from wallbreak.coe.engine.kv import DECODE_ATTENTION, MIN_CAPACITY, KVCache, forward_kwargs
+from wallbreak.coe.engine.step import decode_logits, forward
+from wallbreak.coe.tiers.device import load_standalone
 from wallbreak.common.atomic import atomic_write_json
 from wallbreak.errors import WallbreakError
 
@@ -194,8 +197,6 @@ def sweep(d: Path | None = None) -> tuple[int, int]:
 
 def model_form(model: nn.Module) -> str:
     """A loaded expert's form, as its bundle entry names it (`ExpertEntry.dtype`)."""
-    from wallbreak.coe import compact
-    from wallbreak.coe.bundle import DTYPE_NAMES
 
     return compact.form_of(model) or DTYPE_NAMES[next(model.parameters()).dtype]
 
@@ -222,7 +223,7 @@ class _Step(nn.Module):
         kw: dict[str, Any] = {self.names["cache"]: cache}
         if "logits" in self.names:
             kw[self.names["logits"]] = 1
-        return _decode(self.model, ids, masks, positions, kw)[:, -1]
+        return decode_logits(self.model, ids, masks, positions, kw)[:, -1]
 
 
 def flat_inputs(
@@ -280,11 +281,7 @@ def _examples(model: nn.Module, part: str) -> tuple[tuple[Any, ...], dict[str, A
 def build(bundle_root: Path, expert: str, out: Path, part: str = "decode") -> None:
     """Export and compile `expert`'s architecture's `part` step into the package `out`. A prefill
     is traced with compact weights dequantized into its matmuls (`compact.dequantized_matmuls`)."""
-    import torch._inductor
-
-    from wallbreak.coe import compact
-    from wallbreak.coe.bundle import Bundle
-    from wallbreak.coe.tiers.device import load_standalone
+    import torch._inductor  # deferred: loads torch._inductor
 
     model = load_standalone(Bundle.open(bundle_root), expert)
     _own_storage(model)
@@ -336,7 +333,10 @@ def _without_model_weights(src: str, out: Path) -> None:
     """Copy the package `src` to `out` less the model's weights (the compiler writes them all; the
     server points the step at the slot's own, so they would only take disk: 543 MB for SmolLM2
     fp32). The table of what is left keeps the compiler's own constants."""
-    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+    from torch.export.pt2_archive._package import (  # deferred: loads torch.export
+        PT2ArchiveReader,
+        PT2ArchiveWriter,
+    )
 
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".pt2", dir=out.parent)
     os.close(fd)
@@ -424,7 +424,7 @@ class AotStep:
     """A loaded package: call it with a model of its architecture and one row's decode inputs."""
 
     def __init__(self, path: Path) -> None:
-        from torch.export.pt2_archive._package import PT2ArchiveReader
+        from torch.export.pt2_archive._package import PT2ArchiveReader  # deferred: loads torch.export
 
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL, False, 1, -1)
         self.fqns: list[str] = list(self.loader.get_constant_fqns())

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,9 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
-from wallbreak.coe.engine.kv import KVCache, forward_kwargs
+from wallbreak.coe.engine import aot
+from wallbreak.coe.engine.kv import KVCache
+from wallbreak.coe.engine.step import decode_logits, run_step
 from wallbreak.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,6 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def _decode(
-    model: nn.Module, ids: torch.Tensor, masks: Any, positions: torch.Tensor, kw: dict[str, Any]
-) -> Any:
-    return model(input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=True, **kw).logits
-
-
 _compiled: Any = None
 _compiled_lock = threading.Lock()
 
@@ -93,35 +89,22 @@ def _compiled_decode() -> Any:
     global _compiled
     with _compiled_lock:
         if _compiled is None:
-            import torch._dynamo
+            import torch._dynamo  # deferred: loads torch._dynamo
 
             # Graphs per architecture: one row, several rows. Room for many architectures.
             torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 1024, torch._dynamo.config.accumulated_recompile_limit
             )
-            _compiled = torch.compile(_decode, dynamic=None)
+            _compiled = torch.compile(decode_logits, dynamic=None)
         return _compiled
 
 
 def graphs_built() -> int:
     """Graphs Dynamo has compiled in this process (a recompilation adds one)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # deferred: loads torch._dynamo
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def marked_inputs(
-    cache: KVCache, ids: torch.Tensor, dtype: torch.dtype, whole: bool
-) -> tuple[Any, torch.Tensor]:
-    """The masks and positions of the next ids [rows, q]; rows (and with `whole`, columns) marked
-    dynamic for the compiler (a no-op when eager)."""
-    masks, positions = cache.step_inputs(ids.shape[1], ids.device, dtype, whole=whole)
-    for t in [ids, positions, *(masks.values() if isinstance(masks, dict) else [masks])]:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    for m in masks.values() if isinstance(masks, dict) else [masks]:
-        torch._dynamo.maybe_mark_dynamic(m, 3)
-    return masks, positions
 
 
 class CompiledSteps:
@@ -197,8 +180,6 @@ class CompiledSteps:
     def _load_aot(self, key: str, model: nn.Module, expert: str) -> None:
         """Load `key`'s ahead-of-time decode step (building it first if no earlier process did),
         then ready; then its prefill the same way, for the forms `aot.PREFILL_FROM` names."""
-        from wallbreak.coe.engine import aot
-
         try:
             step = self._package(key, model, expert, "decode")
         except Exception as e:
@@ -225,8 +206,6 @@ class CompiledSteps:
     def _package(self, key: str, model: nn.Module, expert: str, part: str) -> Any:
         """`key`'s loaded `part` package, built in a child process if no earlier process did (a
         package that fails to load is rebuilt once), checked on `model`; raises if it cannot be."""
-        from wallbreak.coe.engine import aot
-
         path = aot.package_path(key, part)
         columns = 1 if part == "decode" else aot.MIN_PREFILL + 1
 
@@ -361,27 +340,3 @@ def _gil_handed_back_often() -> Iterator[None]:
             _compiling -= 1
             if _compiling == 0 and _interval is not None:
                 sys.setswitchinterval(_interval)
-
-
-def forward(
-    model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any = None, keep: Sequence[int] = (-1,)
-) -> torch.Tensor:
-    """Feed ids [rows, q] at each row's next columns through `fn` (None: eager); the logits at
-    columns `keep` of these q, [rows, len(keep), vocab] (never a prompt x vocabulary tensor where
-    the model can keep only what is asked)."""
-    names = forward_kwargs(model)
-    q = ids.shape[1]
-    rel = [k % q for k in keep]
-    kw: dict[str, Any] = {names["cache"]: cache}
-    if "logits" in names:
-        kw[names["logits"]] = 1 if rel == [q - 1] else torch.tensor(rel, device=ids.device)
-    masks, positions = marked_inputs(cache, ids, next(model.parameters()).dtype, whole=fn is not None)
-    with torch.inference_mode():
-        logits = (fn or _decode)(model, ids, masks, positions, kw)
-    cache.advance(q)
-    return logits if "logits" in names else logits[:, rel]
-
-
-def run_step(model: nn.Module, ids: torch.Tensor, cache: KVCache, fn: Any) -> torch.Tensor:
-    """One decode step: ids [rows, 1] through `fn` (None: eager); logits [rows, vocab]."""
-    return forward(model, ids, cache, fn)[:, -1]

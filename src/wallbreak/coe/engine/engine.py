@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine.compiled import CompiledSteps, check_policy
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
@@ -95,7 +95,7 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     policy: ServingPolicy = field(default_factory=lambda: POLICIES[defaults.POLICY])
     max_batch: int = defaults.MAX_BATCH

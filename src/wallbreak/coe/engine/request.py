@@ -19,7 +19,7 @@ GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what torch.Generator.manual_seed takes (a signed 64-bit int)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     max_tokens: int = 128
     temperature: float = 1.0

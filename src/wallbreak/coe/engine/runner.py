@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe.engine.compiled import CompiledSteps, forward, run_step
+from wallbreak.coe.engine.compiled import CompiledSteps
 from wallbreak.coe.engine.kv import KVCache, capacity_for, head_shape, layer_windows
 from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
+from wallbreak.coe.engine.step import forward, run_step
 from wallbreak.errors import first_line
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
-from wallbreak.coe.server.serve import ServeOptions
+from wallbreak.coe.replicas.placement import Placement, read_load
+from wallbreak.coe.replicas.remote import RemoteEngine, ReplicaCollector
+from wallbreak.coe.router import Router
+from wallbreak.coe.server.serve import ServeOptions, build, ensure_default_bundle
+from wallbreak.coe.tokenization import load_tokenizers
 from wallbreak.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,8 +51,6 @@ class ReplicaServer:
     """One replica: `wallbreak serve`'s engine, tiers and tokenizers over the shared bundle."""
 
     def __init__(self, index: int, opts: ServeOptions) -> None:
-        from wallbreak.coe.server.serve import build
-
         self.index = index
         self.engine, _, self.tiers, self.tokenizers = build(opts, with_router=False)
         self.engine.start()
@@ -107,14 +110,9 @@ class ReplicaServer:
 
 def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
     """The ingress's ASGI app; Ray Serve calls this on the ingress replica, not in the driver."""
-    from ray import serve
+    from ray import serve  # deferred: loads ray
 
-    from wallbreak.coe.bundle import Bundle
-    from wallbreak.coe.replicas.placement import Placement
-    from wallbreak.coe.replicas.remote import RemoteEngine, ReplicaCollector
-    from wallbreak.coe.router import Router
-    from wallbreak.coe.server.app import create_app
-    from wallbreak.coe.tokenization import load_tokenizers
+    from wallbreak.coe.server.app import create_app  # deferred: loads fastapi
 
     assert opts.bundle is not None
     bundle = Bundle.open(opts.bundle, lenient=True)
@@ -123,9 +121,16 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     router = Router.load(bundle) if len(bundle.names) > 1 else None
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
     placement = Placement.spread([e.name for e in entries], replicas, load)
-    remote = RemoteEngine(bundle, handles, placement, opts.max_queue * replicas)
+    remote = RemoteEngine(bundle, handles, placement, opts.engine.max_queue * replicas)
     _INGRESS.append(remote)
-    app = create_app(remote, router, tokenizers, opts.api_key, extra_health=remote, max_body=opts.max_body)  # type: ignore[arg-type]
+    app = create_app(
+        remote,  # type: ignore[arg-type]  # the engine's interface, over Ray handles
+        router,
+        tokenizers,
+        api_key=opts.api_key,
+        extra_health=remote,
+        max_body=opts.max_body,
+    )
     app.state.metrics.registry.register(ReplicaCollector(remote))
     return app
 
@@ -142,12 +147,12 @@ def drain_ingress() -> int:
 
 def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
     """The Ray Serve application: the ingress, bound to the N replica deployments it relays to."""
-    from ray import serve
+    from ray import serve  # deferred: loads ray
 
     replica: Any = serve.deployment(
         ReplicaServer,
         ray_actor_options={"num_cpus": 0},  # the engine uses the cores it finds; Ray need not count them
-        max_ongoing_requests=opts.max_queue + opts.max_batch,
+        max_ongoing_requests=opts.engine.max_queue + opts.engine.max_batch,
         graceful_shutdown_timeout_s=30,
         health_check_period_s=5,
     )
@@ -168,7 +173,7 @@ def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] |
         serve.ingress(builder)(Ingress),
         name="ingress",
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(1000, 4 * opts.max_queue * replicas),
+        max_ongoing_requests=max(1000, 4 * opts.engine.max_queue * replicas),
         graceful_shutdown_timeout_s=30,
     )
     return ingress.bind(*bound)
@@ -197,15 +202,11 @@ def serve_ray(
 ) -> None:
     """Deploy on the local Ray (address None: start one on 127.0.0.1) or a cluster, then block.
     `expert_load`: measured requests per expert for the initial spread (`placement.read_load`)."""
-    from wallbreak.coe.bundle import Bundle
-    from wallbreak.coe.replicas.placement import read_load
-    from wallbreak.coe.server.serve import ensure_default_bundle
-
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     try:
-        import ray
-        from ray import serve
+        import ray  # deferred: loads ray
+        from ray import serve  # deferred: loads ray
     except ImportError:
         raise ConfigError("--ray needs Ray Serve: pip install 'wallbreak[ray]'") from None
     root = Path(opts.bundle) if opts.bundle is not None else ensure_default_bundle()

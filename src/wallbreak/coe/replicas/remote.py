@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.engine.engine import EngineStats
@@ -136,7 +136,7 @@ class RemoteEngine:
 
     async def _attempt(self, req: EngineRequest, r: int, produced: list[int]) -> None:
         """Stream one replica's events into the request; ReplicaFailed if the replica fails."""
-        import ray
+        import ray  # deferred: loads ray
 
         params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
         gen = (

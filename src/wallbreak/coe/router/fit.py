@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from wallbreak.coe.bundle import Bundle, BundleWriter
+from wallbreak.coe.bundle.manifest import Bundle, BundleWriter
 from wallbreak.coe.router.encoder import Encoder, weights_sha256
 from wallbreak.coe.router.heads import expected_calibration_error, fit_head, fit_scale, softmax
 from wallbreak.common.atomic import fsync_tree
@@ -345,7 +345,7 @@ def _store(
     base: Encoder,
     report: FitReport,
 ) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # deferred: loads safetensors
 
     with BundleWriter(bundle_dir) as w:
         d = w.new_router_dir()

@@ -84,7 +84,7 @@ def fit_head(kind: str, emb: np.ndarray, y: np.ndarray, n_classes: int, **params
 
 
 def _fit_logreg(emb: np.ndarray, y: np.ndarray, n_classes: int, c: float) -> Head:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # deferred: loads sklearn
 
     present = np.unique(y)
     weight = np.zeros((n_classes, emb.shape[1]), np.float32)

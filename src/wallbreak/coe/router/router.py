@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.router.encoder import Encoder, default_encoder_path, weights_sha256
 from wallbreak.coe.router.heads import Head, softmax
 from wallbreak.errors import BundleError, ConfigError
@@ -142,7 +142,7 @@ class Router:
 
 
 def _load_parts(b: Bundle, meta: dict[str, Any], encoder: str | Path | None) -> tuple[Head, Encoder]:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file  # deferred: loads safetensors
 
     try:
         d = b.root / meta["dir"]

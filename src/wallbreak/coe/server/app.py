@@ -48,6 +48,7 @@ def create_app(
     engine: Engine,
     router: Router | None,
     tokenizers: dict[str, ExpertTokenizer],
+    *,
     api_key: str | None = None,
     extra_health: Any = None,
     max_body: int = defaults.MAX_BODY,

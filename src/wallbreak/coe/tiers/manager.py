@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry
+from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry
 from wallbreak.coe.tiers.device import DevicePool, Slot, bind_to_flat
 from wallbreak.coe.tiers.disk import CHUNK_BYTES, READER_THREADS, DirectMode, DiskReader
 from wallbreak.coe.tiers.host import Extent, HostArena

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 from wallbreak.common.atomic import atomic_open, atomic_write_json
 from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.plan_file import RunPlan
+from wallbreak.holmes.plan.plan_file import RunPlan
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -31,7 +31,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save(
-    root: Path, step: int, plan: RunPlan, stage: int, write: bool, rank: int, state: dict[str, Any]
+    root: Path, step: int, *, plan: RunPlan, stage: int, write: bool, rank: int, state: dict[str, Any]
 ) -> None:
     d = step_dir(root, step)
     if write:
@@ -41,7 +41,7 @@ def save(
     if rank == 0:
         atomic_write_json(
             d / "meta.json",
-            {"step": step, "fingerprint": plan.fingerprint(), "pp": plan.pp, "tp": plan.tp, "dp": plan.dp,
+            {"step": step, "fingerprint": plan.fingerprint(), **plan.layout.to_json(),
              "stage_layers": list(plan.stage_layers)},
         )  # fmt: skip
         atomic_write_json(root / "latest", {"step": step})

@@ -53,7 +53,7 @@ def tokenize(text: str, tokenizer_dir: Path | None, vocab: int) -> torch.Tensor:
         ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         need = 256
     else:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: loads transformers
 
         tok: Any = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         ids = np.array(tok(text)["input_ids"], dtype=np.int64)

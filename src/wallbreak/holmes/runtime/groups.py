@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from wallbreak.holmes.plan_file import RunPlan
+from wallbreak.holmes.plan.plan_file import RunPlan
 from wallbreak.holmes.runtime.nccl_check import DebugLog, NetworkReport, parse
 
 SIOCGIFADDR = 0x8915

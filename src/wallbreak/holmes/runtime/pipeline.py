@@ -208,6 +208,7 @@ class _Stage:
 
 def run_schedule(
     schedule: str,
+    *,
     module: nn.Module,
     p2p: P2P,
     sync: GradSync,

@@ -20,8 +20,12 @@ ROW = ("proj", "out")
 def apply_tp(module: nn.Module, group: Any, tp: int, device_type: str) -> None:
     if tp <= 1:
         return
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.device_mesh import DeviceMesh  # deferred: loads torch.distributed
+    from torch.distributed.tensor.parallel import (  # deferred: loads torch.distributed
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     mesh = DeviceMesh.from_group(group, device_type)
     plan: dict[str, Any] = {n: ColwiseParallel() for n in COLUMN} | {n: RowwiseParallel() for n in ROW}
@@ -30,7 +34,7 @@ def apply_tp(module: nn.Module, group: Any, tp: int, device_type: str) -> None:
 
 
 def is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: loads torch.distributed
 
     return isinstance(t, DTensor)
 
@@ -71,7 +75,7 @@ def load_full_state(
         for k, t in module.state_dict().items():
             local(t).copy_(shard_of(t, model[k]))
     opt.load_state_dict(optim)
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: loads torch.distributed
 
     for p in (q for g in opt.param_groups for q in g["params"]):
         if not is_dtensor(p):

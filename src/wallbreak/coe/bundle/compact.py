@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wallbreak.coe.bundle.skeleton import skeleton_on
 from wallbreak.errors import BundleError, ConfigError
 
 FORMS = ("int8", "int4")
@@ -75,8 +76,6 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 
 def _classify(model_type: str, config: dict[str, Any]) -> tuple[set[str], str | None, bool]:
     """(names of linear weights, name of the input embedding weight, whether the head is tied)."""
-    from wallbreak.coe.tiers.device import skeleton_on
-
     model: Any = skeleton_on(model_type, config, torch.device("meta"), torch.float32, name=model_type)
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     emb = model.get_input_embeddings()

@@ -24,30 +24,18 @@ from typing import Any
 
 from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import WallbreakError
-from wallbreak.holmes import emulate
-from wallbreak.holmes.calibrate import Calibration, job_record
-from wallbreak.holmes.emulate import Emulation
-from wallbreak.holmes.plan_file import PLAN_NAME
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import Host, Link, Topology
+from wallbreak.holmes.emulate import netns as emulate
+from wallbreak.holmes.emulate.netns import Emulation
+from wallbreak.holmes.plan import planner
+from wallbreak.holmes.plan.calibrate import Calibration, job_record
+from wallbreak.holmes.plan.launch import emit_launch
+from wallbreak.holmes.plan.plan_file import PLAN_NAME
+from wallbreak.holmes.plan.rates import REFERENCES, emulated_rates, reference_topology
+from wallbreak.holmes.plan.report import make_report
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import Host, Topology
 
-PLACEMENTS = ("holmes", "megatron", "all-rdma", "all-ethernet")
-
-
-def reference_topology(topo: Topology, kind: str) -> Topology:
-    """The same nodes with every NIC and link at one rate: the best RDMA NIC's (all-rdma), or the
-    inter-cluster Ethernet's (all-ethernet) - what the planner's references assume."""
-    if kind == "all-rdma":
-        nics = [c.nic for c in topo.clusters]
-        best = max([n for n in nics if n.rdma] or nics, key=lambda n: n.total_gbps)
-        nic = Link("infiniband", best.total_gbps)
-    elif kind == "all-ethernet":
-        nic = Link("ethernet", topo.inter_cluster.total_gbps)
-    else:
-        raise WallbreakError(f"unknown reference {kind!r}; allowed: all-rdma, all-ethernet")
-    eth = Link("ethernet", nic.gbps)
-    clusters = tuple(dataclasses.replace(c, nic=nic, ethernet=eth) for c in topo.clusters)
-    return dataclasses.replace(topo, clusters=clusters, inter_cluster=eth, links={})
+PLACEMENTS = (*planner.PLACEMENTS, *REFERENCES)  # what `emulate run --placement` takes
 
 
 @dataclass(frozen=True)
@@ -88,7 +76,7 @@ def bench_holmes(job: EmuJob) -> dict[str, Any]:
     for placement in PLACEMENTS:
         print(f"bench holmes: {placement} ...", file=sys.stderr, flush=True)
         r = run_on_emulation(job, placement)
-        job = dataclasses.replace(job, degrees=(r["degrees"]["tp"], r["degrees"]["pp"], r["degrees"]["dp"]))
+        job = dataclasses.replace(job, degrees=(r["tp"], r["pp"], r["dp"]))
         out["placements"][placement] = r
     m = {k: v["measured"]["iteration_s"] for k, v in out["placements"].items()}
     out["speedup_holmes_vs_megatron"] = m["megatron"] / m["holmes"]
@@ -100,14 +88,6 @@ def bench_holmes(job: EmuJob) -> dict[str, Any]:
 def host_cores() -> int:
     """The cores every emulated GPU's process shares (one thread each)."""
     return len(os.sched_getaffinity(0))
-
-
-def emulated_rates(net: Topology, scale: float, cores: float | None) -> Topology:
-    """What the emulation gives the planner: network rates x `scale`, no link latency (the emulation
-    has none), and every GPU computing on one machine's `cores`. The calibration re-predicts
-    measured runs on exactly this topology."""
-    shaped = net.network_scaled(scale).map_network(lambda ln: dataclasses.replace(ln, latency_us=0.0))
-    return dataclasses.replace(shaped, shared_compute=cores)
 
 
 def with_emulated_hosts(topo: Topology, emu: Emulation) -> Topology:
@@ -123,15 +103,16 @@ def run_placement(
     emu: Emulation, net: Topology, job: EmuJob, placement: str, reference: str | None = None
 ) -> dict[str, Any]:
     """Plan on the emulated rates (calibrated if asked), launch every node, time the steps."""
-    from wallbreak.holmes.launch import emit_launch
-    from wallbreak.holmes.report import make_report
 
     if job.steps <= job.warmup:
         raise WallbreakError(f"--steps {job.steps}: need more than the {job.warmup} warm-up steps")
     cores = host_cores()
     shaped = emulated_rates(net, emu.scale, cores)
     topo = job.calibration.apply(shaped) if job.calibration else shaped
-    report = make_report(with_emulated_hosts(topo, emu), job.model, job.training, placement, *job.degrees)
+    tp, pp, dp = job.degrees
+    report = make_report(
+        with_emulated_hosts(topo, emu), job.model, job.training, placement=placement, tp=tp, pp=pp, dp=dp
+    )
     with tempfile.TemporaryDirectory(prefix=f"wallbreak-emu-{placement}-") as tmp:
         rows = _launch(emu, emit_launch(report, Path(tmp)), Path(tmp), job)  # port: inside node 0's netns
     step_s = [float(r["step_s"]) for r in rows][job.warmup :]
@@ -142,7 +123,7 @@ def run_placement(
     predicted = report.plan.predicted.iteration_s
     return {
         "placement": placement,
-        "degrees": {"tp": report.plan.tp, "pp": report.plan.pp, "dp": report.plan.dp},
+        **report.plan.layout.to_json(),
         "measured": {
             "iteration_s": measured,
             "tokens_per_s": tokens / measured,

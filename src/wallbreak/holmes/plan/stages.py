@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wallbreak.holmes import cost
-from wallbreak.holmes.layout import ParallelLayout
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import Cluster, Link, Topology
+from wallbreak.holmes.plan import cost
+from wallbreak.holmes.plan.layout import ParallelLayout
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import Cluster, Link, Topology
 
 BUCKET_BYTES = 40 * 2**20  # Megatron's default gradient bucket
 
@@ -210,9 +210,16 @@ class StageModel:
         window = (comp + tp_mb) * self.bwd_share
         exposed = cost.exposed_sync_seconds(sync, window, bucket) if self.overlap else sync
         mem = (
-            cost.memory_bytes(self.m, self.t, layers, self.tp, self.dp, self.inflight, self.first, self.last)[
-                "total"
-            ]
+            cost.memory_bytes(
+                self.m,
+                self.t,
+                layers,
+                tp=self.tp,
+                dp=self.dp,
+                inflight=self.inflight,
+                first=self.first,
+                last=self.last,
+            )["total"]
             / cost.GIB
         )
         return StageCost(comp, tp_mb, self.p2p_mb, sync, exposed, mem, mem <= self.mem_gib)

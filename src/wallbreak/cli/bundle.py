@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
+from wallbreak.cli.args import Parser, names
 from wallbreak.coe import defaults
+from wallbreak.coe.bundle import importers
+from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
 from wallbreak.errors import WallbreakError, first_line
 from wallbreak.units import format_bytes, parse_count
 
 
-def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list[str]]) -> None:
+def add_bundle_parser(verbs: Any) -> None:
     """`wallbreak bundle import|synth|default|verify|show`."""
     b = verbs.add_parser("bundle", help="create, extend and check expert bundles")
-    bv = b.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    bv = b.add_subparsers(dest="action", required=True, parser_class=Parser)
     imp = bv.add_parser("import", help="add a HF model folder or GGUF file to a bundle as one expert")
     imp.add_argument(
         "src", type=Path, help="HF model folder (config.json + safetensors + tokenizer) or .gguf"
@@ -57,21 +60,27 @@ def add_bundle_parser(verbs: Any, parser_class: Any, names: Callable[[str], list
 
 
 def run_bundle_command(args: argparse.Namespace) -> int:
-    from wallbreak.coe import importers
-    from wallbreak.coe.bundle import MANIFEST, Bundle
 
     if args.action == "import":
-        importers.import_expert(args.src, args.name, args.out, args.description, args.example, args.dtype)
+        importers.import_expert(
+            args.src,
+            args.name,
+            args.out,
+            description=args.description,
+            examples=args.example,
+            dtype=args.dtype,
+        )
         print(f"imported {args.name} into {args.out}")
     elif args.action == "synth":
         if args.if_missing and (args.out / MANIFEST).is_file():
             print(f"{args.out} already holds a bundle; left as is")
             return 0
         params = parse_count(args.params, "--params")
-        names = importers.synth_bundle(
-            args.out, args.experts, params, args.names, args.arch, args.seed, args.dtype
-        )
-        print(f"wrote {len(names)} synthetic expert(s) to {args.out}")
+        made = importers.synth_bundle(
+            args.out, experts=args.experts, params=params, names=args.names, arch=args.arch, seed=args.seed,
+            dtype=args.dtype,
+        )  # fmt: skip
+        print(f"wrote {len(made)} synthetic expert(s) to {args.out}")
     elif args.action == "default":
         names = importers.default_bundle(args.out, args.dtype)
         print(f"default bundle at {args.out}: {', '.join(names)}")
@@ -109,7 +118,7 @@ def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
     """Build the ahead-of-time decode step of each architecture among `experts` (default: every
     expert, as `serve --compile auto` does on the CPU), and its prefill (`aot.PREFILL_FROM`),
     skipping those already built."""
-    from wallbreak.coe.engine import aot
+    from wallbreak.coe.engine import aot  # deferred: loads transformers
 
     chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
     by_layout: dict[str, list[Any]] = {}
@@ -125,9 +134,7 @@ def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
 
 
 def _compile_part(bundle: Any, expert: str, names: str, layout: str, part: str) -> None:
-    import time
-
-    from wallbreak.coe.engine import aot
+    from wallbreak.coe.engine import aot  # deferred: loads transformers
 
     path = aot.package_path(layout, part)
     if path.is_file():

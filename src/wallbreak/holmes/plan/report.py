@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.common.plots import save_figure
-from wallbreak.holmes.plan_file import model_json
-from wallbreak.holmes.planner import Plan, Prediction, plan, references
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import Topology
+from wallbreak.holmes.plan.plan_file import model_json
+from wallbreak.holmes.plan.planner import Plan, Prediction, plan, references
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import Topology
 
 
 @dataclass
@@ -52,16 +52,17 @@ def make_report(
     topo: Topology,
     model: ModelSpec,
     training: TrainingSpec,
+    *,
     placement: str = "holmes",
     tp: int | None = None,
     pp: int | None = None,
     dp: int | None = None,
 ) -> PlanReport:
-    main = plan(topo, model, training, placement, tp, pp, dp)
+    main = plan(topo, model, training, placement=placement, tp=tp, pp=pp, dp=dp)
     base = (
         main
         if placement == "megatron"
-        else plan(topo, model, training, "megatron", main.tp, main.pp, main.dp)
+        else plan(topo, model, training, placement="megatron", tp=main.tp, pp=main.pp, dp=main.dp)
     )
     return PlanReport(topo, main, base, references(topo, model, training, main))
 
@@ -118,10 +119,10 @@ def format_report(r: PlanReport) -> str:
 
 def plot_report(r: PlanReport, out: Path) -> None:
     """One iteration per stage, for the plan and its baseline: compute, communication, bubble, sync."""
-    import matplotlib
+    import matplotlib  # deferred: loads matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib
 
     plans = [r.plan] if r.plan is r.baseline else [r.plan, r.baseline]
     fig, axes = plt.subplots(

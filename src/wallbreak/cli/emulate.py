@@ -8,8 +8,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wallbreak.holmes import emulate
-from wallbreak.holmes.emulate_run import PLACEMENTS, EmuJob
+from wallbreak.cli.args import Parser
+from wallbreak.common.plots import save_figure
+from wallbreak.holmes.emulate import netns as emulate
+from wallbreak.holmes.emulate.run import PLACEMENTS, EmuJob, bench_holmes, run_on_emulation
+from wallbreak.holmes.plan.calibrate import load_calibration
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import load_topology
 
 # Models a 2-core machine trains in seconds per step: (layers, hidden, heads, seq_len); byte vocabulary.
 EMU_MODELS = {"tiny": (4, 128, 4, 64), "small": (8, 256, 8, 128)}
@@ -34,9 +39,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def add_emulate_parser(verbs: Any, parser_class: Any) -> None:
+def add_emulate_parser(verbs: Any) -> None:
     em = verbs.add_parser("emulate", help="a heterogeneous cluster on this machine: namespaces, shaped links")
-    ev = em.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    ev = em.add_subparsers(dest="action", required=True, parser_class=Parser)
     eu = ev.add_parser("up", help="one network namespace per node, NICs shaped to the cluster file (root)")
     eu.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/clusters/emu-small.yaml")
     eu.add_argument("--scale", type=float, default=emulate.DEFAULT_SCALE, help="multiply every rate (0.01)")
@@ -60,10 +65,6 @@ def add_bench_holmes_parser(bench: Any) -> None:
 
 
 def _job(args: argparse.Namespace) -> EmuJob:
-    from wallbreak.holmes.calibrate import load_calibration
-    from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-    from wallbreak.holmes.topology import load_topology
-
     dims = dict(zip(("layers", "hidden", "heads", "seq_len"), EMU_MODELS[args.model], strict=True))
     dims |= {k: v for k, v in vars(args).items() if k in dims and v is not None}
     model = ModelSpec(f"gpt-{args.model}-{dims['layers']}x{dims['hidden']}", vocab=256, **dims)
@@ -82,8 +83,6 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def run_emulate_command(args: argparse.Namespace) -> int:
-    from wallbreak.holmes.emulate_run import bench_holmes, run_on_emulation
-
     if args.verb == "bench":
         res = bench_holmes(_job(args))
         if args.plot:
@@ -104,8 +103,6 @@ def run_emulate_command(args: argparse.Namespace) -> int:
     if args.action == "show":
         emu = emulate.load_state(args.prefix)
     else:
-        from wallbreak.holmes.topology import load_topology
-
         emu = emulate.plan_emulation(load_topology(args.cluster), args.scale, args.prefix)
         emulate.up(emu, force=args.force)
     print(json.dumps(asdict(emu)) if args.json else emulate.describe(emu))
@@ -113,12 +110,10 @@ def run_emulate_command(args: argparse.Namespace) -> int:
 
 
 def plot_bench_holmes(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: loads matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from wallbreak.common.plots import save_figure
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib
 
     names = list(res["placements"])
     measured = [res["placements"][n]["measured"]["iteration_s"] for n in names]

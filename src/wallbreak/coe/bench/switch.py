@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wallbreak.coe.bundle import Bundle, ExpertEntry, iter_blob_tensors
+from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry, iter_blob_tensors
 from wallbreak.coe.tiers import Lease, TierConfig, TierManager
 from wallbreak.coe.tiers.device import build_skeleton
 from wallbreak.coe.tiers.disk import drop_file_cache, resident_fraction
@@ -35,7 +35,7 @@ Cache = Literal["warm", "cold"]
 INPUT = torch.tensor([[1, 2, 3, 4]])  # a short prompt: 4 token ids valid in every vocabulary
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchSwitchArgs:
     bundle: Path
     experts: list[str] | None = None
@@ -133,8 +133,8 @@ def sequential_read_gbps(path: Path, cold: bool) -> tuple[float, bool]:
 
 def export_hf_folder(bundle: Bundle, entry: ExpertEntry, out: Path) -> Path:
     """Write the expert as a plain HF folder (config.json + model.safetensors) for the baselines."""
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
+    from safetensors.torch import save_file  # deferred: loads safetensors
+    from transformers import AutoConfig  # deferred: loads transformers
 
     cfg = dict(entry.config)
     cfg.pop("model_type", None)
@@ -159,14 +159,14 @@ def _net_ready(load: Callable[[], nn.Module], device: torch.device, warm: list[f
 
 
 def _load_state_dict_into(folder: Path, model: nn.Module, device: torch.device) -> nn.Module:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # deferred: loads safetensors
 
     model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)), strict=False)
     return model
 
 
 def _from_pretrained(folder: Path, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: loads transformers
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", device_map=str(device)).eval()
 

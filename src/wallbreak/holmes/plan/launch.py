@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.common.atomic import atomic_open
-from wallbreak.holmes.plan_file import PLAN_NAME, model_json, training_json, write_plan
-from wallbreak.holmes.planner import Plan
-from wallbreak.holmes.report import PlanReport
-from wallbreak.holmes.spec import MASTER_PORT
-from wallbreak.holmes.topology import Cluster, Host, Topology
+from wallbreak.holmes.plan.plan_file import PLAN_NAME, model_json, training_json, write_plan
+from wallbreak.holmes.plan.planner import Plan
+from wallbreak.holmes.plan.report import PlanReport
+from wallbreak.holmes.plan.spec import MASTER_PORT
+from wallbreak.holmes.plan.topology import Cluster, Host, Topology
 
 NCCL_NET = {"infiniband": "IB", "roce": "IB", "tcp": "Socket"}  # per communicator, by group transport
 ROCE_GID_INDEX = "3"  # RoCE v2 over IPv4 on the usual Mellanox/NVIDIA setup
 # Stock Megatron-LM's one transport for a job that spans clusters or NIC kinds.
 MEGATRON_TCP_JOB = {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"}
+
+TRAIN_MODULE = "wallbreak.holmes.runtime.train"  # what torchrun runs on every node (`-m`)
 
 
 def nodes_in_rank_order(plan: Plan, topo: Topology) -> list[dict[str, Any]]:
@@ -106,9 +108,7 @@ def plan_body(report: PlanReport) -> dict[str, Any]:
                 g["env"] = dict(job)
     return {
         "placement": p.placement,
-        "tp": p.tp,
-        "pp": p.pp,
-        "dp": p.dp,
+        **p.layout.to_json(),
         "world_size": p.world_size,
         "microbatches": p.microbatches,
         "model": model_json(p.model),
@@ -187,7 +187,7 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = MASTER_PORT) -
             f"exec torchrun --nnodes {q(str(len(nodes)))} --nproc-per-node {q(str(n['nproc']))} "
             f"--node-rank {q(str(n['node_rank']))} --master-addr {q(str(master))} "
             f"--master-port {q(str(master_port))} "
-            f'-m wallbreak.holmes.train --plan "$HERE/{PLAN_NAME}" "$@"'
+            f'-m {TRAIN_MODULE} --plan "$HERE/{PLAN_NAME}" "$@"'
         )
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(n["host"]))
         path = out / f"node-{n['node_rank']:03d}-{safe}.sh"

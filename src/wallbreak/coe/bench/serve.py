@@ -23,17 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from wallbreak.coe import defaults
-from wallbreak.coe.bundle import Bundle
+from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.policy import POLICIES
-from wallbreak.common.net import free_port
+from wallbreak.coe.server.net import free_port
+from wallbreak.coe.tiers import TierConfig, TierManager
+from wallbreak.common.plots import save_figure
 from wallbreak.errors import ConfigError
 
 PROMPT = "Tell me something about the weather, the sea, and the mountains today."
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchServeArgs:
     bundle: Path
     device_budget: int | None = None
@@ -203,10 +206,7 @@ def drive(url: str, sequence: list[str], concurrency: int, max_tokens: int) -> d
 
 def transformers_alone(bundle: Bundle, expert: str, n: int, max_tokens: int) -> dict[str, Any]:
     """The same expert through plain `generate`, one request at a time: the engine's floor."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from wallbreak.coe.tiers import TierConfig, TierManager
+    from transformers import AutoTokenizer  # deferred: loads transformers
 
     size = bundle.expert(expert).total_bytes
     tok = AutoTokenizer.from_pretrained(str(bundle.tokenizer_path(expert)))
@@ -325,12 +325,10 @@ def format_bench_serve(out: dict[str, Any]) -> str:
 
 def plot_bench_serve(out: dict[str, Any], path: Path) -> None:
     """Grouped bars: requests/s and p99 latency per policy, one group per concurrency."""
-    import matplotlib
+    import matplotlib  # deferred: loads matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from wallbreak.common.plots import save_figure
+    import matplotlib.pyplot as plt  # deferred: loads matplotlib
 
     runs = out["runs"]
     policies = list(runs[0]["policies"])

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.common.atomic import atomic_open
-from wallbreak.common.gpt import GPTConfig
 from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.layout import GROUP_KINDS, ParallelLayout
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.layout import GROUP_KINDS, ParallelLayout
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.runtime.gpt import GPTConfig
 
 PLAN_FORMAT = "wallbreak-plan"
 PLAN_NAME = "plan.json"  # the plan's file name in a launch folder
@@ -87,9 +87,7 @@ class RunPlan:
         """What a checkpoint must match: degrees, split and model shape."""
         key = json.dumps(
             {
-                "tp": self.tp,
-                "pp": self.pp,
-                "dp": self.dp,
+                **self.layout.to_json(),
                 "layers": self.stage_layers,
                 "model": {f: getattr(self.model, f) for f in MODEL_FIELDS},
             },

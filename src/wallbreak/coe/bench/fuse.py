@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallbreak.coe import compact
-from wallbreak.coe.bundle import Bundle, BundleWriter, ExpertSource, iter_blob_tensors
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import Bundle, BundleWriter, ExpertSource, iter_blob_tensors
+from wallbreak.coe.tiers.device import load_standalone
 from wallbreak.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -49,11 +50,11 @@ PPL_TEXT = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchFuseArgs:
     bundle: Path
     experts: list[str] | None = None
-    dtypes: Sequence[str] = ("fp32", "bf16")
+    dtypes: Sequence[str] = (*DTYPES, *QUANTIZED)
     modes: Sequence[str] = MODES
     prompt_tokens: int = 128
     decode_tokens: int = 32
@@ -76,7 +77,7 @@ class BenchFuseArgs:
 
 def graphs_built() -> int:
     """Graphs Dynamo has compiled in this process (a recompilation adds one)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # deferred: loads torch._dynamo
 
     return int(counters["stats"]["unique_graphs"])
 
@@ -129,7 +130,7 @@ class Slot:
 
     def generate(self, ids: torch.Tensor, new: int) -> tuple[float, float]:
         """Greedy: (seconds to the first new token, i.e. prefill; seconds for `new` more tokens)."""
-        from transformers import StaticCache
+        from transformers import StaticCache  # deferred: loads transformers
 
         n = ids.shape[1]
         if n + new > self.capacity:
@@ -160,8 +161,6 @@ def _sync(dev: torch.device) -> None:
 
 def load_expert(bundle: Bundle, name: str, form: str, device: torch.device) -> nn.Module:
     """The expert's module in `form` (fp32, bf16, int8, int4) on `device`, as a slot would run it."""
-    from wallbreak.coe.tiers.device import load_standalone
-
     entry = bundle.expert(name)
     stored = entry.quant["form"] if entry.quant else None
     if stored is not None and form != stored:
@@ -223,7 +222,7 @@ def _ppl_ids(bundle: Bundle, name: str, dev: torch.device) -> torch.Tensor | Non
     path = bundle.tokenizer_path(name)
     if path is None:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: loads transformers
 
     tok = AutoTokenizer.from_pretrained(str(path))
     return torch.tensor([tok(PPL_TEXT)["input_ids"]], device=dev)
@@ -296,32 +295,3 @@ def format_bench_fuse(res: dict[str, Any]) -> str:
         lines.append(f"compiled fp32 decode at batch 1: {res['speedup_decode_b1']:.2f}x eager")
     lines.append(f"recompilations across switches: {res['recompiles_after_switch']}")
     return "\n".join(lines)
-
-
-def add_bench_fuse_parser(bench: Any, names: Any) -> None:
-    fu = bench.add_parser(
-        "fuse", help="one expert slot's forward: eager vs compiled, per dtype, over switches"
-    )
-    fu.add_argument("--bundle", required=True, type=Path)
-    fu.add_argument("--experts", type=names, help="comma-separated (default: the bundle's first expert)")
-    fu.add_argument("--dtypes", type=names, default=["fp32", "bf16", "int8", "int4"],
-                    help="fp32,bf16,int8,int4 (default: all four)")  # fmt: skip
-    fu.add_argument("--modes", type=names, default=None,
-                    help="eager,compiled,graphs (default: eager,compiled; graphs added on CUDA)")  # fmt: skip
-    fu.add_argument("--prompt-tokens", type=int, default=128)
-    fu.add_argument("--decode-tokens", type=int, default=32)
-    fu.add_argument("--switches", type=int, default=10, help="switches timed, and checked for recompiles")
-    fu.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    fu.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians (default 3)")
-    fu.add_argument("--json", action="store_true")
-
-
-def run_bench_fuse_command(args: Any) -> int:
-    import json
-
-    modes = args.modes or (["eager", "compiled"] + (["graphs"] if args.device.startswith("cuda") else []))
-    a = BenchFuseArgs(args.bundle, args.experts, args.dtypes, modes, args.prompt_tokens,
-                      args.decode_tokens, args.switches, args.device, args.repeats)  # fmt: skip
-    res = run_bench_fuse(a)
-    print(json.dumps(res) if args.json else format_bench_fuse(res))
-    return 0

@@ -26,10 +26,11 @@ from typing import Any
 from wallbreak.common.atomic import atomic_open
 from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.plan_file import model_json, model_spec, training_json, training_spec
-from wallbreak.holmes.planner import Plan, build
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.topology import Topology, load_topology
+from wallbreak.holmes.plan.plan_file import model_json, model_spec, training_json, training_spec
+from wallbreak.holmes.plan.planner import Plan, build
+from wallbreak.holmes.plan.rates import emulated_rates, reference_topology
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.topology import Topology, load_topology
 
 CALIBRATION_FORMAT = "wallbreak-calibration"
 CALIBRATION_VERSION = 1
@@ -112,9 +113,7 @@ def job_record(
         "scale": scale,
         "host_cores": host_cores,
         "placement": plan.placement,
-        "tp": plan.tp,
-        "pp": plan.pp,
-        "dp": plan.dp,
+        **plan.layout.to_json(),
         "order": list(plan.cluster_order),
         "split": [s.layers for s in plan.stages],
         "model": model_json(plan.model),
@@ -135,8 +134,8 @@ class _Run:
     def predict(self, cal: Calibration | None) -> float:
         topo = cal.apply(self.topo) if cal else self.topo
         j = self.job
-        p = build(topo, self.model, self.training, j["placement"], j["tp"], j["pp"], j["dp"], j["order"],
-                  j["placement"], j["split"])  # fmt: skip
+        p = build(topo, self.model, self.training, placement=j["placement"], tp=j["tp"], pp=j["pp"],
+                  dp=j["dp"], order=j["order"], network=j["placement"], split=j["split"])  # fmt: skip
         assert p is not None  # a fixed split is always built
         return p.predicted.iteration_s
 
@@ -158,8 +157,6 @@ def _runs_in(doc: Any, where: str) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def load_runs(paths: list[Path]) -> list[_Run]:
-    from wallbreak.holmes.emulate_run import emulated_rates, reference_topology
-
     topos: dict[str, Topology] = {}
     runs = []
     for path in paths:
@@ -204,7 +201,7 @@ def _from_vector(v: Any) -> Calibration:
 def fit(runs: list[_Run]) -> Calibration:
     """The three terms that best explain the measured runs (least squares on log time): a coarse grid,
     then Nelder-Mead (scipy, which scikit-learn brings) from its three best points."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # deferred: loads scipy
 
     grid = itertools.product(_EFFICIENCY_GRID, _LINK_GRID, _LATENCY_GRID)
     starts = heapq.nsmallest(3, grid, key=lambda g: _loss(runs, Calibration(*g)))

@@ -22,10 +22,19 @@ from functools import cache
 from typing import Any
 
 from wallbreak.errors import ConfigError
-from wallbreak.holmes.layout import ParallelLayout
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.stages import Network, Prediction, Slot, StageCost, StageModel, layout, predict, slowest
-from wallbreak.holmes.topology import Topology
+from wallbreak.holmes.plan.layout import ParallelLayout
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.stages import (
+    Network,
+    Prediction,
+    Slot,
+    StageCost,
+    StageModel,
+    layout,
+    predict,
+    slowest,
+)
+from wallbreak.holmes.plan.topology import Topology
 
 PLACEMENTS = ("holmes", "megatron")
 MAX_ORDER_PERMUTATIONS = 5  # clusters; beyond this a few orders by NIC speed are tried
@@ -86,9 +95,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "placement": self.placement,
-            "tp": self.tp,
-            "pp": self.pp,
-            "dp": self.dp,
+            **self.layout.to_json(),
             "microbatches": self.microbatches,
             "stages": [s.to_json() for s in self.stages],
             "groups": self.groups(),
@@ -253,6 +260,7 @@ def build(
     topo: Topology,
     m: ModelSpec,
     t: TrainingSpec,
+    *,
     placement: str,
     tp: int,
     pp: int,
@@ -300,6 +308,7 @@ def plan(
     topo: Topology,
     model: ModelSpec,
     training: TrainingSpec,
+    *,
     placement: str = "holmes",
     tp: int | None = None,
     pp: int | None = None,
@@ -312,23 +321,17 @@ def plan(
     force = {"tp": tp, "pp": pp, "dp": dp}
     if placement == "megatron":
         if None in force.values():
-            ref = plan(topo, model, training, "holmes", tp, pp, dp)
+            ref = plan(topo, model, training, tp=tp, pp=pp, dp=dp)
             tp, pp, dp = ref.tp, ref.pp, ref.dp
         degrees, why = feasible_degrees(topo, model, training, "megatron", {"tp": tp, "pp": pp, "dp": dp})
         if not degrees:
             raise ConfigError("cannot place the job: " + "; ".join(why[:6]))
         tp, pp, dp = degrees[0]
+        order = [c.name for c in topo.clusters]
         built = build(
-            topo,
-            model,
-            training,
-            "megatron",
-            tp,
-            pp,
-            dp,
-            [c.name for c in topo.clusters],
-            network or "megatron",
-        )
+            topo, model, training, placement="megatron", tp=tp, pp=pp, dp=dp, order=order,
+            network=network or "megatron",
+        )  # fmt: skip
         assert built is not None  # an even split is always built; memory is reported in the prediction
         return built
     degrees, why = feasible_degrees(topo, model, training, "holmes", force)
@@ -336,7 +339,8 @@ def plan(
     memory_fail: list[str] = []
     for tp_, pp_, dp_ in degrees:
         for order in cluster_orders(topo):
-            cand = build(topo, model, training, "holmes", tp_, pp_, dp_, order, network or "holmes")
+            cand = build(topo, model, training, placement="holmes", tp=tp_, pp=pp_, dp=dp_, order=order,
+                         network=network or "holmes")  # fmt: skip
             if cand is None or not cand.predicted.fits:
                 memory_fail.append(f"tp={tp_} pp={pp_} dp={dp_}: no layer split fits in GPU memory")
                 continue
@@ -357,20 +361,12 @@ def references(topo: Topology, model: ModelSpec, training: TrainingSpec, p: Plan
     out = {}
     for name in ("all_rdma", "all_ethernet"):
         try:
-            out[name] = plan(topo, model, training, "holmes", p.tp, p.pp, p.dp, network=name).predicted
+            out[name] = plan(topo, model, training, tp=p.tp, pp=p.pp, dp=p.dp, network=name).predicted
         except ConfigError:
             built = build(
-                topo,
-                model,
-                training,
-                "holmes",
-                p.tp,
-                p.pp,
-                p.dp,
-                p.cluster_order,
-                name,
-                [s.layers for s in p.stages],
-            )
+                topo, model, training, placement="holmes", tp=p.tp, pp=p.pp, dp=p.dp, order=p.cluster_order,
+                network=name, split=[s.layers for s in p.stages],
+            )  # fmt: skip
             assert built is not None
             out[name] = built.predicted
     return out

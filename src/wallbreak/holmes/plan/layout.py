@@ -29,6 +29,11 @@ class ParallelLayout:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
 
+    def to_json(self) -> dict[str, int]:
+        """The degrees as every JSON record writes them (plan, launch file, job record, emulated run):
+        top-level `tp`, `pp`, `dp` keys."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
     @property
     def world_size(self) -> int:
         return self.tp * self.dp * self.pp

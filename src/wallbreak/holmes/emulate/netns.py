@@ -28,7 +28,7 @@ from pathlib import Path
 
 from wallbreak.common.atomic import atomic_write_json
 from wallbreak.errors import ConfigError, WallbreakError
-from wallbreak.holmes.topology import Topology
+from wallbreak.holmes.plan.topology import Topology
 
 DEFAULT_PREFIX = "wb"
 DEFAULT_SCALE = 0.01  # 200 Gbit/s becomes 2 Gbit/s: what veths on a small machine can carry

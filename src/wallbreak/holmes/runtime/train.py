@@ -1,4 +1,4 @@
-"""Run a plan: `torchrun ... -m wallbreak.holmes.train --plan PLAN.json [--steps N] ...`.
+"""Run a plan: `torchrun ... -m wallbreak.holmes.runtime.train --plan PLAN.json [--steps N] ...`.
 
 Every rank checks the plan before touching torch.distributed, so a bad plan is one clear line on
 every rank and exit status 2, not a hang; collectives carry a timeout, so a dead peer is an error.
@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wallbreak.common.gpt import GPT, lm_loss
 from wallbreak.errors import ConfigError, WallbreakError
-from wallbreak.holmes.plan_file import RunPlan, load_plan
+from wallbreak.holmes.plan.plan_file import RunPlan, load_plan
 from wallbreak.holmes.runtime import checkpoint, nccl_check
 from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
+from wallbreak.holmes.runtime.gpt import GPT, lm_loss
 from wallbreak.holmes.runtime.groups import build_groups
 from wallbreak.holmes.runtime.nccl_check import DebugLog
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
@@ -35,7 +35,9 @@ SCHEDULES = ("1f1b", "gpipe")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m wallbreak.holmes.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m wallbreak.holmes.runtime.train", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--plan", required=True, type=Path)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--data", type=Path, help="text file or directory (default: the Python standard library)")
@@ -196,9 +198,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.p2p.wait_s = self.sync.wait_s = 0.0
         loss = run_schedule(
-            a.schedule, self.module, self.p2p, self.sync,
-            [x.to(self.device) for x, _ in shard], [y.to(self.device) for _, y in shard],
-            self.stage, plan.pp, act, lm_loss,
+            a.schedule, module=self.module, p2p=self.p2p, sync=self.sync,
+            inputs=[x.to(self.device) for x, _ in shard], targets=[y.to(self.device) for _, y in shard],
+            stage=self.stage, stages=plan.pp, act_shape=act, loss_fn=lm_loss,
         )  # fmt: skip
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -235,7 +237,7 @@ class Trainer:
         tokens_per_step = plan.global_batch * plan.model.seq_len
         prof: Any = nullcontext()
         if a.profile and self.rank == 0:
-            from torch.profiler import ProfilerActivity, profile, schedule
+            from torch.profiler import ProfilerActivity, profile, schedule  # deferred: loads torch.profiler
 
             prof = profile(
                 activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=2, repeat=1)
@@ -264,8 +266,9 @@ class Trainer:
                     ):
                         write = plan.dp_index(self.rank) == 0 and self.tp_index == 0
                         checkpoint.save(
-                            a.checkpoint_dir, done, plan, self.stage, write, self.rank, self.state(done)
-                        )
+                            a.checkpoint_dir, done, plan=plan, stage=self.stage, write=write,
+                            rank=self.rank, state=self.state(done),
+                        )  # fmt: skip
         finally:
             if log:
                 log.close()

@@ -1,0 +1,7 @@
+"""`python -m wallbreak.cli`: the same as the `wallbreak` command."""
+
+import sys
+
+from wallbreak.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks that print JSON: `wallbreak bench switch|fuse|serve`."""

@@ -1,0 +1,1 @@
+"""Holmes' planner: cluster files, model and training specs, the cost model, placements, plan files."""
