@@ -8,7 +8,7 @@ against the float expert, teacher-forced over a text.
 Runs eagerly (the package fuses the same operations; only their rounding order may differ). Prints
 per run its perplexity on the text, the mean KL divergence from the float expert's next-token
 distribution, and how often its top token is the float expert's; then how often kernels and dense
-agree. One JSON object. Default text: this repository's README.
+agree. One JSON object. Default text: this repository's ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> int:
     p.add_argument("--reference-expert", required=True)
     p.add_argument("--bundle", required=True, type=Path, help="a bundle holding the compact expert")
     p.add_argument("--expert", required=True)
-    p.add_argument("--text", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
+    p.add_argument("--text", type=Path, default=Path(__file__).resolve().parent.parent / "ARCHITECTURE.md")
     p.add_argument("--tokens", type=int, default=2048)
     a = p.parse_args()
     from transformers import AutoTokenizer

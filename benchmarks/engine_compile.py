@@ -1,4 +1,4 @@
-"""The serving engine's compiled decode step against its eager one, on one expert (issue 12).
+"""The serving engine's compiled decode step against its eager one, on one expert.
 
     python benchmarks/engine_compile.py --bundle DIR --expert NAME [--compile all|on|off]
         [--prompt-tokens 128] [--tokens 32] [--repeats 3]

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Device check for the Holmes runtime on one CUDA GPU (issue 13). Not part of CI: run it on a GPU
-# machine, e.g. `benchmarks/gpu_runtime.sh /tmp/gpu-runtime`, and paste its output into the README.
+# Device check for the Holmes runtime on one CUDA GPU. Not part of CI: run it on a GPU machine,
+# e.g. `benchmarks/gpu_runtime.sh /tmp/gpu-runtime`, and record its output in docs/benchmarks.md.
 #   1. versions: torch, CUDA, NCCL, the GPU;
 #   2. world size 1 on NCCL with the model on CUDA, through the same plan, pipeline and checkpoint
 #      code, against the same plan on gloo/CPU: the loss curves must agree within 1e-3 (fp32);

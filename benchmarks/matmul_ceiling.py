@@ -7,8 +7,8 @@ input (in the expert's stored form: fp32/bf16 matmuls, or the int8/int4 kernels 
 and for a small model those read every weight byte once. This times exactly that, layer by layer,
 with nothing else (no attention, norms, sampling or Python around them), best of `--repeats`.
 `ceiling_tps` = 1 / that time is the most tokens/s any decode step built on these kernels can reach
-here, compiled or not; `gb_s` is the weight bytes read per second. The issue 12 target of compiled
-fp32 >= 1.5x eager at batch 1 is checked against it in the README. Prints one JSON object.
+here, compiled or not; `gb_s` is the weight bytes read per second. The target of compiled fp32 >=
+1.5x eager at batch 1 is checked against it in docs/benchmarks.md. Prints one JSON object.
 """
 
 from __future__ import annotations

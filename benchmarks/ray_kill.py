@@ -1,4 +1,4 @@
-"""Issue 14's fault check: kill a replica of `wallbreak serve --ray` in the middle of a request run.
+"""The replicas' fault check: kill a replica of `wallbreak serve --ray` in the middle of a request run.
 
     python benchmarks/ray_kill.py --bundle DIR [--replicas 2] [--requests 200] [--concurrency 16]
         [--max-tokens 32] [--kill-at 0.3] [--device-budget 76MiB] [--host-budget 150MiB]

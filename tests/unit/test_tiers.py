@@ -57,7 +57,7 @@ def test_logits_match_transformers(tmp_path: Path, tiny_llama: Path, alias: bool
     with _manager(bundle, 1, 1, alias_slots=alias) as mgr, mgr.acquire("tiny") as lease, torch.no_grad():
         got = lease.model(ids).logits
         want = ref(ids).logits
-    # Not bit-equal: a slot's fp32 linears at a few rows split across cores (coe/cpu_linear.py), which
+    # Not bit-equal: a slot's fp32 linears at a few rows split across cores (coe/tiers/cpu_linear.py), which
     # sums in another order; the bytes themselves are checked bit for bit above.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -22,7 +22,7 @@ COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see co
 COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
 # The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes (so
 # 4x the experts per budget, and quicker switches) for +1.4% perplexity on SmolLM2 and none on
-# Gemma-3; on the CPU it decodes 1.25-1.4x fp32 at batch 1 (README, "Measured (expert execution)").
+# Gemma-3; on the CPU it decodes 1.25-1.4x fp32 at batch 1 (docs/benchmarks.md, "Expert execution").
 # int4 is faster still but costs +9.5% (SmolLM2) and +5.0% (Gemma-3) perplexity.
 BUNDLE_FORM = "int8"
 

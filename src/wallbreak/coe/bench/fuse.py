@@ -9,11 +9,11 @@ code and any captured graph read those same addresses, so a switch must not reco
 bench counts the graphs Dynamo builds across the switches to prove it.
 
 Forms: fp32 and bf16 cast the stored float expert; int8 and int4 are the compact experts of
-`coe/compact.py`, quantized into a temporary bundle and loaded exactly as `wallbreak serve` loads
+`coe/bundle/compact.py`, quantized into a temporary bundle and loaded exactly as `wallbreak serve` loads
 them (an expert already stored compact runs in its own form only).
 
-This is the slot's forward alone, outside the serving engine (which runs eager with its own
-dynamic KV layout): compiling the engine's step is not done, as the README states.
+This is the slot's forward alone, outside the serving engine, whose own compiled steps
+(`coe/engine/compiled.py`, `aot.py`) are measured by `benchmarks/engine_compile.py` and `step_ab.py`.
 """
 
 from __future__ import annotations

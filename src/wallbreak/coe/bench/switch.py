@@ -351,7 +351,8 @@ def _acquire_forward(mgr: TierManager, name: str, device: torch.device) -> None:
 
 
 def _checks(out: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets as ratios, so a reader sees at once which hold on this machine."""
+    """The switch targets as ratios (ours against the baselines and ceilings), so a reader sees at once
+    which hold on the machine measured."""
     ceil = out["ceilings"]
     ref_copy = ceil["h2d_pinned_gbps"] or ceil["memcpy_gbps"]
     checks: dict[str, Any] = {}

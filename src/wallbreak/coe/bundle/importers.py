@@ -145,7 +145,7 @@ def import_expert(
 
 
 def _write(out: str | Path, sources: Sequence[ExpertSource], form: str | None) -> None:
-    """Write experts in `form`: a float dtype casts, a compact form quantizes (coe/compact.py)."""
+    """Write experts in `form`: a float dtype casts, a compact form quantizes (coe/bundle/compact.py)."""
     dtype = DTYPES.get(form) if form else None
     with BundleWriter(out) as w:
         for es in sources:

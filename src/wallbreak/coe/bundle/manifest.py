@@ -46,7 +46,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # What a tensor may be stored as: the float dtypes, plus the integer payloads of compact experts.
 TENSOR_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8, "uint8": torch.uint8}
 TENSOR_DTYPE_NAMES = {v: k for k, v in TENSOR_DTYPES.items()}
-# An expert's form: a float dtype, or a compact form (coe/compact.py owns those).
+# An expert's form: a float dtype, or a compact form (coe/bundle/compact.py owns those).
 EXPERT_FORMS = (*DTYPES, "int8", "int4")
 
 
@@ -178,7 +178,7 @@ class ExpertEntry:
     description: str = ""
     examples: tuple[str, ...] = ()
     source: str = ""
-    quant: dict[str, Any] | None = None  # compact experts: form, group, kernel layout (coe/compact.py)
+    quant: dict[str, Any] | None = None  # compact experts: form, group, kernel layout (coe/bundle/compact.py)
 
     @functools.cached_property
     def layout_key(self) -> str:

@@ -92,7 +92,7 @@ PREFILL_FROM = {"int8": MIN_PREFILL, "int4": 64, "bfloat16": MIN_PREFILL, "float
 
 def package_path(layout: str, part: str = "decode") -> Path:
     """The package of one architecture, byte layout and part, for this torch, CPU and format."""
-    # threads: fp32 linears are split one block per core into the graph (coe/cpu_linear.py)
+    # threads: fp32 linears are split one block per core into the graph (coe/tiers/cpu_linear.py)
     cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
     stem, ident = layout, f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
     if part != "decode":  # decode packages keep the names they had before there were parts

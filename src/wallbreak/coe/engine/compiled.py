@@ -33,7 +33,7 @@ Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`, ke
 brought that to 9.6 s and 103 s. With the build process instead: 1.5 s and 33.5 s while it builds
 (against 0.6 s and 19.7 s eager in that run), 0.66 s and 26.2 s once the package is on disk.
 
-Where (`policy`, `serve --compile`), from what was measured on SmolLM2 (README): the
+Where (`policy`, `serve --compile`), from what was measured on SmolLM2 (docs/benchmarks.md): the
 ahead-of-time step at one row against eager, interleaved (`benchmarks/step_ab.py`, two runs each):
 int4 1.79x/2.03x, int8 1.45x/1.56x, fp32 1.81x/1.61x, bf16 1.52x/1.50x. At eight rows the compiled
 step did not win for any form (0.60x to 0.88x in-process; int4 built ahead of time with dynamic

@@ -8,7 +8,7 @@ one row, on the 2-core machine this was measured on. Per row count, for SmolLM2'
 (linear -> split, ms for 250 weights): 1: 55.6 -> 24.0, 2: 85.4 -> 24.6, 4: 76.0 -> 40.8, 8: 79.9
 -> 57.9, 16: 80.8 -> 67.4, 32: 103.1 -> 94.0; past `MAX_ROWS` (prefill) the threaded GEMM is the
 better kernel and runs as before. Only fp32: bf16's and the compact formats' kernels already use
-every core (`coe/compact.py`), and bf16 through `bmm` was slower.
+every core (`coe/bundle/compact.py`), and bf16 through `bmm` was slower.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def build_skeleton(entry: ExpertEntry, device: torch.device) -> nn.Module:
     if entry.quant:
         compact.make_compact(model, entry, device)
     elif dtype == torch.float32 and device.type == "cpu":
-        split_linears(model)  # decode's fp32 products on every core (coe/cpu_linear.py)
+        split_linears(model)  # decode's fp32 products on every core (coe/tiers/cpu_linear.py)
     return model
 
 
