@@ -1,4 +1,4 @@
-"""The decode ceiling of one expert on this machine: its linear layers alone, at one row.
+"""The decode ceiling of one expert on the machine it runs on: its linear layers alone, at one row.
 
     python benchmarks/matmul_ceiling.py --bundle DIR --expert NAME [--repeats 20]
 

@@ -16,7 +16,7 @@ blob, which modules of the skeleton become quantized ones at load, and which ker
 
 Everything else (norms, biases) is bf16, and activations are bf16: that is what both kernels take on
 the CPU (with fp32 activations the int8 kernel is ~5x slower than the fp32 matmul here).
-Measured on this 2-core CPU, one token through SmolLM2's 49152 x 576 LM head: fp32 11.9 ms, bf16
+Measured on a 2-core x86 CPU (AVX-512), one token through SmolLM2's 49152 x 576 LM head: fp32 11.9 ms, bf16
 6.4 ms, int8 2.9 ms, int4 0.9 ms (`aten` calls, 200 repeats).
 """
 
@@ -146,7 +146,7 @@ def dequantized_matmuls() -> Iterator[None]:
     """While this is open, compact linear layers over more than one row dequantize their weight to
     bf16 and run a dense matmul instead of torch's compact kernel. Only worth it where a compiler
     fuses the dequantization into one pass per weight: the ahead-of-time prefill (`engine.aot`) is
-    traced under this. At a 512-token prefill of SmolLM2 on this CPU, the int4 kernel took 78% of
+    traced under this. At a 512-token prefill of SmolLM2 on a 2-core x86 CPU, the int4 kernel took 78% of
     the forward; one MLP weight at 512 rows took 5.4 ms through it, 2.1 ms as a bf16 matmul.
     Eagerly, the dequantization's own passes ate the gain (596 against 533 tokens/s at 512, a loss
     below 256 tokens), so eager serving keeps the kernels."""

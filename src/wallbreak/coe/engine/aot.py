@@ -18,9 +18,9 @@ architecture is switched in. The few constants the compiler made itself (e.g. a 
 group size as a tensor) come from the package. So every expert of an architecture shares one
 compiled step, as with the in-process compile, and a switch never builds anything.
 
-One row only: that is where compiling paid on this CPU kind (at eight rows the compiled step lost
-to eager for every stored form, `benchmarks/engine_compile.py`), and one fixed row count keeps the
-decode package to one dynamic dimension, the blocks' capacity.
+One row only: that is where compiling paid on the 2-core x86 CPU measured (at eight rows the
+compiled step lost to eager for every stored form, `benchmarks/engine_compile.py`), and one fixed
+row count keeps the decode package to one dynamic dimension, the blocks' capacity.
 
 Each architecture also gets a second package, its prefill (`part="prefill"`, forms in
 `PREFILL_FROM`): one row's chunk of a prompt, whose length is a second dynamic dimension. Compact

@@ -26,7 +26,7 @@ line and leaves that architecture eager; so does a compiled step that raises at 
 step is redone eagerly: its cache writes are idempotent).
 
 Why not torch.compile on the CPU: Dynamo traces in Python, holding the GIL that the engine thread
-takes back after every operator, and Inductor's C++ builds take the cores. On this 2-core CPU,
+takes back after every operator, and Inductor's C++ builds take the cores. On a 2-core x86 CPU,
 `serve --compile on` over SmolLM2 + Gemma-3 int4 with Inductor's cache cleared: a first answer took
 23.7 s and an 11-request burst 151 s, against 0.6 s and 26.5 s with `--no-compile`; dropping
 Python's switch interval to 0.2 ms while compiling (`_gil_handed_back_often`, kept for CUDA)

@@ -33,7 +33,7 @@ from wallbreak.errors import first_line
 log = logging.getLogger(__name__)
 
 # Prompts this long or longer prefill one by one where a compiled prefill exists, shorter ones together.
-# SmolLM2 int8 on this CPU (`benchmarks/prefill_ab.py`): one row through the package ran 363 tokens/s
+# SmolLM2 int8 on a 2-core x86 CPU (`benchmarks/prefill_ab.py`): one row through the package ran 363 tokens/s
 # at 16 tokens, 571 at 64, 833 at 128; eager's kernels 450-530 at 128 rows or more, which is what
 # several short prompts padded into one batch make.
 ALONE_FROM = 64

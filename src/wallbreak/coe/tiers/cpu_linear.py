@@ -1,11 +1,11 @@
 """fp32 linear layers at a few rows on the CPU, split across the cores.
 
-torch's fp32 `linear` of a handful of rows (decode) runs on one core here: the BLAS treats a
-matrix-vector product as too small to thread, so streaming SmolLM2's weights from memory ran at
-10.5 GB/s with one thread or two. Viewing the weight as `parts` stacked blocks of rows and
-multiplying them with one `bmm` puts a block on each core: 24.7 GB/s over 200 [1536, 576] weights at
-one row, on the 2-core machine this was measured on. Per row count, for SmolLM2's layer shapes
-(linear -> split, ms for 250 weights): 1: 55.6 -> 24.0, 2: 85.4 -> 24.6, 4: 76.0 -> 40.8, 8: 79.9
+torch's fp32 `linear` of a handful of rows (decode) runs on one core (measured on a 2-core x86 CPU):
+the BLAS treats a matrix-vector product as too small to thread, so streaming SmolLM2's weights from
+memory ran at 10.5 GB/s with one thread or two. Viewing the weight as `parts` stacked blocks of rows
+and multiplying them with one `bmm` puts a block on each core: 24.7 GB/s over 200 [1536, 576]
+weights at one row. Per row count, for SmolLM2's layer shapes (linear -> split, ms for 250
+weights): 1: 55.6 -> 24.0, 2: 85.4 -> 24.6, 4: 76.0 -> 40.8, 8: 79.9
 -> 57.9, 16: 80.8 -> 67.4, 32: 103.1 -> 94.0; past `MAX_ROWS` (prefill) the threaded GEMM is the
 better kernel and runs as before. Only fp32: bf16's and the compact formats' kernels already use
 every core (`coe/bundle/compact.py`), and bf16 through `bmm` was slower.
