@@ -35,6 +35,13 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
+def fill(config: Any, args: argparse.Namespace, **given: Any) -> Any:
+    """An instance of the dataclass `config`: each field from `given`, else from the flag of the same
+    name, else the field's own default."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
+    return config(**(kw | given))
+
+
 def default_of(config: Any, name: str) -> Any:
     """The default of field `name` of the dataclass `config`: the CLI shows and uses exactly it."""
     for f in dataclasses.fields(config):

@@ -60,7 +60,6 @@ def add_bundle_parser(verbs: Any) -> None:
 
 
 def run_bundle_command(args: argparse.Namespace) -> int:
-
     if args.action == "import":
         importers.import_expert(
             args.src,

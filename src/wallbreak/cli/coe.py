@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wallbreak.cli.args import Parser, default_arg, default_of, ints, names, on_off
+from wallbreak.cli.args import Parser, default_arg, default_of, fill, ints, names, on_off
 from wallbreak.coe import defaults
 from wallbreak.coe.bench.fuse import BenchFuseArgs, format_bench_fuse
 from wallbreak.coe.bench.fuse import run_bench_fuse as bench_fuse
@@ -211,21 +211,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_bench_fuse(args: argparse.Namespace) -> int:
-
     modes = args.modes or (["eager", "compiled"] + (["graphs"] if args.device.startswith("cuda") else []))
-    res = bench_fuse(
-        BenchFuseArgs(
-            bundle=args.bundle,
-            experts=args.experts,
-            dtypes=args.dtypes,
-            modes=modes,
-            prompt_tokens=args.prompt_tokens,
-            decode_tokens=args.decode_tokens,
-            switches=args.switches,
-            device=args.device,
-            repeats=args.repeats,
-        )
-    )
+    res = bench_fuse(fill(BenchFuseArgs, args, modes=modes))
     print(json.dumps(res) if args.json else format_bench_fuse(res))
     return 0
 
@@ -284,7 +271,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-
     for name in args.policy or ():
         serving_policy(name)  # an unknown name fails here, before any server starts
     if args.expert_load is not None:  # so does a bad load file
@@ -292,22 +278,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             raise ConfigError("--expert-load places experts on Ray replicas; use it with --ray")
         read_load(args.expert_load, Bundle.open(args.bundle, lenient=True).names)
     res = bench_serve(
-        BenchServeArgs(
-            bundle=args.bundle,
+        fill(
+            BenchServeArgs,
+            args,
             device_budget=parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
             host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
-            workload=args.workload,
-            requests=args.requests,
             concurrency=tuple(args.concurrency),
             policies=tuple(args.policy) if args.policy else tuple(POLICIES),
-            max_tokens=args.max_tokens,
-            seed=args.seed,
             alone=not args.no_alone,
-            max_wait=args.max_wait,
-            drop_caches=args.drop_caches,
-            direct_io=args.direct_io,
             replicas=args.replicas if args.ray else None,
-            expert_load=args.expert_load,
         )
     )
     if args.plot:
@@ -317,16 +296,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
 
 def run_bench_switch(args: argparse.Namespace) -> int:
-
-    a = BenchSwitchArgs(
-        bundle=args.bundle,
-        experts=args.experts,
-        cache=args.cache,
-        repeats=args.repeats,
-        device=args.device,
-        reader_threads=args.reader_threads,
-    )
-    out = bench_switch(a)
+    out = bench_switch(fill(BenchSwitchArgs, args))
     print(json.dumps(out) if args.json else format_bench_switch(out))
     return 0
 

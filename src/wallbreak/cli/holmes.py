@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wallbreak.cli.args import default_arg
+from wallbreak.cli.args import default_arg, fill
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.holmes.plan.calibrate import calibration_for
 from wallbreak.holmes.plan.launch import TRAIN_MODULE, emit_launch
@@ -87,7 +87,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-
     custom = [args.layers, args.hidden, args.heads]
     if args.model and any(v is not None for v in custom):
         raise ConfigError("give either --model or --layers/--hidden/--heads, not both")
@@ -99,13 +98,7 @@ def run_plan(args: argparse.Namespace) -> int:
         model = ModelSpec(name, args.layers, args.hidden, args.heads, args.seq_len, args.vocab)
     else:
         raise ConfigError("name a model: --model gpt-7.5b (or all of --layers, --hidden, --heads)")
-    training = TrainingSpec(
-        global_batch=args.global_batch,
-        micro_batch=args.micro_batch,
-        recompute=args.recompute,
-        dtype=args.dtype,
-        efficiency=args.efficiency,
-    )
+    training = fill(TrainingSpec, args)
     if not 0 < args.master_port < 65536:
         raise ConfigError(f"--master-port must be 1-65535, got {args.master_port}")
     cal = calibration_for(args.calibrate, args.calibration, args.save_calibration)
