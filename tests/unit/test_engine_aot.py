@@ -16,6 +16,7 @@ from helpers import make_engine, make_tiny_llama_folder
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Engine, aot
 from wallbreak.coe.engine import compiled as compiled_mod
+from wallbreak.coe.engine.step import forward
 
 
 @pytest.fixture
@@ -242,7 +243,7 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
             c.open_rows(1)
         with torch.no_grad():
             logits = [package(model, ids[:, :32], got), package(model, ids[:, 32:], got)][-1]
-            expect = compiled_mod.forward(model, ids, ref)[:, -1]
+            expect = forward(model, ids, ref)[:, -1]
         assert got.lengths == ref.lengths == [ids.shape[1]]
         torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)
 
@@ -271,12 +272,12 @@ def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: P
             c.open_rows(1)
         with torch.no_grad():
             logits = package(model, ids, got)
-            expect = compiled_mod.forward(model, ids, ref)[:, -1]
+            expect = forward(model, ids, ref)[:, -1]
         torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)
     other = KVCache.for_model(models["a"])  # the experts differ enough for the test to tell them apart
     other.open_rows(1)
     with torch.no_grad():
-        a_logits = compiled_mod.forward(models["a"], ids, other)[:, -1]
+        a_logits = forward(models["a"], ids, other)[:, -1]
     assert not torch.allclose(a_logits.float(), expect.float(), atol=0.5)
 
 
