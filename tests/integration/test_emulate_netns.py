@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from wallbreak.holmes.plan.topology import load_topology
 pytestmark = pytest.mark.netns
 SMALL = Path(__file__).parents[2] / "examples" / "clusters" / "emu-small.yaml"
 PREFIX = "wbt"
+MODEL, TRAINING = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
 
 
 def _can_make_namespaces() -> str | None:
@@ -101,19 +103,31 @@ def test_a_shaped_link_carries_its_set_rate(
     assert 0.3 * mbit < got < 1.15 * mbit, got
 
 
+@pytest.fixture(scope="module")
+def bench() -> Iterator[dict[str, Any]]:
+    """One `bench holmes` run on emu-small (all four placements), shared by the tests that read it;
+    with the emulation's state right after it."""
+    why = _can_make_namespaces()
+    if why:
+        pytest.skip(why)
+    from wallbreak.holmes.emulate.run import EmuJob, bench_holmes
+
+    job = EmuJob(SMALL, load_topology(SMALL), MODEL, TRAINING, 4, (1, 2, 2), 0.01, PREFIX, timeout_s=300)
+    try:
+        res = bench_holmes(job)
+        yield res | {"state_after": emulate.load_state(PREFIX)}
+    finally:
+        emulate.down(PREFIX)
+
+
 def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
-    emu: emulate.Emulation,
+    bench: dict[str, Any],
 ) -> None:
     """The runtime checks every group's sockets against its NIC at start-up and stops on a mismatch,
     so a run that completes had its DP groups on fab0 (holmes) or everything on eth0 (megatron)."""
-    from wallbreak.holmes.emulate.run import EmuJob, run_placement
-
-    model = ModelSpec("tiny", 2, 64, 2, 32, 256)
-    training = TrainingSpec(8, 2, "none", "fp32")
-    job = EmuJob(SMALL, load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX, timeout_s=300)
-    ref = one_process_losses(model, training, 4)
+    ref = one_process_losses(MODEL, TRAINING, 4)
     for placement in ("holmes", "megatron"):
-        r = run_placement(emu, job.topo, job, placement)
+        r = bench["placements"][placement]
         assert (r["tp"], r["pp"], r["dp"]) == (1, 2, 2)
         assert r["measured"]["iteration_s"] > 0 and r["measured"]["steps"] == 2
         # The emulated network changes the time, never the arithmetic: same losses as one process.
@@ -132,15 +146,7 @@ def one_process_losses(model: ModelSpec, training: TrainingSpec, steps: int) -> 
     return one_process_training(c, read_text(default_corpus()), training.global_batch, steps)[0]
 
 
-def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(emu: emulate.Emulation) -> None:
-    from wallbreak.holmes.emulate.run import EmuJob, bench_holmes
-
-    model, training = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
-    job = EmuJob(SMALL, load_topology(SMALL), model, training, 4, (1, 2, 2), 0.01, PREFIX, timeout_s=300)
-    res = bench_holmes(job)
-    assert list(res["placements"]) == ["holmes", "megatron", "all-rdma", "all-ethernet"]
-    assert res["speedup_holmes_vs_megatron"] > 0 and res["holmes_vs_all_rdma"] > 0
-    assert emulate.load_state(PREFIX).uplink_mbit == {
-        "ib": 100,
-        "roce": 100,
-    }  # all-ethernet's, torn down after
+def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(bench: dict[str, Any]) -> None:
+    assert list(bench["placements"]) == ["holmes", "megatron", "all-rdma", "all-ethernet"]
+    assert bench["speedup_holmes_vs_megatron"] > 0 and bench["holmes_vs_all_rdma"] > 0
+    assert bench["state_after"].uplink_mbit == {"ib": 100, "roce": 100}  # all-ethernet's, torn down after

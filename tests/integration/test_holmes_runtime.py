@@ -139,9 +139,9 @@ def test_pp4_matched_by_order_alone_matches_one_process(tmp_path: Path, corpus: 
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> None:
+    """Three steps, then a resumed run to six: the curve is the uninterrupted one (the one-process
+    reference, which the pp tests above show every layout equals)."""
     plan = make_plan(tmp_path, layers=[2, 2])
-    full = torchrun(plan, 4, "--steps", "6", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "a"))
-    assert full.returncode == 0, full.stderr[-3000:]
     first = torchrun(plan, 4, "--steps", "3", "--data", str(corpus), "--checkpoint-dir", str(tmp_path / "b"))
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = torchrun(
@@ -149,7 +149,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, corpus: Path) -> N
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 3" in resumed.stderr
-    assert losses(tmp_path / "b" / "train.jsonl") == losses(tmp_path / "a" / "train.jsonl")
+    assert losses(tmp_path / "b" / "train.jsonl") == pytest.approx(
+        reference(corpus, 6)[0], rel=1e-5, abs=1e-6
+    )
     # A checkpoint from another plan is refused, clearly.
     other = make_plan(tmp_path, layers=[3, 1])
     bad = torchrun(
@@ -185,7 +187,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
     import time
 
     plan = make_plan(tmp_path, layers=[2, 2])
-    common = ["--steps", "100", "--data", str(corpus), "--checkpoint-every", "1"]
+    common = ["--steps", "40", "--data", str(corpus), "--checkpoint-every", "1"]  # killed at step 5 or so
     ref = torchrun(plan, 4, *common, "--checkpoint-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
     ck = tmp_path / "killed"

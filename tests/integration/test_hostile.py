@@ -193,7 +193,7 @@ def test_a_whole_answer_client_that_leaves_frees_its_row(server: ServerThread) -
 
 
 def test_api_key_from_a_file(bundle: Path, tmp_path: Path) -> None:
-    from wallbreak.cli import api_key
+    from wallbreak.cli.coe import api_key
     from wallbreak.errors import ConfigError
 
     f = tmp_path / "key"

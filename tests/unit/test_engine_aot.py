@@ -5,6 +5,7 @@ engine without building, rebuilt when its file is damaged, and a clean fall back
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -29,9 +30,41 @@ def packages(cache: Path) -> list[Path]:
     return sorted((cache / "aot").glob("*.pt2"))
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Packages built once for this module: a test that builds publishes what it built here, and a
+    test that only needs a package copies it from here (or builds it here first, run alone)."""
+    return tmp_path_factory.mktemp("aot-store")
+
+
+def publish(cache: Path, store: Path) -> None:
+    for f in (cache / "aot").glob("*.pt2*"):
+        if not (store / f.name).exists():
+            shutil.copy2(f, store / f.name)
+
+
+def provide(store: Path, bundle: Path, expert: str, parts: tuple[str, ...] = ("decode",)) -> list[Path]:
+    """The expert's packages in the current cache: copied from the store, built into it if missing."""
+    key = Bundle.open(bundle).expert(expert).layout_key
+    out = []
+    for part in parts:
+        path = aot.package_path(key, part)
+        aot.private_dir(path.parent)
+        stored = store / path.name
+        if not stored.exists():
+            aot.build(bundle, expert, path, part)
+            for f in (path, aot.seal_path(path)):
+                shutil.copy2(f, store / f.name)
+        else:
+            for f in (stored, aot.seal_path(stored)):
+                shutil.copy2(f, path.parent / f.name)
+        out.append(path)
+    return out
+
+
 @pytest.mark.parametrize("bundle", ["synth_bundle_dir", "arch_bundle_dir"])
 def test_ahead_of_time_step_gives_eager_tokens_across_switches(
-    bundle: str, request: pytest.FixtureRequest, cache: Path
+    bundle: str, request: pytest.FixtureRequest, cache: Path, store: Path
 ) -> None:
     path: Path = request.getfixturevalue(bundle)
     eager, tiers_e = make_engine(path, compile="off")
@@ -55,6 +88,7 @@ def test_ahead_of_time_step_gives_eager_tokens_across_switches(
         assert comp.stats.switches >= len(experts)
         # a decode and a prefill package per architecture, however many experts share it
         assert len(packages(cache)) == 2 * len(set(comp.layouts.values()))
+        publish(cache, store)
     finally:
         for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
             eng.stop(timeout=5)
@@ -62,7 +96,11 @@ def test_ahead_of_time_step_gives_eager_tokens_across_switches(
 
 
 def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    cache: Path,
+    store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from wallbreak.coe.bundle.importers import import_expert
 
@@ -101,6 +139,7 @@ def test_a_later_engine_reuses_the_package_and_a_damaged_one_is_rebuilt(
 
     first = serve_compiled()
     assert builds == ["l8:decode", "l8:prefill"] and len(packages(cache)) == 2
+    publish(cache, store)
     # int8 computes in bf16, where fused kernels round differently: the first tokens must agree
     assert first[0][:3] == want[0][:3]
     assert serve_compiled() == first and len(builds) == 2  # the second engine built nothing
@@ -157,7 +196,7 @@ def test_the_package_is_keyed_by_layout_and_torch(cache: Path) -> None:
 
 
 def test_bundle_compile_builds_ahead_of_serving(
-    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, cache: Path, store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from wallbreak.cli import main
     from wallbreak.coe.bundle.importers import import_expert
@@ -168,6 +207,7 @@ def test_bundle_compile_builds_ahead_of_serving(
     out = capsys.readouterr().out
     assert "l4: built the decode step" in out and "l4: built the prefill step" in out
     assert len(packages(cache)) == 2  # int4: a compiled prefill too
+    publish(cache, store)
     assert torch.is_grad_enabled()  # building in this process left its autograd state alone
     assert main(["bundle", "compile", str(bundle)]) == 0
     out = capsys.readouterr().out
@@ -198,7 +238,7 @@ def wait_prefill(eng: Engine, expert: str) -> int:
 
 
 def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache: Path, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """int4 (some layers dense in the package, some through the kernel): one row's chunks through
     the package, shorter chunks eagerly, several prompts admitted together each prefilled alone."""
@@ -209,6 +249,7 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
     monkeypatch.setitem(aot.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
     bundle = tmp_path / "b"
     import_expert(make_tiny_llama_folder(tmp_path / "hf", seed=6), "p", bundle, dtype="int4")
+    provide(store, bundle, "p", aot.PARTS)  # what serving would build first: its building is tested above
     # 40 tokens: chunks of 32 and 8; 3 tokens: below the shortest chunk, eager; 70: 32, 32, and 6 eagerly
     prompts = [("p", list(range(5, 45))), ("p", [40, 41, 42]), ("p", list(range(100, 170)))]
     eager, tiers_e = make_engine(bundle, compile="off", prefill_chunk=32)
@@ -248,7 +289,9 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
         torch.testing.assert_close(logits.float(), expect.float(), rtol=0.05, atol=0.05)
 
 
-def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: Path, cache: Path) -> None:
+def test_one_prefill_package_serves_every_expert_of_its_architecture(
+    tmp_path: Path, cache: Path, store: Path
+) -> None:
     """Two int8 experts of one architecture share a package; each call reads the weights of the
     model it is given (the loader is pointed again when they change), never the last one's."""
     from wallbreak.coe.bundle.importers import import_expert
@@ -260,8 +303,7 @@ def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: P
         import_expert(make_tiny_llama_folder(tmp_path / name, seed=seed), name, bundle, dtype="int8")
     opened = Bundle.open(bundle)
     assert opened.expert("a").layout_key == opened.expert("b").layout_key
-    path = aot.package_path(opened.expert("a").layout_key, "prefill")
-    aot.build(bundle, "a", path, "prefill")
+    (path,) = provide(store, bundle, "a", ("prefill",))
     package = aot.AotStep(path)
     models = {n: load_standalone(opened, n) for n in ("a", "b")}
     ids = torch.arange(10, 50)[None]
@@ -282,14 +324,13 @@ def test_one_prefill_package_serves_every_expert_of_its_architecture(tmp_path: P
 
 
 def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_loaded(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, cache: Path, store: Path
 ) -> None:
     """A package is a native library: one whose bytes changed since its builder sealed it, one
     others could have written, one in a cache directory others can write, or one that computes
     other logits than the eager forward (stale: built for another configuration) is refused."""
     import json
     import os
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -303,8 +344,7 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
     import_expert(hf, "m", bundle)
     opened = Bundle.open(bundle)
-    path = aot.package_path(opened.expert("m").layout_key)
-    aot.build(bundle, "m", path)
+    (path,) = provide(store, bundle, "m")  # sealed by its builder; the copy keeps bytes and mode
     model = load_standalone(opened, "m")
     aot.verify(path)
     aot.AotStep(path).check(model)
