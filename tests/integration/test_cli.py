@@ -103,7 +103,7 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
     plot = tmp_path / "bench.png"
     code, text, _ = run(
         capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--device-budget", str(2 * size + 4096),
-        "--requests", "6", "--concurrency", "2,3", "--max-tokens", "4", "--no-alone",
+        "--requests", "6", "--concurrency", "2,3", "--max-tokens", "4", "--no-alone", "--compile", "off",
         "--plot", str(plot), "--json",
     )  # fmt: skip
     assert code == 0

@@ -188,6 +188,10 @@ def _bench_serve_parser(bench: Any) -> None:
     bs.add_argument("--no-alone", action="store_true", help="skip the plain transformers generate reference")
     default_arg(bs, BenchServeArgs, "--max-wait", float, "the servers' --max-wait")
     bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
+    compile_default = default_of(BenchServeArgs, "compile")
+    bs.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=compile_default,
+                    help="the servers' --compile (default %(default)s; run `wallbreak bundle compile` first, "
+                         "or a server builds while it is timed)")  # fmt: skip
     bs.add_argument("--direct-io", choices=defaults.DIRECT_IO_MODES,
                     help="the servers' --direct-io (on: every miss reads disk)")  # fmt: skip
     bs.add_argument("--drop-caches", action="store_true",

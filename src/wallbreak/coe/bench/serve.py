@@ -53,6 +53,7 @@ class BenchServeArgs:
     direct_io: str | None = None  # the servers' --direct-io
     replicas: int | None = None  # --ray: compare 1 replica with this many, each with the same budgets
     expert_load: Path | None = None  # --ray: the servers' --expert-load (measured load per expert)
+    compile: str = defaults.COMPILE  # the servers' --compile (build steps first: `wallbreak bundle compile`)
 
 
 def drop_page_cache() -> None:
@@ -91,7 +92,7 @@ class _Server:
         self.cmd = [
             sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(a.bundle),
             "--port", str(self.port), "--policy", policy, "--max-queue", str(max(256, a.requests)),
-            "--max-wait", str(a.max_wait),
+            "--max-wait", str(a.max_wait), "--compile", a.compile,
         ]  # fmt: skip
         if a.device_budget:
             self.cmd += ["--device-budget", str(a.device_budget)]
