@@ -15,6 +15,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # this run's own, never the user's cache.
 os.environ["WALLBREAK_CACHE"] = tempfile.mkdtemp(prefix="wallbreak-test-cache-")
 
+# The files that take minutes (compiler builds, real models, torchrun, namespaces), longest first:
+# `make test` hands whole files to two workers in collection order, so starting these first keeps
+# one worker from running the longest file alone at the end.
+LONGEST_FIRST = (
+    "test_engine_aot.py",
+    "test_engine_compiled.py",
+    "test_default_models.py",
+    "test_holmes_runtime.py",
+    "test_emulate_netns.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
+
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
