@@ -31,8 +31,10 @@ class RayServer:
     def __init__(self, bundle: Path, replicas: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # No test here is about compiled steps, so no replica builds one in the background.
         self.cmd = [sys.executable, "-m", "wallbreak.cli", "serve", "--ray", "--replicas", str(replicas),
-                    "--bundle", str(bundle), "--port", str(self.port), "--max-queue", "64"]  # fmt: skip
+                    "--bundle", str(bundle), "--port", str(self.port), "--max-queue", "64",
+                    "--compile", "off"]  # fmt: skip
         self.log = bundle.parent / "ray-serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

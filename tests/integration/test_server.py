@@ -322,8 +322,9 @@ def test_sigterm_drains_in_flight_requests(bundle: Path) -> None:
 
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wallbreak.cli", "serve", "--bundle", str(bundle), "--port", str(port)],
+        [*cmd, "--no-compile"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
