@@ -37,6 +37,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("aot-store")
 
 
+def seed(cache: Path, store: Path) -> None:
+    """Copy every package in the store into `cache` (what an earlier engine on this machine built)."""
+    aot.private_dir(cache / "aot")
+    for f in store.glob("*.pt2*"):
+        shutil.copy2(f, cache / "aot" / f.name)
+
+
+@pytest.fixture(scope="module")
+def four_llamas(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four experts of one architecture, the tiny Llama that `arch_bundle_dir` holds too, so the
+    packages one case of a test builds serve the other."""
+    from wallbreak.coe.bundle.importers import import_expert
+
+    root = tmp_path_factory.mktemp("four-llamas")
+    for i in range(4):
+        import_expert(make_tiny_llama_folder(root / f"hf{i}", seed=10 + i), f"llama-{i}", root / "bundle")
+    return root / "bundle"
+
+
 def publish(cache: Path, store: Path) -> None:
     for f in (cache / "aot").glob("*.pt2*"):
         if not (store / f.name).exists():
@@ -62,11 +81,14 @@ def provide(store: Path, bundle: Path, expert: str, parts: tuple[str, ...] = ("d
     return out
 
 
-@pytest.mark.parametrize("bundle", ["synth_bundle_dir", "arch_bundle_dir"])
+@pytest.mark.parametrize("bundle", ["four_llamas", "arch_bundle_dir"])
 def test_ahead_of_time_step_gives_eager_tokens_across_switches(
     bundle: str, request: pytest.FixtureRequest, cache: Path, store: Path
 ) -> None:
+    """Four experts sharing one package, then two architectures (whose Llama package the first case
+    built: only the Gemma-3 one is built here)."""
     path: Path = request.getfixturevalue(bundle)
+    seed(cache, store)
     eager, tiers_e = make_engine(path, compile="off")
     eager.start()
     comp, tiers_c = make_engine(path, compile="all")
