@@ -113,3 +113,21 @@ def test_ending_a_node_script_ends_workers_in_their_own_sessions(tmp_path: Path)
         time.sleep(0.05)
     else:
         raise AssertionError("the worker outlived its node script")
+
+
+def test_a_run_prints_as_one_line_with_its_degrees() -> None:
+    """What `emulate run` prints of a run record (the degrees at its top level, as every record has)."""
+    from wallbreak.cli.emulate import _line
+
+    record = {
+        "placement": "holmes",
+        "tp": 1,
+        "pp": 2,
+        "dp": 2,
+        "measured": {"iteration_s": 0.25, "tokens_per_s": 2048.0},
+        "predicted": {"iteration_s": 0.3},
+        "error_pct": 20.0,
+    }
+    assert _line(record) == (
+        "holmes        tp=1 pp=2 dp=2: measured 0.250 s/iteration (2048 tokens/s), predicted 0.300 s (+20%)"
+    )

@@ -77,7 +77,8 @@ def _job(args: argparse.Namespace) -> EmuJob:
 def _line(r: dict[str, Any]) -> str:
     m, p = r["measured"], r["predicted"]
     return (
-        f"{r['placement']:<13} {r['degrees']}: measured {m['iteration_s']:.3f} s/iteration "
+        f"{r['placement']:<13} tp={r['tp']} pp={r['pp']} dp={r['dp']}: "
+        f"measured {m['iteration_s']:.3f} s/iteration "
         f"({m['tokens_per_s']:.0f} tokens/s), predicted {p['iteration_s']:.3f} s ({r['error_pct']:+.0f}%)"
     )
 
