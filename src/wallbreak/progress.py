@@ -3,6 +3,7 @@ a TTY) one plain line per tenth of the work, with no carriage returns."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -93,3 +94,29 @@ def each(items: Iterable[T], desc: str, unit: str = "it") -> Iterator[T]:
         for item in listed:
             yield item
             bar.update(1)
+
+
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Off a terminal, while a library works: its own tqdm bars (transformers' "Loading weights",
+    its GGUF converter's) would write carriage returns into the log, so they are turned off; ours
+    say a plain line per tenth. On a terminal they draw as usual. tqdm reads its `TQDM_DISABLE`
+    default once, at import, and the GGUF converter calls tqdm directly, so the one switch that
+    reaches every bar is tqdm's own `disable`, set for bars made inside this block."""
+    if on_terminal():
+        yield
+        return
+    from tqdm import std  # deferred: loads tqdm
+
+    own = std.tqdm.__dict__["__init__"]  # put back as it was (a partialmethod of tqdm's defaults)
+    made = std.tqdm.__init__
+
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        made(self, *args, **kwargs)
+
+    std.tqdm.__init__ = quiet  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = own  # type: ignore[method-assign]

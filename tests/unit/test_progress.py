@@ -37,3 +37,27 @@ def test_on_a_terminal_it_is_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(bar, tqdm)
     bar.close()
     assert list(progress.each([1, 2, 3], "items")) == [1, 2, 3]
+
+
+def test_a_library_import_writes_no_bars_into_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Importing a model through transformers (its own "Loading weights" tqdm bar) into a bundle,
+    with stderr a log: plain lines only. tqdm is itself again afterwards."""
+    from tqdm import std, tqdm
+
+    from helpers import make_tiny_llama_folder
+    from wallbreak.coe.bundle.importers import import_expert
+
+    src = make_tiny_llama_folder(tmp_path / "hf")
+    capsys.readouterr()
+    own = std.tqdm.__dict__["__init__"]
+    import_expert(src, "m", tmp_path / "b")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "writing m: done" in err, err
+    assert std.tqdm.__dict__["__init__"] is own
+    with progress.library_bars_off():
+        tqdm(range(3), desc="a library's bar").close()
+    assert capsys.readouterr().err == ""
+    tqdm(range(3), desc="after").close()
+    assert "after" in capsys.readouterr().err

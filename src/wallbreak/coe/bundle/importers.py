@@ -18,7 +18,7 @@ import torch
 from wallbreak.coe.bundle import compact
 from wallbreak.coe.bundle.manifest import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
 from wallbreak.errors import ConfigError, WallbreakError
-from wallbreak.progress import each, progress, say
+from wallbreak.progress import each, library_bars_off, progress, say
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,9 @@ def load_hf_model(src: Path) -> tuple[Any, Any, str]:
             raise ConfigError(f"{src} is not a Hugging Face model folder: it has no config.json")
         folder, kind = src, "hf"
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", **kwargs)
+        with library_bars_off():
+            tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise WallbreakError(f"cannot load {src} with transformers: {str(e).splitlines()[0]}") from None
     return model, tok, f"{kind}:{src.resolve()}"
