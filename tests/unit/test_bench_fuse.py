@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from wallbreak.cli import main
-from wallbreak.coe.bench.fuse import Slot, graphs_built, load_expert, slot_tensors
+from wallbreak.coe.bench.fuse import Slot, load_expert, slot_tensors
 from wallbreak.coe.bundle import compact
-from wallbreak.coe.bundle.manifest import Bundle, BundleWriter, ExpertSource
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
+from wallbreak.coe.engine.compiled import graphs_built
 
 
 def _next_tokens(slot: Slot, ids: torch.Tensor) -> torch.Tensor:

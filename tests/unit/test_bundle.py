@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from wallbreak.coe.bundle.importers import import_expert, synth_bundle, synth_shape
-from wallbreak.coe.bundle.manifest import (
-    BLOB_ALIGN,
-    MANIFEST,
-    TENSOR_ALIGN,
-    Bundle,
-    BundleWriter,
-    ExpertSource,
-)
+from wallbreak.coe.bundle.manifest import BLOB_ALIGN, MANIFEST, TENSOR_ALIGN, Bundle
+from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
 from wallbreak.errors import BundleError, ConfigError
 
 
@@ -261,7 +255,7 @@ def test_an_interrupted_default_bundle_is_finished_not_served_half(
 def test_leftovers_of_interrupted_writes_are_swept_only_while_no_writer_works(
     synth_bundle_dir: Path, tmp_path: Path
 ) -> None:
-    from wallbreak.coe.bundle.manifest import sweep
+    from wallbreak.coe.bundle.writer import sweep
 
     root = _copy(synth_bundle_dir, tmp_path)
     junk = [

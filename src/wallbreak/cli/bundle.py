@@ -81,8 +81,8 @@ def run_bundle_command(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(f"wrote {len(made)} synthetic expert(s) to {args.out}")
     elif args.action == "default":
-        names = importers.default_bundle(args.out, args.dtype)
-        print(f"default bundle at {args.out}: {', '.join(names)}")
+        made = importers.default_bundle(args.out, args.dtype)
+        print(f"default bundle at {args.out}: {', '.join(made)}")
     elif args.action == "verify":
         b = Bundle.open(args.dir)
         b.verify()
@@ -124,26 +124,26 @@ def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
     for e in chosen:
         by_layout.setdefault(e.layout_key, []).append(e)
     for layout, entries in by_layout.items():
-        names = ", ".join(e.name for e in entries)
+        listed = ", ".join(e.name for e in entries)
         parts = ["decode"]
         if entries[0].dtype in aot.PREFILL_FROM:
             parts.append("prefill")
         for part in parts:
-            _compile_part(bundle, entries[0].name, names, layout, part)
+            _compile_part(bundle, entries[0].name, listed, layout, part)
 
 
-def _compile_part(bundle: Any, expert: str, names: str, layout: str, part: str) -> None:
+def _compile_part(bundle: Any, expert: str, listed: str, layout: str, part: str) -> None:
     from wallbreak.coe.engine import aot  # deferred: loads transformers
 
     path = aot.package_path(layout, part)
     if path.is_file():
-        print(f"{names}: {part} already built ({path})")
+        print(f"{listed}: {part} already built ({path})")
         return
-    print(f"{names}: building the compiled {part} step (a minute or more) ...", flush=True)
+    print(f"{listed}: building the compiled {part} step (a minute or more) ...", flush=True)
     t0 = time.monotonic()
     try:
         aot.build(bundle.root, expert, path, part)
     except Exception as e:  # the compiler's own errors (no C++ compiler, an operator it lacks)
         raise WallbreakError(f"compiling {expert}'s {part} step failed: {first_line(e)}") from None
     size = format_bytes(path.stat().st_size)
-    print(f"{names}: built the {part} step, {path} ({size}), in {time.monotonic() - t0:.0f} s")
+    print(f"{listed}: built the {part} step, {path} ({size}), in {time.monotonic() - t0:.0f} s")

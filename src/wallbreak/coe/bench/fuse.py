@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wallbreak.coe.bundle import compact
-from wallbreak.coe.bundle.manifest import Bundle, BundleWriter, ExpertSource, iter_blob_tensors
+from wallbreak.coe.bundle.manifest import Bundle, iter_blob_tensors
+from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
+from wallbreak.coe.engine.compiled import graphs_built
 from wallbreak.coe.tiers.device import load_standalone
 from wallbreak.errors import ConfigError
 
@@ -73,13 +75,6 @@ class BenchFuseArgs:
         for name in ("prompt_tokens", "decode_tokens", "switches", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-
-
-def graphs_built() -> int:
-    """Graphs Dynamo has compiled in this process (a recompilation adds one)."""
-    from torch._dynamo.utils import counters  # deferred: loads torch._dynamo
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def slot_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

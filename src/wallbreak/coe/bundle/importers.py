@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from wallbreak.coe.bundle import compact
-from wallbreak.coe.bundle.manifest import DTYPES, EXPERT_FORMS, BundleWriter, ExpertSource, check_expert_name
+from wallbreak.coe.bundle.manifest import DTYPES, EXPERT_FORMS, check_expert_name
+from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.progress import each, library_bars_off, progress, say
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from wallbreak.coe.bundle.manifest import Bundle, BundleWriter
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.bundle.writer import BundleWriter
 from wallbreak.coe.router.encoder import Encoder, weights_sha256
 from wallbreak.coe.router.heads import expected_calibration_error, fit_head, fit_scale, softmax
 from wallbreak.common.atomic import fsync_tree
@@ -203,17 +204,10 @@ class _Data:
         return m
 
 
-def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> FitReport | None:
-    """Fit and store a router; None when the bundle has a single expert (it needs none)."""
-    t0 = time.perf_counter()
-    bundle = Bundle.open(bundle_dir)
+def _labelled(bundle: Bundle, opts: FitOptions) -> tuple[_Data, bool]:
+    """The labelled texts: the examples file's prompts (cross-validated on; else the manifest's), the
+    manifest's otherwise, and the experts' descriptions; whether any expert has a description."""
     names = bundle.names
-    if len(names) < 2:
-        return None
-    if opts.generalist is not None and opts.generalist not in names:
-        raise ConfigError(
-            f"--generalist {opts.generalist!r} is not in the bundle; it has: {', '.join(names)}"
-        )
     user = read_examples(opts.examples, names) if opts.examples else []
     manifest = [Example(p, e.name) for e in bundle.experts.values() for p in e.examples if p.strip()]
     cv_items, extras = (user, manifest) if user else (manifest, [])
@@ -234,6 +228,44 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
         n_cv=len(cv_items),
         n_extra=len(extras),
     )
+    return data, bool(descs)
+
+
+def _frozen_scores(
+    data: _Data,
+    vectors: np.ndarray,
+    specs: list[tuple[str, str, dict[str, Any]]],
+    fold: np.ndarray,
+    k: int,
+    desc_options: tuple[bool, ...],
+    classes: int,
+) -> dict[str, np.ndarray]:
+    """Out-of-fold scores of every head over the frozen embeddings, with and without descriptions."""
+    oof: dict[str, np.ndarray] = {}
+    for desc in desc_options:
+        for label, kind, params in specs:
+            name = label + ("+desc" if desc else "")
+            oof[name] = np.zeros((data.n_cv, classes), np.float32)
+            for f in range(k):
+                tr = data.train_mask(fold, f, desc)
+                head = fit_head(kind, vectors[tr], data.y[tr], classes, **params)
+                te = np.flatnonzero(fold == f)
+                oof[name][te] = head.scores(vectors[te])
+    return oof
+
+
+def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> FitReport | None:
+    """Fit and store a router; None when the bundle has a single expert (it needs none)."""
+    t0 = time.perf_counter()
+    bundle = Bundle.open(bundle_dir)
+    names = bundle.names
+    if len(names) < 2:
+        return None
+    if opts.generalist is not None and opts.generalist not in names:
+        raise ConfigError(
+            f"--generalist {opts.generalist!r} is not in the bundle; it has: {', '.join(names)}"
+        )
+    data, has_descs = _labelled(bundle, opts)
     y_cv = data.y[: data.n_cv]
     counts = np.bincount(y_cv, minlength=len(names))
     k = opts.folds or int(min(4, max(2, counts[counts > 0].min())))
@@ -241,20 +273,10 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
     encoder = Encoder(opts.encoder)
     frozen = encoder.encode(data.texts)
     specs = _head_specs(opts.methods)
-    desc_options = (False, True) if descs else (False,)
     C = len(names)
-    oof: dict[str, np.ndarray] = {}
-    for desc in desc_options:
-        for label, kind, params in specs:
-            name = label + ("+desc" if desc else "")
-            oof[name] = np.zeros((data.n_cv, C), np.float32)
-            for f in range(k):
-                tr = data.train_mask(fold, f, desc)
-                head = fit_head(kind, frozen.vectors[tr], data.y[tr], C, **params)
-                te = np.flatnonzero(fold == f)
-                oof[name][te] = head.scores(frozen.vectors[te])
+    oof = _frozen_scores(data, frozen.vectors, specs, fold, k, (False, True) if has_descs else (False,), C)
     acc = {n: float((s.argmax(1) == y_cv).mean()) for n, s in oof.items()}
-    use_desc = bool(descs) and max(v for n, v in acc.items() if n.endswith("+desc")) > max(
+    use_desc = has_descs and max(v for n, v in acc.items() if n.endswith("+desc")) > max(
         v for n, v in acc.items() if not n.endswith("+desc")
     )
     steps = 0

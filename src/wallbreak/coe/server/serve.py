@@ -14,8 +14,8 @@ from pathlib import Path
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import importers
-from wallbreak.coe.bundle import manifest as bundle_files
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
+from wallbreak.coe.bundle.writer import sweep
 from wallbreak.coe.engine import Engine, EngineConfig, aot
 from wallbreak.coe.router import FitOptions, Router, fit_router
 from wallbreak.coe.tiers import TierConfig, TierManager
@@ -92,7 +92,7 @@ def default_budgets(bundle: Bundle, host: int | None, device: int | None) -> tup
 def sweep_leftovers(root: Path) -> None:
     """What interrupted writes and killed builds left behind, removed at start, with one line each."""
     for where, (count, nbytes) in (
-        (root, bundle_files.sweep(root)),
+        (root, sweep(root)),
         (defaults.cache_dir() / "aot", aot.sweep()),
     ):
         if count:
