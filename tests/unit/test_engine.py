@@ -205,7 +205,7 @@ def test_requeue_puts_requests_back_in_order() -> None:
 def test_sampling_greedy_seeded_and_nucleus() -> None:
     import torch
 
-    from wallbreak.coe.engine.runner import sample
+    from wallbreak.coe.engine.sampling import sample
 
     logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
     assert sample(logits, SamplingParams(temperature=0), None) == 1
@@ -226,7 +226,7 @@ def test_sampling_greedy_seeded_and_nucleus() -> None:
 def test_logprobs_are_the_models_log_softmax() -> None:
     import torch
 
-    from wallbreak.coe.engine.runner import logprob_of
+    from wallbreak.coe.engine.sampling import logprob_of
 
     logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
     lp = logprob_of(logits, 2, 2)

@@ -13,7 +13,8 @@ import torch
 
 from helpers import make_engine, run
 from wallbreak.coe.engine import SamplingParams
-from wallbreak.coe.engine.runner import Batch, sample
+from wallbreak.coe.engine.runner import Batch
+from wallbreak.coe.engine.sampling import sample
 from wallbreak.errors import BundleError, CapacityError
 
 

@@ -4,8 +4,10 @@ stop strings. The engine never sees text; the HTTP layer never opens a tokenizer
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry
@@ -15,6 +17,29 @@ from wallbreak.errors import BundleError, ConfigError, first_line
 # eos_token_id may name only the document end.
 TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
 DEFAULT_CONTEXT = 2048  # when a config names no max_position_embeddings
+# What an expert's generation_config.json may set for a request that leaves the field out (vLLM's
+# rule): the import keeps these, beside the tokenizer.
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_FILE = "generation_config.json"
+
+
+def sampling_defaults(tok_dir: Path) -> dict[str, float]:
+    """The sampling values an expert's generation_config.json sets (none if it has no such file,
+    or one that is not a JSON object of numbers)."""
+    path = tok_dir / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: float(v)
+        for k in GENERATION_KEYS
+        if isinstance(v := raw.get(k), int | float) and not isinstance(v, bool)
+    }
 
 
 class TemplateError(ConfigError):
@@ -41,6 +66,8 @@ class ExpertTokenizer:
     tokenizer: Any
     context: int  # the model's own context length: prompt plus generated tokens
     eos_ids: frozenset[int]
+    # generation_config's sampling values (GENERATION_KEYS), for fields a request leaves out
+    defaults: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, bundle: Bundle, entry: ExpertEntry) -> ExpertTokenizer:
@@ -51,12 +78,24 @@ class ExpertTokenizer:
             raise ConfigError(f"expert {entry.name!r} has no tokenizer in the bundle; it cannot be served")
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
         context = int(entry.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
-        return cls(entry.name, tok, context, eos_ids(tok, entry.config))
+        return cls(entry.name, tok, context, eos_ids(tok, entry.config), sampling_defaults(tok_dir))
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    @property
+    def takes_tools(self) -> bool:
+        """Its chat template renders a `tools` list itself (Qwen, Llama 3.1, Hermes templates do)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        kw: dict[str, Any] = {"tools": list(tools)} if tools else {}
         try:
             ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True
+                list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, **kw
             )
         except Exception as e:  # jinja raises its own errors for messages a template forbids
             raise TemplateError(f"expert {self.name!r} cannot format these messages: {e}") from None
@@ -64,11 +103,19 @@ class ExpertTokenizer:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
-    def encode_text(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def decode_all(self, ids: Sequence[int]) -> str:
+        """Ids back to text, special tokens included (an echoed prompt, /detokenize)."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def token_text(self, token: int) -> str:
         """One token as text on its own (what OpenAI's logprobs call `token`)."""
@@ -143,6 +190,10 @@ class TextStream:
             return ""
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
+
+    def fork(self) -> TextStream:
+        """A fresh stream with the same stop strings (another choice of the same request)."""
+        return TextStream(self.tok, self.stop)
 
     def finish(self) -> str:
         """The generation ended (end-of-sequence or length): flush what was held back."""

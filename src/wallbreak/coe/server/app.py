@@ -9,15 +9,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from wallbreak.coe import defaults
 from wallbreak.coe.engine import Engine
+from wallbreak.coe.grammar import Grammars
 from wallbreak.coe.router import Router
 from wallbreak.coe.server import openapi
-from wallbreak.coe.server.completions import VIRTUAL_MODEL, ApiError, Completions
+from wallbreak.coe.server.completions import VIRTUAL_MODEL, Completions
+from wallbreak.coe.server.errors import ApiError
+from wallbreak.coe.server.extras import Extras
 from wallbreak.coe.server.metrics import Metrics
-from wallbreak.coe.server.protocol import ChatRequest, CompletionRequest, ModelList, error_body
+from wallbreak.coe.server.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ModelList,
+    TokenizeRequest,
+    error_body,
+)
 from wallbreak.coe.tokenization import ExpertTokenizer
 
 
@@ -60,7 +72,10 @@ def create_app(
     app.state.engine, app.state.metrics, app.state.router = engine, metrics, router
     app.state.tokenizers = tokenizers
     created = int(time.time())
-    handler = Completions(engine, router, tokenizers, metrics, max_body)
+    grammars = Grammars()
+    app.state.grammars = grammars
+    handler = Completions(engine, router, tokenizers, metrics, max_body, grammars)
+    extras = Extras(tokenizers, router)
 
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
@@ -99,13 +114,40 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=openapi.errors(401))
     async def models() -> dict[str, Any]:
-        names = [VIRTUAL_MODEL, *engine.experts]
-        return {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": created, "owned_by": "wallbreak"} for n in names
-            ],
-        }
+        def card(name: str, **extra: Any) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": created, "owned_by": "wallbreak", **extra}
+
+        data = [card(VIRTUAL_MODEL)]
+        for n in engine.experts:
+            tok = tokenizers.get(n)
+            facts = {"max_model_len": tok.context, "generation_defaults": dict(tok.defaults)} if tok else {}
+            data.append(card(n, **facts))
+        if extras.embedding_model is not None:
+            data.append(card(extras.embedding_model, kind="embedding"))
+        return {"object": "list", "data": data}
+
+    @app.post("/tokenize", responses=openapi.errors(400, 404, 413, 415))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, TokenizeRequest)
+        return await run_in_threadpool(extras.tokenize, body)
+
+    @app.post("/detokenize", responses=openapi.errors(400, 404, 413, 415))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, DetokenizeRequest)
+        return await run_in_threadpool(extras.detokenize, body)
+
+    @app.get("/tokenizer_info", responses=openapi.errors(400, 404))
+    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
+        if model is None:  # one expert: it; several: the client must say which
+            if len(tokenizers) != 1:
+                raise ApiError(400, f"give ?model=, one of: {', '.join(tokenizers)}", "model")
+            model = next(iter(tokenizers))
+        return extras.tokenizer_info(model)
+
+    @app.post("/v1/embeddings", responses=openapi.errors(400, 401, 404, 413, 415))
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, EmbeddingRequest)
+        return await run_in_threadpool(extras.embeddings, body)
 
     @app.post("/v1/chat/completions", response_model=None, responses=openapi.CHAT_RESPONSES)
     async def chat(request: Request) -> Response:
@@ -115,5 +157,13 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await handler.generate(await handler.parse(request, CompletionRequest), "completions", request)
 
-    openapi.install(app, [VIRTUAL_MODEL, *engine.experts])
+    embedder = extras.embedding_model
+    openapi.install(
+        app,
+        {
+            "completions": [VIRTUAL_MODEL, *engine.experts],
+            "experts": list(tokenizers),
+            "embedding": [embedder] if embedder else [],
+        },
+    )
     return app

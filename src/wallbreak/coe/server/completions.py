@@ -6,32 +6,31 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, SamplingParams, TokenLogprob
+from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
+from wallbreak.coe.grammar import Grammar, GrammarError, Grammars, tool_lark
 from wallbreak.coe.router import Router
+from wallbreak.coe.server.errors import ApiError
 from wallbreak.coe.server.metrics import Metrics
 from wallbreak.coe.server.protocol import (
     MAX_CHARS_PER_TOKEN,
     ChatRequest,
     CompletionRequest,
-    error_body,
     unsupported_field,
 )
+from wallbreak.coe.server.reply import Reply
+from wallbreak.coe.server.tools import chat_messages, functions_for
 from wallbreak.coe.tokenization import ExpertTokenizer, TemplateError
 from wallbreak.errors import ConfigError
 
 VIRTUAL_MODEL = "coe"
-DISCONNECT_POLL_S = 0.25  # how often a whole-answer request checks that its client is still there
 
 
 # pydantic names the branch of a union it tried in the error's location ("str", "list[...]",
@@ -48,37 +47,6 @@ def telling_error(e: ValidationError) -> Any:
     return (about_value or errs)[0]
 
 
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
-
-
-def chat_logprobs(tok: ExpertTokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(token: int, lp: float) -> dict[str, Any]:
-        text = tok.token_text(token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    content = [entry(x.token, x.logprob) | {"top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]
-    return {"content": content, "refusal": None}
-
-
-def completion_logprobs(tok: ExpertTokenizer, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [tok.token_text(x.token) for x in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{tok.token_text(t): v for t, v in x.top} for x in lps],
-        "text_offset": offsets,
-    }
-
-
 class Completions:
     """/v1/chat/completions and /v1/completions over one engine, router and set of tokenizers."""
 
@@ -89,9 +57,11 @@ class Completions:
         tokenizers: dict[str, ExpertTokenizer],
         metrics: Metrics,
         max_body: int,
+        grammars: Grammars | None = None,
     ) -> None:
         self.engine, self.router, self.tokenizers, self.metrics = engine, router, tokenizers, metrics
         self.max_body = max_body
+        self.grammars = grammars or Grammars()
 
     async def read_body(self, request: Request) -> bytes:
         """The body as JSON bytes, at most `max_body` of them (415 for another content type, 413
@@ -112,24 +82,30 @@ class Completions:
                 raise too_big
         return bytes(body)
 
-    async def parse(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+    async def parse(self, request: Request, kind: type[BaseModel]) -> Any:
         raw = await self.read_body(request)
         return await run_in_threadpool(self.validate, raw, kind)  # a big body parses off the event loop
 
     @staticmethod
-    def validate(raw: bytes, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+    def validate(raw: bytes, kind: type[BaseModel]) -> Any:
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        field = unsupported_field(body, "chat" if kind is ChatRequest else "completions")
+        try:  # JSON may escape a lone UTF-16 surrogate (\ud800), which no tokenizer can take
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, "a string holds a lone UTF-16 surrogate; strings must be valid Unicode"
+            ) from None
+        endpoint = {ChatRequest: "chat", CompletionRequest: "completions"}.get(kind)
+        field = unsupported_field(body, endpoint) if endpoint else None
         if field is not None:
             raise ApiError(
                 400,
-                f"{field}: this server does not implement it (plain text generation only); "
-                f"leave {field!r} out or at its default",
+                f"{field}: this server does not implement it; leave {field!r} out or at its default",
                 field,
             )
         try:
@@ -159,12 +135,13 @@ class Completions:
         self.metrics.routing.labels(d.expert, str(d.fallback).lower()).inc()
         return d.expert, tuple(e for e, _ in d.top_k)
 
-    def encode(self, tok: ExpertTokenizer, body: Any) -> list[int]:
-        """The prompt's token ids (run in a worker thread: templates and tokenizers take time)."""
+    def encode(self, tok: ExpertTokenizer, body: Any) -> list[list[int]]:
+        """Each prompt's token ids (run in a worker thread: templates and tokenizers take time)."""
         field = "messages" if isinstance(body, ChatRequest) else "prompt"
-        chars = (
-            sum(len(m.text()) for m in body.messages) if isinstance(body, ChatRequest) else len(body.text())
-        )
+        if isinstance(body, ChatRequest):
+            chars = sum(len(m.text()) for m in body.messages)
+        else:
+            chars = sum(len(x) for x in body.prompts() if isinstance(x, str))
         if chars > tok.context * MAX_CHARS_PER_TOKEN:
             raise ApiError(
                 400,
@@ -174,64 +151,80 @@ class Completions:
             )
         try:
             if isinstance(body, ChatRequest):
-                msgs = [
-                    {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages
-                ]
-                ids = tok.encode_chat(msgs)
+                msgs, tools = chat_messages(body, tok)
+                prompts = [tok.encode_chat(msgs, tools)]
             else:
-                ids = tok.encode_text(body.text())
+                prompts = [p if isinstance(p, list) else tok.encode_text(p) for p in body.prompts()]
         except TemplateError as e:
             raise ApiError(400, str(e), field) from None
-        if not ids:
-            raise ApiError(400, "the prompt is empty", field)
-        if len(ids) >= tok.context:
-            raise ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens; expert {tok.name!r} takes at most {tok.context - 1} "
-                f"(context {tok.context}, with room for one generated token)",
-                field,
+        for ids in prompts:
+            check_prompt(tok, ids, field)
+        return prompts
+
+    def constraint(self, tok: ExpertTokenizer, body: Any) -> Grammar | None:
+        """The grammar the reply must follow: response_format's, the tool-call grammar, or none."""
+        try:
+            if isinstance(body, ChatRequest) and body.tool_mode() != "none":
+                mode = body.tool_mode()
+                lark = tool_lark(
+                    functions_for(body), required=mode != "auto", parallel=body.parallel_tool_calls
+                )
+                return self.grammars.lark(tok, lark, "tools")
+            rf = body.response_format
+            if rf is None or rf.type == "text":
+                return None
+            if rf.type == "json_object":
+                return self.grammars.json_schema(tok, {"type": "object"}, "response_format")
+            assert rf.json_schema is not None
+            return self.grammars.json_schema(
+                tok, rf.json_schema.schema_, "response_format.json_schema.schema"
             )
-        return ids
+        except GrammarError as e:
+            raise ApiError(400, str(e), e.part.split(".")[0] or "response_format") from None
 
     async def generate(self, body: Any, endpoint: str, http: Request) -> Response:
         is_chat = isinstance(body, ChatRequest)
-        text = (
-            next((m.text() for m in reversed(body.messages) if m.role == "user"), body.messages[-1].text())
-            if is_chat
-            else body.text()
-        )
-        expert, alternatives = await self.choose(body.model, text)
+        if not is_chat and body.model == VIRTUAL_MODEL and not isinstance(body.prompts()[0], str):
+            raise ApiError(
+                400,
+                f"a prompt of token ids needs a named expert (ids belong to one expert's tokenizer), "
+                f"not {VIRTUAL_MODEL!r}; models: {', '.join(self.engine.experts)}",
+                "model",
+            )
+        expert, alternatives = await self.choose(body.model, routing_text(body))
         tok = self.tokenizers.get(expert)
         if tok is None:  # its tokenizer is damaged: the engine lists it as unavailable
             why = self.engine.broken.get(expert, "its tokenizer cannot be loaded")
             raise ApiError(503, f"expert {expert!r} is unavailable: {why}", "model", {"Retry-After": "1"})
-        ids = await run_in_threadpool(self.encode, tok, body)
-        room = tok.context - len(ids)
-        limit = body.limit()
-        params = SamplingParams(
-            max_tokens=min(limit, room) if limit is not None else room,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            logprobs=body.logprobs_k(),
-        )
+        prompts = await run_in_threadpool(self.encode, tok, body)
+        grammar = await run_in_threadpool(self.constraint, tok, body)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        reqs = []
+        for p, ids in enumerate(prompts):
 
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            def emit(ev: Event, p: int = p) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (p, ev))
 
-        req = EngineRequest(expert, ids, params, emit, tok.stream(body.stops()), alternatives)
-        try:
-            self.engine.submit(req)
-        except QueueFull as e:
-            self.metrics.requests.labels(expert, endpoint, "429").inc()
-            raise ApiError(429, f"{e}; retry shortly", headers={"Retry-After": "1"}) from None
-        except ExpertUnavailable as e:
-            self.metrics.requests.labels(expert, endpoint, "503").inc()
-            raise ApiError(503, str(e), "model") from None
-        reply = Reply(self.metrics, endpoint, is_chat, expert, tok, req, queue)
+            params = sampling_params(body, tok, tok.context - len(ids))
+            reqs.append(
+                EngineRequest(expert, ids, params, emit, tok.stream(body.stops()), grammar, alternatives)
+            )
+        self.submit(reqs, expert, endpoint)
+        echo = None
+        if not is_chat and body.echo:
+            echo = [x if isinstance(x, str) else tok.decode_all(x) for x in body.prompts()]
+        reply = Reply(
+            metrics=self.metrics,
+            endpoint=endpoint,
+            expert=expert,
+            tok=tok,
+            reqs=reqs,
+            queue=queue,
+            n=body.n,
+            tools=is_chat and body.tool_mode() != "none",
+            echo=echo,
+        )
         if not body.stream:
             return await reply.full(http)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -239,130 +232,81 @@ class Completions:
             reply.chunks(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    def submit(self, reqs: list[EngineRequest], expert: str, endpoint: str) -> None:
+        """Hand every prompt's request to the engine, or none: one refused cancels those before it."""
+        for i, req in enumerate(reqs):
+            try:
+                self.engine.submit(req)
+            except (QueueFull, ExpertUnavailable, ConfigError) as e:
+                for done in reqs[:i]:
+                    done.cancel()
+                status, param, headers = (
+                    (429, None, {"Retry-After": "1"})
+                    if isinstance(e, QueueFull)
+                    else (503, "model", None)
+                    if isinstance(e, ExpertUnavailable)
+                    else (400, None, None)
+                )
+                self.metrics.requests.labels(expert, endpoint, str(status)).inc()
+                msg = f"{e}; retry shortly" if status == 429 else str(e)
+                raise ApiError(status, msg, param, headers) from None
 
-class Reply:
-    """One accepted request's answer, whole or as server-sent events, in OpenAI's shapes."""
 
-    def __init__(
-        self,
-        metrics: Metrics,
-        endpoint: str,
-        is_chat: bool,
-        expert: str,
-        tok: ExpertTokenizer,
-        req: EngineRequest,
-        queue: asyncio.Queue[Event],
-    ) -> None:
-        self.metrics, self.endpoint, self.is_chat = metrics, endpoint, is_chat
-        self.expert, self.tok, self.req, self.queue = expert, tok, req, queue
-        self.rid = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.want_logprobs = req.params.logprobs is not None
-        self.text_offset = 0
+def routing_text(body: Any) -> str:
+    """What the router reads: the last user message, or the first prompt (token ids: none)."""
+    if isinstance(body, ChatRequest):
+        return next((m.text() for m in reversed(body.messages) if m.role == "user"), body.messages[-1].text())
+    first = body.prompts()[0]
+    return first if isinstance(first, str) else ""
 
-    def usage(self) -> dict[str, int]:
-        p, c = self.req.prompt_tokens, self.req.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def account(self, status: int) -> None:
-        self.metrics.requests.labels(self.expert, self.endpoint, str(status)).inc()
-        self.metrics.tokens.labels(self.expert, "prompt").inc(self.req.prompt_tokens)
-        self.metrics.tokens.labels(self.expert, "completion").inc(self.req.completion_tokens)
+def check_prompt(tok: ExpertTokenizer, ids: list[int], field: str) -> None:
+    if not ids:
+        raise ApiError(400, "the prompt is empty", field)
+    if len(ids) >= tok.context:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; expert {tok.name!r} takes at most {tok.context - 1} "
+            f"(context {tok.context}, with room for one generated token)",
+            field,
+        )
+    if max(ids) >= tok.vocab_size:
+        raise ApiError(
+            400, f"token id {max(ids)} is past expert {tok.name!r}'s vocabulary ({tok.vocab_size} ids)", field
+        )
 
-    def logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any] | None:
-        if not self.want_logprobs:
-            return None
-        if self.is_chat:
-            return chat_logprobs(self.tok, lps)
-        out = completion_logprobs(self.tok, lps, self.text_offset)
-        self.text_offset = out["text_offset"][-1] + len(out["tokens"][-1]) if lps else self.text_offset
-        return out
 
-    def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.rid,
-            "object": obj,
-            "created": int(time.time()),
-            "model": self.expert,
-            "choices": choices,
-        }
+def sampling_params(body: Any, tok: ExpertTokenizer, room: int) -> SamplingParams:
+    """The engine's sampling values for one prompt: the request's, else the expert's
+    generation_config (vLLM's rule), else OpenAI's defaults."""
+    d = tok.defaults
 
-    async def full(self, http: Request) -> JSONResponse:
-        parts: list[str] = []
-        lps: list[TokenLogprob] = []
-        watch = asyncio.create_task(self._cancel_when_gone(http))
-        try:
-            while True:
-                ev = await self.queue.get()
-                if ev.error:
-                    self.account(ev.status)
-                    retry = {"Retry-After": "1"} if ev.status in (429, 503) else None
-                    raise ApiError(ev.status, ev.error, headers=retry)
-                parts.append(ev.text)
-                lps.extend(ev.logprobs)
-                if ev.finish_reason:
-                    break
-        finally:
-            watch.cancel()
-            self.req.cancel()  # no-op when finished; frees the batch slot if the client went away
-        if ev.finish_reason == "cancelled":
-            self.account(499)
-            return JSONResponse(error_body(499, "the client closed the connection"), status_code=499)
-        self.account(200)
-        out = "".join(parts)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "finish_reason": ev.finish_reason,
-            "logprobs": self.logprobs(lps),
-        }
-        if self.is_chat:
-            choice["message"] = {"role": "assistant", "content": out}
-        else:
-            choice["text"] = out
-        obj = "chat.completion" if self.is_chat else "text_completion"
-        return JSONResponse(self.envelope(obj, [choice]) | {"usage": self.usage()})
+    def pick(name: str, fallback: float) -> float:
+        v = getattr(body, name)
+        return float(v) if v is not None else float(d.get(name, fallback))
 
-    async def _cancel_when_gone(self, http: Request) -> None:
-        """A whole-answer request whose client left is cancelled: the engine drops its row at the
-        next step (a stream notices by itself, when a write fails)."""
-        while not self.req.cancelled.is_set():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-            if await http.is_disconnected():
-                self.req.cancel()
-
-    def chunk(self, ev: Event | None, role: bool = False) -> str:
-        text = ev.text if ev else ""
-        finish = ev.finish_reason if ev else None
-        lp = self.logprobs(list(ev.logprobs)) if ev and ev.logprobs else None
-        if self.is_chat:
-            d: dict[str, Any] = (
-                {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            )
-            c: dict[str, Any] = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            c = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-            obj = "text_completion"
-        return f"data: {json.dumps(self.envelope(obj, [c]))}\n\n"
-
-    async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
-        status = 200
-        try:
-            if self.is_chat:
-                yield self.chunk(None, role=True)
-            while True:
-                ev = await self.queue.get()
-                if ev.error:
-                    status = ev.status
-                    yield f"data: {json.dumps(error_body(ev.status, ev.error))}\n\n"
-                    break
-                if ev.text or ev.logprobs or ev.finish_reason:
-                    yield self.chunk(ev)
-                if ev.finish_reason:
-                    break
-            if include_usage:
-                obj = "chat.completion.chunk" if self.is_chat else "text_completion"
-                yield f"data: {json.dumps(self.envelope(obj, []) | {'usage': self.usage()})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            self.req.cancel()  # a client that left mid-stream frees its place in the batch
-            self.account(status if self.req.finish_reason != "cancelled" else 499)
+    limit = body.limit()
+    bias = body.bias()
+    if bias and max(t for t, _ in bias) >= tok.vocab_size:
+        bad = max(t for t, _ in bias)
+        raise ApiError(
+            400,
+            f"logit_bias: token id {bad} is past the expert's vocabulary ({tok.vocab_size})",
+            "logit_bias",
+        )
+    echo_k = body.logprobs_k() if isinstance(body, CompletionRequest) and body.echo else None
+    return SamplingParams(
+        max_tokens=min(limit, room) if limit is not None else room,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=max(int(pick("top_k", 0)), 0),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=bias,
+        seed=body.seed,
+        logprobs=body.logprobs_k(),
+        prompt_logprobs=echo_k,
+        n=body.n,
+    )

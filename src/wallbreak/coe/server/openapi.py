@@ -20,7 +20,10 @@ from wallbreak.coe.server.protocol import (
     ChatRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
     ErrorResponse,
+    TokenizeRequest,
 )
 
 REF = "#/components/schemas/{model}"
@@ -65,23 +68,29 @@ def generation_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, A
 
 CHAT_RESPONSES = generation_responses(ChatCompletion)
 COMPLETION_RESPONSES = generation_responses(Completion)
-BODIES: dict[str, type[BaseModel]] = {
-    "/v1/chat/completions": ChatRequest,
-    "/v1/completions": CompletionRequest,
+# Each body, and which of the served names its `model` takes: completions (the experts and 'coe'),
+# experts (their tokenizers), or embedding (the router's encoder).
+BODIES: dict[str, tuple[type[BaseModel], str]] = {
+    "/v1/chat/completions": (ChatRequest, "completions"),
+    "/v1/completions": (CompletionRequest, "completions"),
+    "/tokenize": (TokenizeRequest, "experts"),
+    "/detokenize": (DetokenizeRequest, "experts"),
+    "/v1/embeddings": (EmbeddingRequest, "embedding"),
 }
 
 
-def install(app: FastAPI, models: Sequence[str]) -> None:
-    """Make `app.openapi()` the completed schema (built once, on first request)."""
+def install(app: FastAPI, names: dict[str, Sequence[str]]) -> None:
+    """Make `app.openapi()` the completed schema (built once, on first request). `names`: the model
+    names each kind of body takes (BODIES)."""
 
     def schema() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
-            for path, model in BODIES.items():
+            for path, (model, kind) in BODIES.items():
                 body = model.model_json_schema(ref_template=REF)
                 comps.update(body.pop("$defs", {}))
-                body["properties"]["model"]["enum"] = list(models)
+                body["properties"]["model"]["enum"] = list(names[kind]) or ["none"]
                 comps[model.__name__] = body
                 doc["paths"][path]["post"]["requestBody"] = {
                     "required": True,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wallbreak.coe.engine.request import SEED_RANGE
+from wallbreak.coe.engine.request import MAX_CHOICES, SEED_RANGE
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 1024  # all stop strings together: the detokenizer holds back up to the longest
@@ -16,7 +16,13 @@ MAX_STOP_CHARS = 1024  # all stop strings together: the detokenizer holds back u
 MAX_CHARS_PER_TOKEN = 32
 # The shapes the validators below enforce, in the types too, so the OpenAPI schema states them.
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)]
-OnePrompt = Annotated[list[str], Field(min_length=1, max_length=1)]
+MAX_PROMPTS = 64  # prompts one completions request may batch
+MAX_TOOLS = 128  # as OpenAI
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompts = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+IdPrompts = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class TextPart(BaseModel):
@@ -24,10 +30,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: FunctionName
+    arguments: str  # JSON text, as OpenAI sends it back
+
+
+class ToolCallIn(BaseModel):
+    """An assistant's earlier tool call, sent back in a later turn."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
 
     def text(self) -> str:
         if self.content is None:
@@ -41,21 +64,72 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (none), `json_object` (any JSON object), or `json_schema` (JSON matching a schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object (name, schema)")
+        return self
+
+
+class FunctionDef(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class _Common(BaseModel):
     # Unknown parameters are ignored, as many OpenAI-compatible servers do, so clients that send
-    # extra fields (user, logit_bias=None, ...) keep working.
+    # extra fields (user, metadata, ...) keep working.
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Sampling fields left out (None) take the expert's generation_config, then OpenAI's defaults.
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="extension: -1 or 0 is off")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="extension")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias"
+    )
     stop: Annotated[str, Field(min_length=1)] | StopList | None = None
     seed: int | None = Field(
         default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="a signed 64-bit integer"
     )
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -66,8 +140,19 @@ class _Common(BaseModel):
             raise ValueError(f"stop sequences may hold at most {MAX_STOP_CHARS} characters in all")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k in v or {}:
+            if not k.isdigit() or len(k) > 9:
+                raise ValueError(f"keys are token ids as strings of digits, got {k[:20]!r}")
+        return v
+
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
 
 class ChatRequest(_Common):
@@ -75,12 +160,34 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatRequest:
+    def _consistent(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(
+                f"tool_choice names function {self.tool_choice.function.name!r}, which tools does not define"
+            )
+        if self.tool_choice in ("required",) and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.tool_mode() != "none" and self.response_format and self.response_format.type != "text":
+            raise ValueError("use tools or response_format, not both in one request")
         return self
+
+    def tool_mode(self) -> str:
+        """none | auto | required | the named function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -91,15 +198,28 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | OnePrompt
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    prompt: str | Prompts | TokenIds | IdPrompts
+    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo")
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _zero_needs_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo: true")
+        return self
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str] | list[list[int]]:
+        """Each prompt, as text or as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return p  # type: ignore[return-value]
 
     def limit(self) -> int | None:
         return self.max_tokens
@@ -110,29 +230,18 @@ def _absent(*harmless: Any) -> Any:
 
 
 # Features a client may send that we do not implement. Ignoring them would break the client later
-# and far from the cause (a JSON parser fed free text, a tool call that never comes), so a request
-# that *uses* one gets a 400 naming it; values that change nothing (tools: [], n: 1) pass.
-_UNSUPPORTED_COMMON = {
-    "logit_bias": _absent({}),
-    "presence_penalty": _absent(0),
-    "frequency_penalty": _absent(0),
-}
+# and far from the cause (audio that never comes), so a request that *uses* one gets a 400 naming
+# it; values that change nothing (functions: [], best_of: 1) pass.
 UNSUPPORTED = {
-    "chat": _UNSUPPORTED_COMMON
-    | {
-        "tools": _absent([]),
-        "tool_choice": _absent("none"),
+    "chat": {
         "functions": _absent([]),
         "function_call": _absent("none"),
-        "parallel_tool_calls": lambda v: True,  # means nothing without tools
-        "response_format": _absent({"type": "text"}),
         "audio": _absent(),
         "modalities": _absent(["text"]),
         "prediction": _absent(),
         "web_search_options": _absent(),
     },
-    "completions": _UNSUPPORTED_COMMON
-    | {"echo": _absent(False), "suffix": _absent(""), "best_of": _absent(1)},
+    "completions": {"suffix": _absent(""), "best_of": _absent(1)},
 }
 
 
@@ -207,12 +316,19 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
-FinishReasonOut = Literal["stop", "length"]
+FinishReasonOut = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
@@ -233,8 +349,8 @@ class ChatCompletion(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token, with echo
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -264,3 +380,44 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the expert's template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+MAX_EMBED_INPUTS = 2048  # as OpenAI
+EmbedText = Annotated[str, Field(min_length=1)]
+EmbedInputs = Annotated[list[EmbedText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    input: EmbedText | EmbedInputs
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
