@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from wallbreak.coe.tiers import TierManager
 
 
-def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
+def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False, context: int = 128) -> Path:
     """A random-init Llama saved as a Hugging Face folder (config, safetensors, byte tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +28,7 @@ def make_tiny_llama_folder(out: Path, seed: int = 0, tie: bool = False) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=context,
         tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(cfg)

@@ -66,6 +66,10 @@ class RowState:
     def complete(self) -> bool:
         return bool(self.matcher.is_stopped())
 
+    @property
+    def accepting(self) -> bool:
+        return bool(self.matcher.is_accepting())
+
 
 @dataclass(frozen=True)
 class Grammar:
@@ -95,22 +99,80 @@ def _compact(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**COMPACT, **schema.get("x-guidance", {})}}
 
 
+# Where a JSON Schema keyword holds subschemas: one, a list of them, or a map of names to them.
+_ONE = (
+    "items",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "additionalItems",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+)
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists its properties and says nothing of others closed to
+    them (additionalProperties: false), as xgrammar's strict mode and llama.cpp's converter read
+    such schemas. A grammar for the letter of JSON Schema lets a model add keys until max_tokens
+    (pydantic's schemas, which instructor and LangChain send, never say); a schema that wants extra
+    keys says additionalProperties: true."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k, v in schema.items():
+        if k in _ONE:
+            out[k] = closed(v)
+        elif k in _LIST and isinstance(v, list):
+            out[k] = [closed(x) for x in v]
+        elif k in _MAP and isinstance(v, dict):
+            out[k] = {name: closed(x) for name, x in v.items()}
+    if "properties" in out and not any(k in out for k in _OPEN):
+        out["additionalProperties"] = False
+    return out
+
+
+def _hoisted(functions: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each function's parameters with its $defs (or definitions) moved to the root of the call
+    schema, renamed `function.name`, and its $refs rewritten: refs resolve from the document root,
+    which the parameters no longer are."""
+    params, defs = [], {}
+    for f in functions:
+        p = dict(f.get("parameters") or {"type": "object"})
+        moved = {(key, name): sub for key in ("$defs", "definitions") for name, sub in p.pop(key, {}).items()}
+        text = json.dumps([p, list(moved.values())])
+        for key, name in moved:
+            new = f"{f['name']}.{name}"
+            text = text.replace(f'"#/{key}/{name}"', f'"#/$defs/{new}"')
+            text = text.replace(f'"#/{key}/{name}/', f'"#/$defs/{new}/')
+        p, subs = json.loads(text)
+        params.append(p)
+        defs.update({f"{f['name']}.{name}": sub for (_, name), sub in zip(moved, subs, strict=True)})
+    return params, defs
+
+
 def tool_call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The JSON of one call to any of `functions` (OpenAI's `function` objects): its name, and
     arguments that match that function's parameters."""
+    params, defs = _hoisted(functions)
     options = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
-            },
+            "properties": {"name": {"const": f["name"]}, "arguments": closed(p)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for f in functions
+        for f, p in zip(functions, params, strict=True)
     ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    out = options[0] if len(options) == 1 else {"anyOf": options}
+    return out | ({"$defs": {name: closed(d) for name, d in defs.items()}} if defs else {})
 
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -163,10 +225,20 @@ class Grammars:
 
         check_schema(schema, part)
         try:
-            text = LLMatcher.grammar_from_json_schema(_compact(schema))
+            text = LLMatcher.grammar_from_json_schema(_compact(closed(schema)))
         except ValueError as e:
             raise GrammarError(str(e), part) from None
         return self._compiled(tok, text, part)
+
+    def tools(
+        self, tok: ExpertTokenizer, functions: Sequence[Mapping[str, Any]], *, required: bool, parallel: bool
+    ) -> Grammar:
+        """The grammar of a reply that calls `functions` (`tool_lark`), each one's parameters
+        checked first so an error names the function."""
+        for f in functions:
+            if f.get("parameters") is not None:
+                check_schema(f["parameters"], f"tools.{f['name']}.parameters")
+        return self.lark(tok, tool_lark(functions, required=required, parallel=parallel), "tools")
 
     def lark(self, tok: ExpertTokenizer, lark: str, part: str) -> Grammar:
         from llguidance import LLMatcher  # deferred: loads llguidance

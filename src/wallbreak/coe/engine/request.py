@@ -96,6 +96,11 @@ class RowGrammar(Protocol):
         """Nothing may follow: the request ends with `stop`."""
         ...
 
+    @property
+    def accepting(self) -> bool:
+        """The output so far is whole: an end-of-sequence id may end it here."""
+        ...
+
 
 class Constraint(Protocol):
     """What a request's grammar is; `start()` gives each choice its own row state."""

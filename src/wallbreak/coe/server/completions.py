@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
-from wallbreak.coe.grammar import Grammar, GrammarError, Grammars, tool_lark
+from wallbreak.coe.grammar import Grammar, GrammarError, Grammars
 from wallbreak.coe.router import Router
 from wallbreak.coe.server.errors import ApiError
 from wallbreak.coe.server.metrics import Metrics
@@ -165,11 +165,8 @@ class Completions:
         """The grammar the reply must follow: response_format's, the tool-call grammar, or none."""
         try:
             if isinstance(body, ChatRequest) and body.tool_mode() != "none":
-                mode = body.tool_mode()
-                lark = tool_lark(
-                    functions_for(body), required=mode != "auto", parallel=body.parallel_tool_calls
-                )
-                return self.grammars.lark(tok, lark, "tools")
+                required, parallel = body.tool_mode() != "auto", body.parallel_tool_calls
+                return self.grammars.tools(tok, functions_for(body), required=required, parallel=parallel)
             rf = body.response_format
             if rf is None or rf.type == "text":
                 return None

@@ -375,6 +375,10 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    max_model_len: int | None = None  # an expert's context
+    # The sampling values its generation_config sets, used when a request leaves them out.
+    generation_defaults: dict[str, float] | None = None
+    kind: Literal["embedding"] | None = None  # the router's encoder (/v1/embeddings)
 
 
 class ModelList(BaseModel):
