@@ -50,9 +50,10 @@ class RowState:
         self.bitmask = torch.full((1, words), -1, dtype=torch.int32)
 
     def allowed(self, vocab: int) -> torch.Tensor:
-        from llguidance.torch import fill_next_token_bitmask  # deferred: loads llguidance
-
-        fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        # Straight into the bitmask's memory (what llguidance.torch does; importing that module
+        # would load torch's compiler for a helper we do not use).
+        row = self.bitmask[0]
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         bits = ((self.bitmask[0, :, None] >> _BITS) & 1).view(-1).bool()
         if bits.shape[0] >= vocab:
             return bits[:vocab]

@@ -33,7 +33,13 @@ class Extras:
         self.tokenizers, self.router = tokenizers, router
         self._encode_lock = threading.Lock()  # the encoder is shared with routing
 
-    def tokenizer(self, model: str) -> ExpertTokenizer:
+    def tokenizer(self, model: str | None) -> ExpertTokenizer:
+        """The named expert's tokenizer facts; with no name, the only expert's (lm-evaluation-harness's
+        remote tokenizer sends none, as vLLM serves one model)."""
+        if model is None:
+            if len(self.tokenizers) != 1:
+                raise ApiError(400, f"name the expert in model: one of {', '.join(self.tokenizers)}", "model")
+            return next(iter(self.tokenizers.values()))
         tok = self.tokenizers.get(model)
         if tok is None:
             raise ApiError(
@@ -48,7 +54,7 @@ class Extras:
         tok = self.tokenizer(body.model)
         try:
             if body.messages is not None:
-                chat = ChatRequest(model=body.model, messages=body.messages)
+                chat = ChatRequest(model=tok.name, messages=body.messages)
                 msgs, tools = chat_messages(chat, tok)
                 ids = tok.encode_chat(msgs, tools, add_generation_prompt=body.add_generation_prompt)
             else:
@@ -68,10 +74,10 @@ class Extras:
             raise ApiError(400, f"token id {bad[0]} is past the vocabulary ({tok.vocab_size} ids)", "tokens")
         return {"prompt": tok.decode_all(body.tokens)}
 
-    def tokenizer_info(self, model: str) -> dict[str, Any]:
+    def tokenizer_info(self, model: str | None) -> dict[str, Any]:
         tok = self.tokenizer(model)
         t = tok.tokenizer
-        info: dict[str, Any] = {"tokenizer_class": type(t).__name__, "model": model}
+        info: dict[str, Any] = {"tokenizer_class": type(t).__name__, "model": tok.name}
         for k in _INFO_KEYS:
             v = getattr(t, k, None)
             if isinstance(v, str | int | bool):

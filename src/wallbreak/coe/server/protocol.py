@@ -390,7 +390,9 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered through the expert's template."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
+    model: str | None = Field(
+        default=None, min_length=1, description="the expert; optional when there is one"
+    )
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
@@ -406,7 +408,9 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
+    model: str | None = Field(
+        default=None, min_length=1, description="the expert; optional when there is one"
+    )
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
