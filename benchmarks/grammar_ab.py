@@ -85,14 +85,13 @@ class Llg:
         return torch.full((ROWS, (self.vocab + 31) // 32), -1, dtype=torch.int32)
 
     def fill(self, m: Any, bm: torch.Tensor, i: int) -> None:
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(m, bm, i)
+        row = bm[i]  # as coe.grammar does (llguidance.torch would import torch's compiler)
+        m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
     def fill_all(self, ms_: list[Any], bm: torch.Tensor) -> None:
-        from llguidance.torch import fill_next_token_bitmask_par
-
-        fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(ms_)], bm)
+        self.executor.unsafe_compute_mask_ptr(
+            [(m, i) for i, m in enumerate(ms_)], bm.data_ptr(), bm.shape[1] * 4, ROWS
+        )
 
     def accept(self, m: Any, t: int) -> None:
         assert m.consume_token(t), m.get_error()

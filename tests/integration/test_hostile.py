@@ -86,6 +86,21 @@ HOSTILE: list[tuple[dict[str, Any], int]] = [
     ({"stop": ["a", "b", "c", "d", "e"]}, 400),
     ({"max_tokens": 10**30}, 200),  # capped at the context
     ({"logprobs": 5, "seed": 2**63 - 1, "temperature": 1.5}, 200),
+    # The OpenAI surface beside the streams: each its own rows, grammar and generators.
+    ({"n": 8, "seed": 2**63 - 1, "temperature": 2.0, "logit_bias": {str(i): 100 for i in range(64)}}, 200),
+    ({"n": 9}, 400),
+    ({"logit_bias": {"99999999": 5}}, 400),  # past the vocabulary
+    ({"logit_bias": {"-1": 5}}, 400),
+    ({"presence_penalty": 2.0, "frequency_penalty": -2.0, "extra": "x", "repetition_penalty": 9.9}, 200),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}, 400),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"pattern": "(?<=x)"}}}}, 400),
+    ({"response_format": {"type": "json_object"}, "n": 3, "temperature": 2.0}, 200),
+    ({"prompt": [[1, 2], [3]], "echo": True, "logprobs": 20, "max_tokens": 0}, 200),
+    ({"prompt": [10**12]}, 400),
+    ({"prompt": [[]]}, 400),
+    ({"echo": True, "max_tokens": 0}, 200),
+    ({"top_k": -5}, 400),
+    ({"min_p": 1.5}, 400),
 ]
 
 

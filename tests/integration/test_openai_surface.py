@@ -388,3 +388,16 @@ def test_langchain_structured_output_tools_and_a_tool_loop(server: ServerThread)
     ]
     second = llm.bind_tools([WEATHER]).invoke(loop)
     assert second.content is not None or second.tool_calls
+
+
+def test_several_prompts_with_n_choices_come_back_in_order(server: ServerThread) -> None:
+    r = client(server).completions.create(
+        model="gamma", prompt=["ab", "cd", "ef"], n=2, max_tokens=3, temperature=1.0, seed=4
+    )
+    assert [c.index for c in r.choices] == list(range(6))
+    alone = [
+        client(server).completions.create(model="gamma", prompt=p, n=2, max_tokens=3, temperature=1.0, seed=4)
+        for p in ("ab", "cd", "ef")
+    ]
+    assert [c.text for c in r.choices] == [c.text for a in alone for c in a.choices]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)

@@ -301,7 +301,7 @@ def test_plain_text_under_the_auto_tool_grammar_streams_as_content(engine: Engin
 
 
 def test_tool_parameters_with_defs_compile_and_closed_objects_stay_closed(engine: Engine) -> None:
-    from wallbreak.coe.grammar import closed, tool_call_schema
+    from wallbreak.coe.grammar import SAFE_INTEGER, for_decoding, tool_call_schema
 
     def fn(name: str) -> dict[str, Any]:
         inner = {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9}}}
@@ -325,8 +325,11 @@ def test_tool_parameters_with_defs_compile_and_closed_objects_stay_closed(engine
     jsonschema.validate(
         {"name": call["name"], "arguments": json.loads(call["arguments"])}, schema
     )  # extra keys would fail: the objects were closed
-    assert closed({"type": "object"}) == {"type": "object"}  # json_object stays any object
+    assert for_decoding({"type": "object"}) == {"type": "object"}  # json_object stays any object
     open_ = {"type": "object", "properties": {}, "additionalProperties": True}
-    assert closed(open_) == open_
+    assert for_decoding(open_) == open_
     named = {"type": "object", "properties": {"properties": {"type": "string"}}}
-    assert closed(named)["properties"] == {"properties": {"type": "string"}}  # a property named so
+    assert for_decoding(named)["properties"] == {"properties": {"type": "string"}}  # a property named so
+    ints = for_decoding({"type": "array", "items": {"type": ["integer", "null"]}})["items"]
+    assert (ints["minimum"], ints["maximum"]) == (-SAFE_INTEGER, SAFE_INTEGER)
+    assert for_decoding({"type": "integer", "minimum": 0}) == {"type": "integer", "minimum": 0}

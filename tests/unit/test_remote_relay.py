@@ -106,3 +106,17 @@ def test_text_held_back_survives_a_replica_that_dies(synth_bundle_dir: Path, die
     assert remote.retries == 1
     assert "".join(ev.text for ev in got) == want and got[-1].finish_reason == "length"
     assert [t for ev in got for t in ev.tokens] == TOKENS
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(n=2), SamplingParams(prompt_logprobs=1, max_tokens=0)],
+)
+def test_what_replicas_cannot_take_is_refused_by_name(synth_bundle_dir: Path, params: SamplingParams) -> None:
+    from wallbreak.errors import ConfigError
+
+    bundle = Bundle.open(synth_bundle_dir)
+    expert = bundle.names[0]
+    remote = RemoteEngine(bundle, [], Placement.spread([expert], 1), max_queue=8)
+    with pytest.raises(ConfigError, match="not available with Ray replicas"):
+        remote.submit(EngineRequest(expert, [1, 2], params, lambda ev: None))

@@ -75,3 +75,55 @@ def test_context_and_end_ids_come_from_the_bundle(arch_bundle_dir: Path) -> None
     assert 258 in toks["gemma"].eos_ids  # <|im_end|>, the chat turn end, although the config names 258 too
     ids = toks["llama"].encode_chat([{"role": "user", "content": "hi"}])
     assert toks["llama"].decode(ids).endswith("assistant\n")
+
+
+# A Hermes-style template that renders `tools` itself, and tool calls and results in its own forms.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTOOLS:"
+    "{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} "
+    "{{ c.function.arguments.city }}{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_go_through_a_template_that_takes_them_and_a_generic_prompt_elsewhere(
+    tok: ExpertTokenizer,
+) -> None:
+    import copy
+    from dataclasses import replace
+
+    from wallbreak.coe.server.protocol import ChatRequest
+    from wallbreak.coe.server.tools import chat_messages
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = ChatRequest.model_validate(
+        {
+            "model": "bytes",
+            "tools": [tool],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ],
+        }
+    )
+    native_tok = copy.deepcopy(tok.tokenizer)
+    native_tok.chat_template = TOOLS_TEMPLATE
+    native = replace(tok, tokenizer=native_tok)
+    assert native.takes_tools and not tok.takes_tools
+    msgs, tools = chat_messages(body, native)
+    assert tools is not None and [m["role"] for m in msgs] == ["user", "assistant", "tool"]
+    text = native.decode_all(native.encode_chat(msgs, tools))
+    assert "TOOLS: get_weather" in text and "CALL get_weather Oslo" in text and "tool\nsunny" in text
+    msgs, tools = chat_messages(body, tok)  # ChatML without tools: our generic prompt
+    assert tools is None and [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    text = tok.decode_all(tok.encode_chat(msgs))
+    assert '"name": "get_weather"' in text and "<tool_response>\nsunny\n</tool_response>" in text
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text

@@ -119,24 +119,39 @@ _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSch
 _OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
-def closed(schema: Any) -> Any:
-    """`schema` with every object that lists its properties and says nothing of others closed to
-    them (additionalProperties: false), as xgrammar's strict mode and llama.cpp's converter read
-    such schemas. A grammar for the letter of JSON Schema lets a model add keys until max_tokens
-    (pydantic's schemas, which instructor and LangChain send, never say); a schema that wants extra
-    keys says additionalProperties: true."""
+# JSON integers that survive every JSON parser exactly (RFC 7493, I-JSON): 16 digits at most.
+SAFE_INTEGER = (1 << 53) - 1
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def for_decoding(schema: Any) -> Any:
+    """`schema` as we decode it, a subset of what it allows:
+
+    - every object that lists its properties and says nothing of others is closed to them
+      (additionalProperties: false), as xgrammar's strict mode and llama.cpp's converter read such
+      schemas. To the letter of JSON Schema a model may add keys until max_tokens (pydantic's
+      schemas, which instructor and LangChain send, never say); a schema that wants extra keys
+      says additionalProperties: true;
+    - an integer with no bounds is bounded to +-(2**53 - 1), the range every JSON parser reads
+      exactly (llama.cpp bounds digits likewise). Unbounded, a small model may write digits until
+      max_tokens (SmolLM2 did, in 4 of 20 instructor calls)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for k, v in schema.items():
         if k in _ONE:
-            out[k] = closed(v)
+            out[k] = for_decoding(v)
         elif k in _LIST and isinstance(v, list):
-            out[k] = [closed(x) for x in v]
+            out[k] = [for_decoding(x) for x in v]
         elif k in _MAP and isinstance(v, dict):
-            out[k] = {name: closed(x) for name, x in v.items()}
+            out[k] = {name: for_decoding(x) for name, x in v.items()}
     if "properties" in out and not any(k in out for k in _OPEN):
         out["additionalProperties"] = False
+    kinds = out.get("type")
+    if (kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds)) and not any(
+        k in out for k in _BOUNDS
+    ):
+        out["minimum"], out["maximum"] = -SAFE_INTEGER, SAFE_INTEGER
     return out
 
 
@@ -166,14 +181,14 @@ def tool_call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": closed(p)},
+            "properties": {"name": {"const": f["name"]}, "arguments": for_decoding(p)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
         for f, p in zip(functions, params, strict=True)
     ]
     out = options[0] if len(options) == 1 else {"anyOf": options}
-    return out | ({"$defs": {name: closed(d) for name, d in defs.items()}} if defs else {})
+    return out | ({"$defs": {name: for_decoding(d) for name, d in defs.items()}} if defs else {})
 
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -226,7 +241,7 @@ class Grammars:
 
         check_schema(schema, part)
         try:
-            text = LLMatcher.grammar_from_json_schema(_compact(closed(schema)))
+            text = LLMatcher.grammar_from_json_schema(_compact(for_decoding(schema)))
         except ValueError as e:
             raise GrammarError(str(e), part) from None
         return self._compiled(tok, text, part)

@@ -112,7 +112,12 @@ def create_app(
             await extra_health.refresh()
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, responses=openapi.errors(401))
+    @app.get(
+        "/v1/models",
+        response_model=ModelList,
+        response_model_exclude_none=True,
+        responses=openapi.errors(401),
+    )
     async def models() -> dict[str, Any]:
         def card(name: str, **extra: Any) -> dict[str, Any]:
             return {"id": name, "object": "model", "created": created, "owned_by": "wallbreak", **extra}

@@ -165,7 +165,11 @@ class Completions:
         """The grammar the reply must follow: response_format's, the tool-call grammar, or none."""
         try:
             if isinstance(body, ChatRequest) and body.tool_mode() != "none":
-                required, parallel = body.tool_mode() != "auto", body.parallel_tool_calls
+                mode = body.tool_mode()
+                # A named function is called once (vLLM's reading); auto and required may call
+                # several when parallel_tool_calls allows.
+                required = mode != "auto"
+                parallel = body.parallel_tool_calls and mode in ("auto", "required")
                 return self.grammars.tools(tok, functions_for(body), required=required, parallel=parallel)
             rf = body.response_format
             if rf is None or rf.type == "text":
