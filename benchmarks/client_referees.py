@@ -108,23 +108,16 @@ second = llm.bind_tools([WEATHER]).invoke(
 )
 lc["second_turn"] = {"content": second.content, "tool_calls": second.tool_calls}
 out["langchain"] = lc
-r = c.chat.completions.create(
-    model=EXPERT,
-    messages=[{"role": "user", "content": "Name a fruit."}],
-    n=3,
-    seed=7,
-    temperature=0.8,
-    max_tokens=12,
-)
+fruit = {
+    "model": EXPERT,
+    "messages": [{"role": "user", "content": "Name a fruit."}],
+    "n": 3,
+    "seed": 7,
+    "temperature": 0.8,
+    "max_tokens": 12,
+}
+r, r2 = c.chat.completions.create(**fruit), c.chat.completions.create(**fruit)
 out["openai_n3"] = [ch.message.content for ch in r.choices]
-r2 = c.chat.completions.create(
-    model=EXPERT,
-    messages=[{"role": "user", "content": "Name a fruit."}],
-    n=3,
-    seed=7,
-    temperature=0.8,
-    max_tokens=12,
-)
 out["openai_n3_reproduced"] = [ch.message.content for ch in r2.choices] == out["openai_n3"]
 for choice in ("required", "auto"):
     parts, fin, text = {}, None, ""

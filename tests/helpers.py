@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +241,26 @@ def make_engine(bundle_dir: Path, **config: object) -> tuple[Engine, TierManager
     # compile off unless a test asks: a test of something else should not start a build process
     cfg = EngineConfig(**{"max_batch": 8, "max_wait_s": 0.5, "compile": "off", **config})  # type: ignore[arg-type]
     return Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), cfg), tiers
+
+
+@contextlib.contextmanager
+def running_engine(bundle_dir: Path, **config: object) -> Iterator[Engine]:
+    """`make_engine`'s engine, started, and stopped (with its tiers) afterwards."""
+    eng, tiers = make_engine(bundle_dir, **config)
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.stop(timeout=5)
+        tiers.close()
+
+
+def fit_test_router(bundle_dir: Path, encoder: Path) -> None:
+    """A logistic-regression router over ROUTER_TOPICS' prompts (experts alpha, beta, gamma)."""
+    from wallbreak.coe.router import FitOptions, fit_router
+
+    train = write_jsonl(bundle_dir.parent / "train.jsonl", router_prompts(8, seed=0))
+    fit_router(bundle_dir, FitOptions(examples=train, encoder=encoder, methods=("logreg",)), progress=False)
 
 
 def run(eng: Engine, expert: str, prompt: list[int], n: int, stop: tuple[str, ...] = ()) -> Collector:

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ServerThread, http, make_tiny_llama_folder, router_prompts, write_jsonl
-from wallbreak.coe.router import FitOptions, fit_router
+from helpers import ServerThread, fit_test_router, http, make_tiny_llama_folder
 from wallbreak.coe.server.serve import ServeOptions
 
 openai = pytest.importorskip("openai")
@@ -63,8 +62,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, folder: Pa
     import_expert(folder, "alpha", out)
     for seed, name in ((3, "beta"), (4, "gamma")):
         import_expert(make_tiny_llama_folder(out.parent / name, seed=seed, context=2048), name, out)
-    train = write_jsonl(out.parent / "train.jsonl", router_prompts(8, seed=0))
-    fit_router(out, FitOptions(examples=train, encoder=tiny_bert, methods=("logreg",)), progress=False)
+    fit_test_router(out, tiny_bert)
     return out
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerThread, http, router_prompts, write_jsonl
+from helpers import ServerThread, fit_test_router, http
 from wallbreak.coe.engine import EngineConfig
-from wallbreak.coe.router import FitOptions, fit_router
 from wallbreak.coe.server.serve import ServeOptions
 
 openai = pytest.importorskip("openai")
@@ -29,8 +28,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
 
     out = tmp_path_factory.mktemp("serve") / "b"
     synth_bundle(out, experts=3, params=300_000, names=["alpha", "beta", "gamma"], seed=3)
-    train = write_jsonl(out.parent / "train.jsonl", router_prompts(8, seed=0))
-    fit_router(out, FitOptions(examples=train, encoder=tiny_bert, methods=("logreg",)), progress=False)
+    fit_test_router(out, tiny_bert)
     return out
 
 

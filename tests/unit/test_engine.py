@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import Collector, make_engine, run
+from helpers import Collector, make_engine, run, running_engine
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
 from wallbreak.coe.engine.kv import decode_attention, write_columns
@@ -20,13 +20,8 @@ from wallbreak.coe.engine.scheduler import Scheduler
 
 @pytest.fixture()
 def engine(synth_bundle_dir: Path) -> Iterator[Engine]:
-    eng, tiers = make_engine(synth_bundle_dir)
-    eng.start()
-    try:
+    with running_engine(synth_bundle_dir) as eng:
         yield eng
-    finally:
-        eng.stop(timeout=5)
-        tiers.close()
 
 
 def test_batched_greedy_decoding_equals_decoding_alone(engine: Engine) -> None:

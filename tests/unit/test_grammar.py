@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import Collector, make_engine, make_tiny_llama_folder
+from helpers import Collector, make_tiny_llama_folder, running_engine
 from wallbreak.coe.engine import Engine, Event, Request, SamplingParams
 from wallbreak.coe.engine.sampling import Penalties, shaped
 from wallbreak.coe.grammar import GrammarError, Grammars, tool_lark
@@ -35,13 +35,8 @@ def engine(folder: Path) -> Iterator[Engine]:
 
     out = folder.parent / "bundle"
     import_expert(folder, "llama", out)
-    eng, tiers = make_engine(out, max_wait_s=0.05, prefill_chunk=128)
-    eng.start()
-    try:
+    with running_engine(out, max_wait_s=0.05, prefill_chunk=128) as eng:
         yield eng
-    finally:
-        eng.stop(timeout=5)
-        tiers.close()
 
 
 GRAMMARS = Grammars()
