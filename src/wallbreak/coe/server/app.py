@@ -131,24 +131,7 @@ def create_app(
             data.append(card(extras.embedding_model, kind="embedding"))
         return {"object": "list", "data": data}
 
-    @app.post("/tokenize", responses=openapi.errors(400, 404, 413, 415))
-    async def tokenize(request: Request) -> dict[str, Any]:
-        body = await handler.parse(request, TokenizeRequest)
-        return await run_in_threadpool(extras.tokenize, body)
-
-    @app.post("/detokenize", responses=openapi.errors(400, 404, 413, 415))
-    async def detokenize(request: Request) -> dict[str, Any]:
-        body = await handler.parse(request, DetokenizeRequest)
-        return await run_in_threadpool(extras.detokenize, body)
-
-    @app.get("/tokenizer_info", responses=openapi.errors(400, 404))
-    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
-        return extras.tokenizer_info(model)  # no model: the only expert; several: say which
-
-    @app.post("/v1/embeddings", responses=openapi.errors(400, 401, 404, 413, 415))
-    async def embeddings(request: Request) -> dict[str, Any]:
-        body = await handler.parse(request, EmbeddingRequest)
-        return await run_in_threadpool(extras.embeddings, body)
+    add_tokenizer_and_embedding_routes(app, handler, extras)
 
     @app.post("/v1/chat/completions", response_model=None, responses=openapi.CHAT_RESPONSES)
     async def chat(request: Request) -> Response:
@@ -168,3 +151,27 @@ def create_app(
         },
     )
     return app
+
+
+def add_tokenizer_and_embedding_routes(app: FastAPI, handler: Completions, extras: Extras) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, and /v1/embeddings: bodies read and
+    checked as the completions' are (`handler.parse`), answered by `extras`."""
+
+    @app.post("/tokenize", responses=openapi.errors(400, 404, 413, 415))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, TokenizeRequest)
+        return await run_in_threadpool(extras.tokenize, body)
+
+    @app.post("/detokenize", responses=openapi.errors(400, 404, 413, 415))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, DetokenizeRequest)
+        return await run_in_threadpool(extras.detokenize, body)
+
+    @app.get("/tokenizer_info", responses=openapi.errors(400, 404))
+    async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
+        return extras.tokenizer_info(model)  # no model: the only expert; several: say which
+
+    @app.post("/v1/embeddings", responses=openapi.errors(400, 401, 404, 413, 415))
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = await handler.parse(request, EmbeddingRequest)
+        return await run_in_threadpool(extras.embeddings, body)
