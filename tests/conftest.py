@@ -24,6 +24,10 @@ LONGEST_FIRST = (
     "test_default_models.py",
     "test_holmes_runtime.py",
     "test_emulate_netns.py",
+    "test_ray_serve.py",
+    "test_cli.py",
+    "test_engine_property.py",
+    "test_schemathesis.py",
 )
 
 
