@@ -88,29 +88,7 @@ def create_app(
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # 404, 405: OpenAI's shape too
         return _err(e.status_code, str(e.detail), headers=dict(e.headers or {}))
 
-    @app.get("/health", responses={200: {"description": "engine, tiers, compile and retry state"}})
-    async def health() -> dict[str, Any]:
-        if extra_health is not None:
-            await extra_health.refresh()
-        extra = extra_health.health() if extra_health is not None else {}
-        return extra | {
-            "status": "ok",
-            "experts": engine.experts,
-            "unavailable": engine.broken,
-            "retrying": engine.retry_summary(),
-            "queue": engine.queue_depth(),
-            "active": engine.active(),
-            "kv_bytes": engine.kv_bytes(),
-            "engine": dict(engine.stats.__dict__),
-            "compile": engine.compile_summary(),
-            "tiers": engine.tiers.stats.summary(),
-        }
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> PlainTextResponse:
-        if extra_health is not None:
-            await extra_health.refresh()
-        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+    add_status_routes(app, engine, metrics, extra_health)
 
     @app.get(
         "/v1/models",
@@ -175,3 +153,31 @@ def add_tokenizer_and_embedding_routes(app: FastAPI, handler: Completions, extra
     async def embeddings(request: Request) -> dict[str, Any]:
         body = await handler.parse(request, EmbeddingRequest)
         return await run_in_threadpool(extras.embeddings, body)
+
+
+def add_status_routes(app: FastAPI, engine: Engine, metrics: Metrics, extra_health: Any) -> None:
+    """/health (the engine's, tiers' and compile state, and `extra_health`'s) and /metrics."""
+
+    @app.get("/health", responses={200: {"description": "engine, tiers, compile and retry state"}})
+    async def health() -> dict[str, Any]:
+        if extra_health is not None:
+            await extra_health.refresh()
+        extra = extra_health.health() if extra_health is not None else {}
+        return extra | {
+            "status": "ok",
+            "experts": engine.experts,
+            "unavailable": engine.broken,
+            "retrying": engine.retry_summary(),
+            "queue": engine.queue_depth(),
+            "active": engine.active(),
+            "kv_bytes": engine.kv_bytes(),
+            "engine": dict(engine.stats.__dict__),
+            "compile": engine.compile_summary(),
+            "tiers": engine.tiers.stats.summary(),
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        if extra_health is not None:
+            await extra_health.refresh()
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)

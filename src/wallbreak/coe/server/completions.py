@@ -31,6 +31,8 @@ from wallbreak.coe.tokenization import ExpertTokenizer, TemplateError
 from wallbreak.errors import ConfigError
 
 VIRTUAL_MODEL = "coe"
+# A surrogate in raw JSON: escaped (\uD800-\uDFFF), or as UTF-8 bytes, which json.loads passes through.
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 # pydantic names the branch of a union it tried in the error's location ("str", "list[...]",
@@ -95,7 +97,8 @@ class Completions:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:  # JSON may escape a lone UTF-16 surrogate (\ud800), which no tokenizer can take
-            json.dumps(body, ensure_ascii=False).encode()
+            if _SURROGATE.search(raw):  # only then re-encode the body to find a lone one
+                json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             raise ApiError(
                 400, "a string holds a lone UTF-16 surrogate; strings must be valid Unicode"

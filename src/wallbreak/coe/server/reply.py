@@ -209,8 +209,7 @@ class Reply:
     # -- streams --------------------------------------------------------------------------------
 
     def _chunk(self, choices: list[dict[str, Any]]) -> str:
-        obj = "chat.completion.chunk" if self.is_chat else "text_completion"
-        return f"data: {json.dumps(self.envelope(obj, choices))}\n\n"
+        return f"data: {json.dumps(self.envelope(self._chunk_obj(), choices))}\n\n"
 
     def _stream_logprobs(self, c: Choice, ev: Event) -> dict[str, Any] | None:
         if not self.want_logprobs or not (ev.logprobs or ev.prompt_logprobs):
