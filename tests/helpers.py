@@ -183,26 +183,57 @@ def http(
         return e.code, dict(e.headers), e.read().decode()
 
 
-def one_process_training(
-    config: Any, text: str, global_batch: int, steps: int, lr: float = 1e-3
-) -> tuple[list[float], dict[str, Any]]:
-    """What the Holmes runtime must reproduce: the same GPT, data and AdamW in one process, on the
-    whole global batch at once (the trainer's defaults: seed 0, no weight decay, byte tokens)."""
-    from wallbreak.holmes.runtime.data import Batches, tokenize
-    from wallbreak.holmes.runtime.gpt import GPT, lm_loss
+def hf_reference(
+    spec: Any, tokens: Any, global_batch: int, steps: int, optim: Any = None, seed: int = 0
+) -> tuple[list[float], dict[str, Any], Any]:
+    """What the Holmes runtime must reproduce, computed by transformers: AutoModelForCausalLM (the
+    spec's weights folder, or the runtime's seeded weights), its own loss on each whole global batch,
+    torch.optim.AdamW with decay on matrices, torch's clip_grad_norm_ and a warm-up + cosine
+    LambdaLR. Returns (losses, final parameters by name, the model)."""
+    import math
 
-    model = GPT(config, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    data = Batches(tokenize(text, None, config.vocab), config.seq_len, global_batch, seed=0)
+    from transformers import AutoModelForCausalLM
+
+    from wallbreak.holmes.runtime.data import Batches
+    from wallbreak.holmes.runtime.model import hf_config, init_weights
+    from wallbreak.holmes.runtime.optim import OptimSpec
+
+    o = optim or OptimSpec()
+    if spec.source.get("weights"):
+        model = AutoModelForCausalLM.from_pretrained(spec.source["weights"], dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+        init_weights(model, spec, seed)
+    model.config._attn_implementation = "sdpa"
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": o.weight_decay},
+         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )  # fmt: skip
+    horizon = o.decay_steps or steps
+
+    def factor(k: int) -> float:
+        if k < o.warmup_steps:
+            return (k + 1) / o.warmup_steps
+        prog = min(1.0, (k - o.warmup_steps) / max(1, horizon - o.warmup_steps))
+        return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * prog))) / o.lr
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    data = Batches(tokens, spec.seq_len, global_batch, seed=seed)
     losses = []
     for step in range(steps):
         x, y = data.batch(step)
-        loss = lm_loss(model(x), y)
+        rows = torch.cat([x, y[:, -1:]], dim=1)
+        loss = model(rows, labels=rows).loss
         loss.backward()
+        if o.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         opt.step()
+        sched.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-    return losses, {f"L{k}": v for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}, model
 
 
 # ----------------------------------------------------------------------------------------------

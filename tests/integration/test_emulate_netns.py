@@ -21,7 +21,7 @@ from wallbreak.holmes.plan.topology import load_topology
 pytestmark = pytest.mark.netns
 SMALL = Path(__file__).parents[2] / "examples" / "clusters" / "emu-small.yaml"
 PREFIX = "wbt"
-MODEL, TRAINING = ModelSpec("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
+MODEL, TRAINING = ModelSpec.llama("tiny", 2, 64, 2, 32, 256), TrainingSpec(8, 2, "none", "fp32")
 
 
 def _can_make_namespaces() -> str | None:
@@ -136,14 +136,12 @@ def test_the_trainer_runs_on_the_emulated_cluster_with_its_groups_on_their_nics(
 
 
 def one_process_losses(model: ModelSpec, training: TrainingSpec, steps: int) -> list[float]:
-    """The trainer's defaults (seed 0, AdamW lr 1e-3, the default corpus) in one process."""
-    from helpers import one_process_training
-    from wallbreak.holmes.plan.plan_file import MODEL_FIELDS
-    from wallbreak.holmes.runtime.data import default_corpus, read_text
-    from wallbreak.holmes.runtime.gpt import GPTConfig
+    """The trainer's defaults (seed 0, the default optimizer, the default corpus) in transformers."""
+    from helpers import hf_reference
+    from wallbreak.holmes.runtime.data import default_corpus, read_text, tokenize
 
-    c = GPTConfig(**{f: getattr(model, f) for f in MODEL_FIELDS})
-    return one_process_training(c, read_text(default_corpus()), training.global_batch, steps)[0]
+    tokens = tokenize(read_text(default_corpus()), None, model.vocab)
+    return hf_reference(model, tokens, training.global_batch, steps)[0]
 
 
 def test_bench_holmes_runs_every_placement_and_leaves_the_last_emulation_up(bench: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ def results(tmp: Path, cluster: Path, model: ModelSpec, truth: Calibration, name
 
 
 def test_the_fit_explains_its_runs_and_predicts_another_model(tmp_path: Path) -> None:
-    small = ModelSpec("tiny", 4, 128, 4, 64, 256)
+    small = ModelSpec.llama("tiny", 4, 128, 4, 64, 256, kv_heads=1)
     runs = load_runs([results(tmp_path, SMALL, small, TRUTH)])
     assert {r.label.split(": ")[1] for r in runs} == set(PLACEMENTS)
     before = [abs(r.predict(None) / r.measured_s - 1) for r in runs]
@@ -61,7 +61,9 @@ def test_the_fit_explains_its_runs_and_predicts_another_model(tmp_path: Path) ->
     assert max(before) > 0.5  # uncalibrated, the model is far off these 'measurements'
     assert all(abs(row["error_pct"]) < 2 for row in cal.fitted_on), cal.fitted_on
     # Held out: a model twice as deep and wide, never seen by the fit.
-    other = load_runs([results(tmp_path, SMALL, ModelSpec("wider", 8, 256, 4, 64, 256), TRUTH, "o.json")])
+    other = load_runs(
+        [results(tmp_path, SMALL, ModelSpec.llama("wider", 8, 256, 4, 64, 256, kv_heads=1), TRUTH, "o.json")]
+    )
     for r in other:
         assert r.predict(cal) == pytest.approx(r.measured_s, rel=0.05), r.label
 
@@ -69,7 +71,7 @@ def test_the_fit_explains_its_runs_and_predicts_another_model(tmp_path: Path) ->
 def test_plan_cli_fits_saves_and_reuses_a_calibration(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    res = results(tmp_path, SMALL, ModelSpec("tiny", 4, 128, 4, 64, 256), TRUTH)
+    res = results(tmp_path, SMALL, ModelSpec.llama("tiny", 4, 128, 4, 64, 256, kv_heads=1), TRUTH)
     shape = "--layers 4 --hidden 128 --heads 4 --seq-len 64 --vocab 256 --global-batch 8 --micro-batch 2"
     argv = ["plan", str(SMALL), *shape.split(), "--dtype", "fp32", "--json"]
     saved = tmp_path / "cal.json"

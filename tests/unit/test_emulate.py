@@ -72,7 +72,9 @@ def test_node_scripts_run_in_their_own_hosts_namespaces() -> None:
     topo = load_topology(SMALL.parent / "emu-three.yaml")
     emu = plan_emulation(topo, scale=0.01, prefix="t")
     planned = with_emulated_hosts(emulated_rates(topo, 0.01, 2), emu)
-    report = make_report(planned, ModelSpec("m", 4, 128, 4, 64, 256), TrainingSpec(8, 2, "none", "fp32"))
+    report = make_report(
+        planned, ModelSpec.llama("m", 4, 128, 4, 64, 256), TrainingSpec(8, 2, "none", "fp32")
+    )
     nodes = plan_body(report)["nodes"]
     netns = namespaces_in_rank_order(emu, nodes)
     cluster_of = {n.netns: n.cluster for n in emu.nodes}

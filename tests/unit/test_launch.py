@@ -42,7 +42,7 @@ PER_PROCESS = re.compile(r"NCCL_IB_|NCCL_SOCKET_IFNAME")
 
 
 def _emit(tmp: Path, placement: str) -> tuple[dict, dict[str, str]]:
-    report = make_report(parse_topology(MIXED, "mixed.yaml"), ModelSpec("m", 6, 1024, 16, 512, 51200),
+    report = make_report(parse_topology(MIXED, "mixed.yaml"), ModelSpec.llama("m", 6, 1024, 16, 512, 51200),
                          TrainingSpec(16, 1), placement=placement, tp=1, pp=3, dp=2)  # fmt: skip
     emit_launch(report, tmp)
     scripts = {p.name.split("-", 2)[2].removesuffix(".sh"): p.read_text() for p in tmp.glob("node-*.sh")}
@@ -69,9 +69,13 @@ def test_holmes_sets_nccl_net_per_group_and_the_rest_once_per_node(tmp_path: Pat
 
 def test_megatron_forces_one_tcp_transport_for_the_job(tmp_path: Path) -> None:
     pf, scripts = _emit(tmp_path, "megatron")
+    # NCCL_IB_DISABLE is read once per process: every node's env has it, no group's; only the
+    # per-communicator NCCL_NET stays in the groups.
     assert {json.dumps(g["env"]) for gs in pf["groups"].values() for g in gs} == {
-        json.dumps({"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"})
+        json.dumps({"NCCL_NET": "Socket"})
     }
+    for n in pf["nodes"]:
+        assert n["env"]["NCCL_IB_DISABLE"] == "1" and n["env"]["NCCL_NET"] == "Socket", n
     assert all("export NCCL_IB_DISABLE=1" in t and "export NCCL_NET=Socket" in t for t in scripts.values())
 
 

@@ -58,7 +58,7 @@ def test_bad_degrees_and_ranks_are_clear() -> None:
 
 
 def _plan(tmp: Path) -> Path:
-    m = ModelSpec("tiny", 4, 32, 4, 16, 256)
+    m = ModelSpec.llama("tiny", 4, 32, 4, 16, 256)
     report = make_report(
         parse_topology(CLUSTER, "c.yaml"),
         m,
@@ -82,21 +82,24 @@ def test_plan_file_round_trip_and_version_check(tmp_path: Path) -> None:
     path = _plan(tmp_path)
     raw = json.loads(path.read_text())
     assert raw["format"] == "wallbreak-plan" and raw["version"] == PLAN_VERSION
-    assert raw["model"] == {
-        "name": "tiny",
-        "vocab": 256,
-        "layers": 4,
-        "hidden": 32,
-        "heads": 4,
-        "seq_len": 16,
-    }
+    # The model is its Hugging Face config, and where its weights come from (none: seeded).
+    assert raw["model"]["name"] == "tiny" and raw["model"]["seq_len"] == 16 and raw["model"]["source"] == {}
+    config = raw["model"]["config"]
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 4
+    assert (config["hidden_size"], config["num_attention_heads"], config["vocab_size"]) == (32, 4, 256)
     plan = load_plan(path, 8)
+    assert plan.model.config == config and plan.model.tied is False
     assert plan.layout == ParallelLayout(2, 2, 2)
     assert [g.ranks for g in plan.groups if g.kind == "pp"] == [tuple(g) for g in plan.layout.groups("pp")]
     _edit(path, version=PLAN_VERSION + 1)
     with pytest.raises(
         ConfigError, match=f"plan version {PLAN_VERSION + 1} was written by a newer wallbreak"
     ):
+        load_plan(path)
+    # A version-1 plan (a GPT-2-style shape, no config) gets the one message that says what to do.
+    _edit(path, version=1, model={"name": "tiny", "vocab": 256, "layers": 4, "hidden": 32, "heads": 4,
+                                  "seq_len": 16})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"plan version 1 is older than this wallbreak reads.*re-plan it"):
         load_plan(path)
     _edit(path, version=None)
     with pytest.raises(ConfigError, match="'version' must be an integer"):

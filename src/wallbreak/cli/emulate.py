@@ -13,11 +13,12 @@ from wallbreak.common.plots import save_figure
 from wallbreak.holmes.emulate import netns as emulate
 from wallbreak.holmes.emulate.run import PLACEMENTS, EmuJob, bench_holmes, run_on_emulation
 from wallbreak.holmes.plan.calibrate import load_calibration
+from wallbreak.holmes.plan.source import resolve_model
 from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
 from wallbreak.holmes.plan.topology import load_topology
 
 # Models a 2-core machine trains in seconds per step: (layers, hidden, heads, seq_len); byte vocabulary.
-EMU_MODELS = {"tiny": (4, 128, 4, 64), "small": (8, 256, 8, 128)}
+EMU_MODELS = {"tiny": (4, 128, 4, 64), "small": (4, 256, 8, 128)}  # layers, hidden, heads, seq
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -25,10 +26,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=emulate.DEFAULT_PREFIX, help="names start with it (default wb)")
     p.add_argument("--scale", type=float, default=emulate.DEFAULT_SCALE, help="multiply every rate (0.01)")
     p.add_argument("--steps", type=int, default=8, help="steps per run; the first 2 are warm-up (default 8)")
-    p.add_argument("--model", choices=list(EMU_MODELS), default="tiny",
-                   help="tiny: 4 layers x 128 wide, seq 64 (default); small: 8 x 256, seq 128")  # fmt: skip
+    p.add_argument(
+        "--model", default="tiny", metavar="SRC",
+        help="tiny: a Llama of 4 layers x 128 wide, seq 64 (default); small: 4 x 256, 8 heads (2 key/value "
+        "heads), seq 128; or a model folder, .gguf or preset (see `wallbreak plan`)",
+    )  # fmt: skip
     for flag in ("--layers", "--hidden", "--heads", "--seq-len"):
-        p.add_argument(flag, type=int, help="override one dimension of --model")
+        p.add_argument(flag, type=int, help="override one dimension of tiny or small (--seq-len: of any)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     for flag in ("--tp", "--pp", "--dp"):
@@ -65,9 +69,13 @@ def add_bench_holmes_parser(bench: Any) -> None:
 
 
 def _job(args: argparse.Namespace) -> EmuJob:
-    dims = dict(zip(("layers", "hidden", "heads", "seq_len"), EMU_MODELS[args.model], strict=True))
-    dims |= {k: v for k, v in vars(args).items() if k in dims and v is not None}
-    model = ModelSpec(f"gpt-{args.model}-{dims['layers']}x{dims['hidden']}", vocab=256, **dims)
+    if args.model in EMU_MODELS:
+        dims = dict(zip(("layers", "hidden", "heads", "seq_len"), EMU_MODELS[args.model], strict=True))
+        dims |= {k: v for k, v in vars(args).items() if k in dims and v is not None}
+        model = ModelSpec.llama(f"llama-{args.model}-{dims['layers']}x{dims['hidden']}", vocab=256,
+                                kv_heads=max(1, dims["heads"] // 4), **dims)  # fmt: skip
+    else:
+        model = resolve_model(args.model, args.seq_len or 64)
     training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
     cal = load_calibration(args.calibration) if args.calibration else None
     return EmuJob(args.cluster, load_topology(args.cluster), model, training, args.steps,

@@ -16,6 +16,7 @@ from wallbreak.holmes.plan.launch import TRAIN_MODULE, emit_launch
 from wallbreak.holmes.plan.plan_file import load_plan
 from wallbreak.holmes.plan.planner import PLACEMENTS
 from wallbreak.holmes.plan.report import format_report, make_report, plot_report
+from wallbreak.holmes.plan.source import resolve_model
 from wallbreak.holmes.plan.spec import DTYPE_BYTES, MASTER_PORT, PRESETS, RECOMPUTE, ModelSpec, TrainingSpec
 from wallbreak.holmes.plan.topology import load_topology
 
@@ -23,11 +24,16 @@ from wallbreak.holmes.plan.topology import load_topology
 def add_plan_parsers(verbs: Any) -> None:
     pl = verbs.add_parser("plan", help="place LLM training on clusters with different NICs, and predict it")
     pl.add_argument("cluster", type=Path, help="cluster spec (YAML), e.g. examples/two-clusters.yaml")
-    pl.add_argument("--model", help=f"a preset: {', '.join(PRESETS)}")
+    pl.add_argument(
+        "--model", metavar="SRC",
+        help=f"a Hugging Face model folder (config.json [+ safetensors + tokenizer]), a .gguf file, or a "
+        f"preset: {', '.join(PRESETS)}",
+    )  # fmt: skip
     for flag in ("--layers", "--hidden", "--heads"):
-        pl.add_argument(flag, type=int, help="custom shape (all three, instead of --model)")
+        pl.add_argument(flag, type=int, help="custom Llama shape (all three, instead of --model)")
     default_arg(pl, ModelSpec, "--seq-len", int)
-    default_arg(pl, ModelSpec, "--vocab", int)
+    pl.add_argument("--vocab", type=int, help="vocabulary of a preset or custom shape (default: 256 for "
+                    "llama-*, 51200 otherwise)")  # fmt: skip
     pl.add_argument("--global-batch", type=int, required=True)
     default_arg(pl, TrainingSpec, "--micro-batch", int)
     default_arg(pl, TrainingSpec, "--recompute", str, " or ".join(RECOMPUTE))
@@ -91,13 +97,15 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.model and any(v is not None for v in custom):
         raise ConfigError("give either --model or --layers/--hidden/--heads, not both")
     if args.model:
-        model = ModelSpec.preset(args.model)
-        model = ModelSpec(model.name, model.layers, model.hidden, model.heads, args.seq_len, args.vocab)
+        model = resolve_model(args.model, args.seq_len, args.vocab)
     elif all(v is not None for v in custom):
-        name = f"gpt-custom-{args.layers}x{args.hidden}"
-        model = ModelSpec(name, args.layers, args.hidden, args.heads, args.seq_len, args.vocab)
+        name = f"llama-custom-{args.layers}x{args.hidden}"
+        model = ModelSpec.llama(name, args.layers, args.hidden, args.heads, args.seq_len, args.vocab or 51200)
     else:
-        raise ConfigError("name a model: --model gpt-7.5b (or all of --layers, --hidden, --heads)")
+        raise ConfigError(
+            "name a model: --model SRC (a folder, a .gguf or a preset such as gpt-7.5b), "
+            "or all of --layers, --hidden, --heads"
+        )
     training = fill(TrainingSpec, args)
     if not 0 < args.master_port < 65536:
         raise ConfigError(f"--master-port must be 1-65535, got {args.master_port}")

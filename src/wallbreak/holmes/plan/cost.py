@@ -1,9 +1,11 @@
 """The cost model: pure functions of shapes, rates and links, each checked against hand arithmetic.
 
 Units: seconds, bytes, FLOPs; links in Gbit/s and microseconds as the cluster file gives them.
-Sources for the formulas: Narayanan et al. (Megatron-LM, SC'21) for FLOPs per iteration
-(72 B s l h^2 (1 + s/6h + V/12lh), 96 with full recompute) and the 1F1B schedule; Korthikanti et al.
-(2022) for activation memory; the ring all-reduce's 2(n-1)/n volume per rank.
+Sources for the formulas: Narayanan et al. (Megatron-LM, SC'21) for FLOPs per iteration (two per
+weight per token and pass, three passes, four with full recompute) and the 1F1B schedule;
+Korthikanti et al. (2022) for activation memory; the ring all-reduce's 2(n-1)/n volume per rank.
+The shapes come from the model's Hugging Face config (`ModelSpec`), and a test counts the same
+FLOPs and parameters on transformers' own modules.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ def bytes_per_s(gbps: float) -> float:
     return gbps * 1e9 / 8
 
 
-def _flop_factor(recompute: str) -> int:
+def _passes(recompute: str) -> int:
     # Forward = 1 unit, backward = 2 units; full recompute runs the forward again: 4 units, not 3.
-    return 96 if recompute == "full" else 72
+    return 4 if recompute == "full" else 3
 
 
 def layer_flops(m: ModelSpec, micro_batch: int, recompute: str) -> float:
-    """Forward + backward FLOPs of one transformer layer for one micro-batch."""
-    s, h = m.seq_len, m.hidden
-    return _flop_factor(recompute) * micro_batch * s * h * h * (1 + s / (6 * h))
+    """Forward + backward FLOPs of one decoder layer for one micro-batch: two per weight of its
+    matrix multiplies per token, and 4 s (heads x head_dim) per token for the attention scores and
+    their weighted sum. For a GPT layer (12h^2 weights) this is Megatron's 72 B s h^2 (1 + s/6h)."""
+    s = m.seq_len
+    return _passes(recompute) * micro_batch * s * (2 * m.matmul_params + 4 * s * m.q_dim)
 
 
 def head_flops(m: ModelSpec, micro_batch: int, recompute: str) -> float:
     """Forward + backward FLOPs of the logits layer (h x V) for one micro-batch, on the last stage."""
-    return _flop_factor(recompute) * micro_batch * m.seq_len * m.hidden * m.vocab / 12
+    return _passes(recompute) * micro_batch * m.seq_len * 2 * m.hidden * m.vocab
 
 
 def iteration_flops(m: ModelSpec, global_batch: int, recompute: str) -> float:
@@ -67,14 +71,27 @@ def tp_seconds_per_layer(m: ModelSpec, t: TrainingSpec, tp: int, gbps: float, la
 
 
 def stage_params(m: ModelSpec, layers: int, first: bool, last: bool) -> int:
-    """Parameters a stage holds: its layers, word+position embeddings on the first stage, and the
-    output layer's copy of the word embeddings on the last (Megatron keeps both, tied by an all-reduce)."""
+    """Parameters a stage holds: its layers, the embedding on the first stage, the final norm and
+    output layer on the last. With tied embeddings the last stage of a pipeline holds its own copy of
+    the embedding as its output layer (Megatron's embedding group keeps the two equal)."""
     p = layers * m.layer_params
     if first:
         p += m.embedding_params
-    if last and not first:
-        p += m.vocab * m.hidden
+    if last:
+        p += m.head_params
+        if m.tied and not first:
+            p += m.vocab * m.hidden
     return p
+
+
+def layer_activation_bytes(m: ModelSpec, t: TrainingSpec, tp: int) -> float:
+    """What one layer keeps for backward per micro-batch (Korthikanti et al.'s count, for a SwiGLU
+    MLP and grouped-query attention): the two norm inputs and outputs, q/k/v, softmax and its
+    output, the attention output, SwiGLU's gate, up, activation and product."""
+    s, b, h, a, w = m.seq_len, t.micro_batch, m.hidden, m.heads, t.act_bytes
+    attn = 2 * w * s * b * h + w * s * b * (2 * m.q_dim + 2 * m.kv_dim) / tp + 2 * w * a * s * s * b / tp
+    mlp = 2 * w * s * b * h + 4 * w * s * b * m.intermediate / tp
+    return attn + mlp
 
 
 def memory_bytes(
@@ -83,23 +100,21 @@ def memory_bytes(
     """Per-GPU memory of a stage: weights, gradients, optimizer state, activations, reserve."""
     p = stage_params(m, layers, first, last) / tp
     mixed = t.dtype != "fp32"
-    weights = p * t.act_bytes
+    weights = p * 4  # fp32 weights (the master copy, under bf16 autocast)
     grads = p * 4  # fp32 main gradients (accumulated across micro-batches)
-    opt = p * (12 if mixed else 8)  # fp32 master copy (mixed precision) + Adam's two moments
+    opt = p * 8  # Adam's two moments in fp32
+    if mixed:
+        weights += p * t.act_bytes  # the low-precision copies autocast makes, at most one per weight
     if t.distributed_optimizer:
         opt /= dp
-    s, b, h, a = m.seq_len, t.micro_batch, m.hidden, m.heads
-    per_layer: float
+    per_layer = layer_activation_bytes(m, t, tp)
     if t.recompute == "full":
         # Only each layer's input is kept; one layer's full activations live during its recompute.
-        per_layer = 2 * s * b * h
-        working = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+        acts = activation_bytes(m, t) * layers * inflight + per_layer
     else:
-        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
-        working = 0.0
-    acts = per_layer * layers * inflight + working
+        acts = per_layer * layers * inflight
     if last:
-        acts += 4 * b * s * m.vocab / tp  # fp32 logits for the loss
+        acts += 4 * t.micro_batch * m.seq_len * m.vocab  # fp32 logits for the loss
     out = {
         "weights": weights,
         "grads": grads,

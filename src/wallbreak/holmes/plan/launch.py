@@ -27,6 +27,7 @@ NCCL_NET = {"infiniband": "IB", "roce": "IB", "tcp": "Socket"}  # per communicat
 ROCE_GID_INDEX = "3"  # RoCE v2 over IPv4 on the usual Mellanox/NVIDIA setup
 # Stock Megatron-LM's one transport for a job that spans clusters or NIC kinds.
 MEGATRON_TCP_JOB = {"NCCL_NET": "Socket", "NCCL_IB_DISABLE": "1"}
+PER_GROUP = ("NCCL_NET",)  # the only NCCL variable a communicator reads for itself (config.net_name)
 
 TRAIN_MODULE = "wallbreak.holmes.runtime.train"  # what torchrun runs on every node (`-m`)
 
@@ -103,9 +104,13 @@ def plan_body(report: PlanReport) -> dict[str, Any]:
             g.update(_group_nic(g["transport"], g["ranks"], nodes))
     job = job_env(p)
     if job:  # one transport for the job, whatever the group
+        # NCCL reads NCCL_IB_DISABLE once per process (possibly for the default group, before any of
+        # ours): it belongs to every node's environment. Only NCCL_NET is a per-communicator value.
         for gs in groups.values():
             for g in gs:
-                g["env"] = dict(job)
+                g["env"] = {k: v for k, v in job.items() if k in PER_GROUP}
+        for n in nodes:
+            n["env"] = n["env"] | job
     return {
         "placement": p.placement,
         **p.layout.to_json(),
@@ -165,9 +170,8 @@ def emit_launch(report: PlanReport, out: Path, master_port: int = MASTER_PORT) -
     written = [out / PLAN_NAME]
     nodes = pf["nodes"]
     master = nodes[0]["address"] or nodes[0]["host"]
-    job = job_env(report.plan)
     for n in nodes:
-        env = n["env"] | job  # stock Megatron's job-wide transport overrides the node's
+        env = dict(n["env"])  # the node's variables, stock Megatron's job-wide transport included
         if n["tcp_ifname"]:
             env["GLOO_SOCKET_IFNAME"] = n["tcp_ifname"]
         q = shlex.quote

@@ -18,12 +18,11 @@ from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.plan.layout import GROUP_KINDS, ParallelLayout
 from wallbreak.holmes.plan.spec import ModelSpec, TrainingSpec
-from wallbreak.holmes.runtime.gpt import GPTConfig
 
 PLAN_FORMAT = "wallbreak-plan"
 PLAN_NAME = "plan.json"  # the plan's file name in a launch folder
-PLAN_VERSION = 1  # bump when a reader of version N could misread the new file
-MODEL_FIELDS = ("vocab", "layers", "hidden", "heads", "seq_len")  # the shape the runtime builds
+PLAN_VERSION = 2  # bump when a reader of version N could misread the new file
+OLDEST_VERSION = 2  # version 1 described a GPT-2-style model the runtime no longer builds
 TRAINING_FIELDS = ("global_batch", "micro_batch", "recompute", "dtype")
 
 
@@ -42,7 +41,8 @@ class RunPlan:
     layout: ParallelLayout
     global_batch: int
     micro_batch: int
-    model: GPTConfig
+    model: ModelSpec
+    training: TrainingSpec
     stage_layers: tuple[int, ...]
     groups: tuple[Group, ...]
     raw: dict[str, Any]
@@ -84,12 +84,12 @@ class RunPlan:
         raise ConfigError(f"{self.path}: rank {rank} has no {kind} group")
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match: degrees, split and model shape."""
+        """Degrees, split and model: what a run's layout is (checkpoints record it, and reshard)."""
         key = json.dumps(
             {
                 **self.layout.to_json(),
                 "layers": self.stage_layers,
-                "model": {f: getattr(self.model, f) for f in MODEL_FIELDS},
+                "model": {"config": self.model.config, "seq_len": self.model.seq_len},
             },
             sort_keys=True,
         )
@@ -97,17 +97,24 @@ class RunPlan:
 
 
 def model_json(m: ModelSpec) -> dict[str, Any]:
-    """The planner's model as the plan file stores it: the shape the runtime builds, and its name."""
-    return {"name": m.name} | {f: getattr(m, f) for f in MODEL_FIELDS}
+    """The planner's model as the plan file stores it: name, sequence length, the Hugging Face config
+    the runtime builds, and where its weights and tokenizer come from (none: seeded initialisation)."""
+    return {"name": m.name, "seq_len": m.seq_len, "config": m.config, "source": m.source}
 
 
 def training_json(t: TrainingSpec) -> dict[str, Any]:
     return {f: getattr(t, f) for f in TRAINING_FIELDS}
 
 
-def model_spec(d: dict[str, Any]) -> ModelSpec:
-    """`model_json` read back (raises KeyError or TypeError on a malformed record)."""
-    return ModelSpec(str(d["name"]), *(int(d[f]) for f in ("layers", "hidden", "heads", "seq_len", "vocab")))
+def model_spec(d: dict[str, Any], where: str = "plan") -> ModelSpec:
+    """`model_json` read back; every problem is one ConfigError naming `where`."""
+    name = _need(d, "name", str, f"{where}: model")
+    seq_len = _need(d, "seq_len", int, f"{where}: model")
+    config = _need(d, "config", dict, f"{where}: model")
+    source = d.get("source") or {}
+    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+        raise ConfigError(f"{where}: model.source must map names to strings")
+    return ModelSpec(name, config, seq_len, source)
 
 
 def training_spec(d: dict[str, Any]) -> TrainingSpec:
@@ -138,6 +145,12 @@ def _header(raw: Any, where: str) -> None:
     version = raw.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(f"{where}: 'version' must be an integer >= 1, got {version!r}; re-plan it")
+    if version < OLDEST_VERSION:
+        raise ConfigError(
+            f"{where}: plan version {version} is older than this wallbreak reads (version "
+            f"{OLDEST_VERSION} and newer: it names a Hugging Face config); re-plan it with "
+            "`wallbreak plan CLUSTER --model SRC --emit-launch DIR`"
+        )
     if version > PLAN_VERSION:
         raise ConfigError(
             f"{where}: plan version {version} was written by a newer wallbreak; this one reads "
@@ -161,12 +174,14 @@ def _layout(raw: dict[str, Any], where: str, world_size: int | None) -> Parallel
     return lay
 
 
-def _model(raw: dict[str, Any], where: str, lay: ParallelLayout) -> tuple[GPTConfig, int, int]:
-    m = _need(raw, "model", dict, where)
+def _model(raw: dict[str, Any], where: str, lay: ParallelLayout) -> tuple[ModelSpec, int, int]:
     t = _need(raw, "training", dict, where)
-    model = GPTConfig(**{f: _need(m, f, int, f"{where}: model") for f in MODEL_FIELDS})
-    if model.heads % lay.tp:
-        raise ConfigError(f"{where}: tp={lay.tp} must divide the model's {model.heads} attention heads")
+    model = model_spec(_need(raw, "model", dict, where), where)
+    if model.kv_heads % lay.tp:
+        raise ConfigError(
+            f"{where}: tp={lay.tp} must divide the model's {model.kv_heads} key/value heads "
+            f"(and so its {model.heads} attention heads)"
+        )
     gb = _need(t, "global_batch", int, f"{where}: training")
     mb = _need(t, "micro_batch", int, f"{where}: training")
     if gb % (mb * lay.dp):
@@ -174,7 +189,7 @@ def _model(raw: dict[str, Any], where: str, lay: ParallelLayout) -> tuple[GPTCon
     return model, gb, mb
 
 
-def _stages(raw: dict[str, Any], where: str, lay: ParallelLayout, model: GPTConfig) -> tuple[int, ...]:
+def _stages(raw: dict[str, Any], where: str, lay: ParallelLayout, model: ModelSpec) -> tuple[int, ...]:
     stages = _need(raw, "stages", list, where)
     if len(stages) != lay.pp:
         raise ConfigError(f"{where}: {len(stages)} stage(s) listed but pp is {lay.pp}")
@@ -223,5 +238,9 @@ def load_plan(path: str | Path, world_size: int | None = None) -> RunPlan:
     _header(raw, where)
     lay = _layout(raw, where, world_size)
     model, gb, mb = _model(raw, where, lay)
+    try:
+        training = training_spec(raw["training"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: training needs {', '.join(TRAINING_FIELDS)} ({e})") from None
     layers = _stages(raw, where, lay, model)
-    return RunPlan(p, lay, gb, mb, model, layers, _groups(raw, where, lay), raw)
+    return RunPlan(p, lay, gb, mb, model, training, layers, _groups(raw, where, lay), raw)

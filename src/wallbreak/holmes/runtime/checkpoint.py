@@ -1,11 +1,16 @@
-"""Checkpoints sharded per stage, written atomically, tied to the plan that wrote them.
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded per rank, resharded on load.
 
-Layout: DIR/step-00000005/stage-0.safetensors + stage-0.json ... stage-{pp-1}.*, meta.json, then
-DIR/latest. One data-parallel replica per stage writes its shard under temp names and renames them;
-after a barrier rank 0 writes meta.json and then `latest`, so a step is visible only once every
-shard is complete. Tensors go to safetensors and everything else (the step, the optimizer's
-hyperparameters) to JSON: nothing in a checkpoint directory is a pickle, so whoever can write it
-cannot run code in the ranks that load it. Checkpoints of the old pickled form are refused.
+Layout: DIR/step-00000005/shards/*.safetensors (DCP's Hugging Face storage: every rank writes its
+own tensors, tensor-parallel shards with their offsets), DIR/step-00000005/meta.json (the step,
+the model's config, and the layout of the plan that wrote it), then DIR/latest. A step is visible
+only once meta.json is written after every rank finished, and `latest` after it.
+
+Tensors are keyed by their Hugging Face names with global layer indices, and the optimizer's
+moments by `optim.NAME.exp_avg[_sq]`. A run on another plan (other pp, dp or tp, another split)
+asks DCP for the tensors its own stage holds, and DCP reads the overlapping pieces: that is the
+resharding. The last stage's copy of a tied embedding is saved and loaded under the embedding's
+name. Nothing here is a pickle: DCP's usual `.metadata` file is one, so this uses its safetensors
+storage, whose reader rebuilds the metadata from the safetensors headers; the rest is JSON.
 """
 
 from __future__ import annotations
@@ -16,113 +21,102 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from torch import nn
 
-from wallbreak.common.atomic import atomic_open, atomic_write_json
+from wallbreak.common.atomic import atomic_write_json
 from wallbreak.common.jsonfile import read_json
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.plan.plan_file import RunPlan
+from wallbreak.holmes.runtime.model import canonical
+
+FORMAT = "wallbreak-checkpoint"
+VERSION = 2  # 1: per-stage safetensors of whole tensors, bound to one plan
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
-def save(
-    root: Path, step: int, *, plan: RunPlan, stage: int, write: bool, rank: int, state: dict[str, Any]
-) -> None:
-    d = step_dir(root, step)
-    if write:
-        d.mkdir(parents=True, exist_ok=True)
-        write_stage(d, stage, state)
-    dist.barrier()
-    if rank == 0:
-        atomic_write_json(
-            d / "meta.json",
-            {"step": step, "fingerprint": plan.fingerprint(), **plan.layout.to_json(),
-             "stage_layers": list(plan.stage_layers)},
-        )  # fmt: skip
-        atomic_write_json(root / "latest", {"step": step})
-    dist.barrier()
-
-
 def latest(root: Path) -> int | None:
     try:
         step = int(json.loads((root / "latest").read_text())["step"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return step if (step_dir(root, step) / "meta.json").is_file() else None
 
 
-def load(root: Path, step: int, plan: RunPlan, stage: int) -> dict[str, Any]:
+def _state(module: nn.Module, opt: torch.optim.Optimizer | None, tied: bool) -> dict[str, Any]:
+    """The tensors this rank holds, by checkpoint key; views of the live tensors (load writes in place)."""
+    out: dict[str, Any] = {}
+    for name, p in module.named_parameters():
+        key = canonical(name, tied)
+        out[key] = p.detach()
+        if opt is not None:
+            st = opt.state.setdefault(p, {})
+            for m in MOMENTS:
+                if m not in st:
+                    st[m] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                out[f"optim.{key}.{m}"] = st[m]
+    return out
+
+
+def save(root: Path, step: int, *, module: nn.Module, opt: torch.optim.Optimizer, plan: RunPlan,
+         rank: int, extra: dict[str, Any]) -> None:  # fmt: skip
+    """Every rank calls this; DCP drops the copies that data-parallel replicas hold."""
+    import torch.distributed.checkpoint as dcp  # deferred: loads torch.distributed.checkpoint
+
     d = step_dir(root, step)
-    meta = json.loads((d / "meta.json").read_text())
-    if meta.get("fingerprint") != plan.fingerprint():
+    dcp.save(
+        _state(module, opt, plan.model.tied),
+        storage_writer=dcp.HuggingFaceStorageWriter(str(d / "shards"), save_distributed=True),
+    )
+    dist.barrier()
+    if rank == 0:
+        meta = {
+            "format": FORMAT, "version": VERSION, "step": step,
+            "model": {"name": plan.model.name, "seq_len": plan.model.seq_len, "config": plan.model.config,
+                      "source": plan.model.source},
+            "layout": {**plan.layout.to_json(), "stage_layers": list(plan.stage_layers),
+                       "fingerprint": plan.fingerprint()},
+        } | extra  # fmt: skip
+        atomic_write_json(d / "meta.json", meta)
+        atomic_write_json(root / "latest", {"step": step})
+    dist.barrier()
+
+
+def read_meta(d: Path) -> dict[str, Any]:
+    """A step's meta.json, checked; old and foreign checkpoints get one clear message."""
+    if any(d.glob("stage-*.pt")) or any(d.glob("stage-*.safetensors")):
         raise ConfigError(
-            f"checkpoint {d} was written by a different plan (tp={meta.get('tp')} pp={meta.get('pp')} "
-            f"dp={meta.get('dp')} layers={meta.get('stage_layers')}; this plan: tp={plan.tp} pp={plan.pp} "
-            f"dp={plan.dp} layers={list(plan.stage_layers)}); resume with the plan that wrote it"
+            f"checkpoint {d} is in an old form (one file per stage, bound to its plan), which "
+            "wallbreak no longer loads; train again into a new --checkpoint-dir"
         )
-    return read_stage(d, stage)
+    meta = read_json(d / "meta.json", "checkpoint")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ConfigError(f"{d / 'meta.json'} is not a wallbreak checkpoint of version {VERSION}")
+    return meta
 
 
-def _split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A stage's state as named tensors and a JSON record of the rest (and of where each tensor goes)."""
-    tensors = {f"model/{k}": v.detach().contiguous() for k, v in state["model"].items()}
-    opt = state["optimizer"]
-    per_param: dict[str, dict[str, Any]] = {}
-    for pid, st in opt["state"].items():
-        plain, held = {}, []
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"optim/{pid}/{key}"] = val.detach().contiguous()
-                held.append(key)
-            else:
-                plain[key] = val
-        per_param[str(pid)] = {"tensors": held, "values": plain}
-    record = {
-        "step": state["step"],
-        "model": list(state["model"]),
-        "optimizer": {"param_groups": opt["param_groups"], "state": per_param},
-    }
-    return tensors, record
+def load(root: Path, step: int, *, module: nn.Module, opt: torch.optim.Optimizer | None,
+         plan_config: dict[str, Any], tied: bool) -> dict[str, Any]:  # fmt: skip
+    """Fill this rank's parameters (and optimizer moments) from step `step`, on whatever plan; the
+    step's meta.json back. The model's config must be the one the checkpoint holds."""
+    import torch.distributed.checkpoint as dcp  # deferred: loads torch.distributed.checkpoint
 
-
-def write_stage(d: Path, stage: int, state: dict[str, Any]) -> None:
-    tensors, record = _split(state)
-    with atomic_open(d / f"stage-{stage}.safetensors", "wb") as f:
-        f.write(save_tensors(tensors))
-    atomic_write_json(d / f"stage-{stage}.json", record)
-
-
-def read_stage(d: Path, stage: int) -> dict[str, Any]:
-    """A stage's state as `write_stage` wrote it: {"step", "model", "optimizer"}."""
-    tpath, jpath = d / f"stage-{stage}.safetensors", d / f"stage-{stage}.json"
-    if not tpath.is_file() and (d / f"stage-{stage}.pt").is_file():
+    d = step_dir(root, step)
+    meta = read_meta(d)
+    if meta["model"].get("config") != plan_config:
         raise ConfigError(
-            f"checkpoint {d} is in the old pickled form (stage-{stage}.pt), which wallbreak no longer "
-            "loads: a pickle can run code. Train again from the start, or into a new --checkpoint-dir"
+            f"checkpoint {d} holds another model ({meta['model'].get('name')}); resume with a plan "
+            "of the same model (any layout)"
         )
-    if not tpath.is_file() or not jpath.is_file():
-        raise ConfigError(f"checkpoint {d} has no shard for stage {stage}")
+    state = _state(module, opt, tied)
     try:
-        tensors = load_tensors(tpath.read_bytes())
-    except SafetensorError as e:
-        raise ConfigError(f"checkpoint {tpath} is damaged: {e}") from None
-    record = read_json(jpath, "checkpoint shard")
-    try:
-        model = {k: tensors[f"model/{k}"] for k in record["model"]}
-        opt = record["optimizer"]
-        state = {}
-        for pid, entry in opt["state"].items():
-            st = dict(entry["values"])
-            st.update({key: tensors[f"optim/{pid}/{key}"] for key in entry["tensors"]})
-            state[int(pid)] = st
-        return {"step": int(record["step"]), "model": model,
-                "optimizer": {"state": state, "param_groups": opt["param_groups"]}}  # fmt: skip
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
-            f"checkpoint {d}, stage {stage}: its record and tensors do not match ({e!r})"
-        ) from None
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(d / "shards")))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"checkpoint {d} cannot fill this stage: {str(e).splitlines()[0]}") from None
+    if opt is not None:
+        for p in (q for g in opt.param_groups for q in g["params"]):
+            opt.state[p]["step"] = torch.tensor(float(meta["step"]))
+    return meta

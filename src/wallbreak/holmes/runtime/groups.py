@@ -140,3 +140,20 @@ def build_groups(
                 ips = local_addresses(socket_inodes() - before)
                 out.interfaces[g.kind] = sorted({interface_of(ip) or ip for ip in ips})
     return out
+
+
+def tied_group(plan: RunPlan, rank: int, timeout_s: float, backend: str) -> Any:
+    """Megatron's embedding group: for a model with tied embeddings split over several stages, the
+    first and last stage's ranks of each (data-parallel, tensor-parallel) position, which sum their
+    copies' gradients before the step. Every rank creates every group (same order); returns this
+    rank's, or None."""
+    if not plan.model.tied or plan.pp == 1:
+        return None
+    lay, mine = plan.layout, None
+    for d in range(lay.dp):
+        for k in range(lay.tp):
+            ranks = [lay.rank(0, d, k), lay.rank(lay.pp - 1, d, k)]
+            pg = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
+            if rank in ranks:
+                mine = pg
+    return mine

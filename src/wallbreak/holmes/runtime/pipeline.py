@@ -36,7 +36,8 @@ class P2P:
     steady state), both go in one `batch_isend_irecv`, so neither side can block in its send while
     the other blocks in its own (the NCCL deadlock). All messages carry one tag, so a schedule whose
     order diverged would hand a stage the wrong tensor and break the parity tests, on gloo too.
-    Receive buffers live on the stage's device.
+    Receive buffers live on the stage's device; `dtype` is the wire's (bf16 under mixed precision,
+    as Megatron sends activations), and sends are cast to it.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class P2P:
         ops, out = [], []
         for t, dst in sends:
             if dst is not None:
-                ops.append(dist.P2POp(dist.isend, t.contiguous(), dst, self.group, TAG))
+                ops.append(dist.P2POp(dist.isend, t.to(self.dtype).contiguous(), dst, self.group, TAG))
         for shape, src in recvs:
             buf = self._buffer(shape) if src is not None else None
             if buf is not None:
@@ -147,22 +148,33 @@ class _Stage:
 
     def __init__(self, module: nn.Module, p2p: P2P, sync: GradSync, inputs: list[torch.Tensor],
                  targets: list[torch.Tensor], first: bool, last: bool, act_shape: tuple[int, ...],
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:  # fmt: skip
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 autocast: torch.dtype | None = None) -> None:  # fmt: skip
         self.module, self.p2p, self.sync = module, p2p, sync
+        self.autocast = autocast
         self.inputs, self.targets, self.first, self.last = inputs, targets, first, last
         self.act_shape, self.loss_fn = act_shape, loss_fn
         self.saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.total = 0.0
 
     def input_of(self, mb: int, received: torch.Tensor | None) -> torch.Tensor:
-        return self.inputs[mb] if self.first else received.requires_grad_()  # type: ignore[union-attr]
+        """The micro-batch's input: token ids, or the received activation as an fp32 leaf (the wire
+        may carry bf16; the stage computes from fp32, as the one-stage model does)."""
+        if self.first:
+            return self.inputs[mb]
+        assert received is not None
+        return received.float().requires_grad_()
 
     def forward(self, mb: int, x: torch.Tensor) -> torch.Tensor | None:
         """Runs the micro-batch; returns the activation to send on (None on the last stage)."""
-        out = self.module(x)
+        mixed = (
+            torch.autocast(x.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        )
+        with mixed:
+            out = self.module(x)
+            loss = self.loss_fn(out, self.targets[mb]) / len(self.inputs) if self.last else None
         keep = None if self.first else x
-        if self.last:
-            loss = self.loss_fn(out, self.targets[mb]) / len(self.inputs)
+        if loss is not None:
             self.total += float(loss.detach())
             self.saved[mb] = (keep, loss)
             return None
@@ -177,7 +189,8 @@ class _Stage:
             if self.last:
                 out.backward()
             else:
-                out.backward(grad)
+                assert grad is not None
+                out.backward(grad.to(out.dtype))
         return x.grad if x is not None else None
 
     # The four exchanges of Megatron's schedules; a None peer (first or last stage) is skipped.
@@ -218,9 +231,12 @@ def run_schedule(
     stages: int,
     act_shape: tuple[int, ...],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    autocast: torch.dtype | None = None,
 ) -> float:
-    """One iteration's forwards and backwards for this stage; returns the summed loss (last stage)."""
-    st = _Stage(module, p2p, sync, inputs, targets, stage == 0, stage == stages - 1, act_shape, loss_fn)
+    """One iteration's forwards and backwards for this stage; returns the summed loss (last stage).
+    With `autocast` (bf16), forwards run under torch.autocast; weights and gradients stay fp32."""
+    st = _Stage(module, p2p, sync, inputs, targets, stage == 0, stage == stages - 1, act_shape, loss_fn,
+                autocast)  # fmt: skip
     m = len(inputs)
     if schedule == "gpipe":
         for mb in range(m):

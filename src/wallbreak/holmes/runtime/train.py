@@ -8,12 +8,14 @@ Under torchrun's elastic restart (--max-restarts) a restarted job resumes from t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,13 @@ import torch.distributed as dist
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.holmes.plan.plan_file import RunPlan, load_plan
 from wallbreak.holmes.runtime import checkpoint, nccl_check
-from wallbreak.holmes.runtime.data import Batches, default_corpus, read_text, tokenize
-from wallbreak.holmes.runtime.gpt import GPT, lm_loss
-from wallbreak.holmes.runtime.groups import build_groups
+from wallbreak.holmes.runtime.data import Batches, training_tokens
+from wallbreak.holmes.runtime.groups import build_groups, tied_group
+from wallbreak.holmes.runtime.model import build_stage, lm_loss
 from wallbreak.holmes.runtime.nccl_check import DebugLog
+from wallbreak.holmes.runtime.optim import OptimSpec, adamw, clip_, global_grad_norm, set_lr
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
-from wallbreak.holmes.runtime.tensor_parallel import apply_tp, full_state, load_full_state
+from wallbreak.holmes.runtime.tensor_parallel import apply_tp
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -43,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="text file or directory (default: the Python standard library)")
     p.add_argument("--tokenizer", type=Path, help="Hugging Face tokenizer folder (default: bytes)")
     p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute precision (default: the plan's; "
+                   "bf16 is autocast over fp32 weights and optimizer states)")  # fmt: skip
+    for f in dataclasses.fields(OptimSpec):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, type=type(f.default), default=f.default, help=f"(default {f.default})")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--checkpoint-dir", type=Path)
     p.add_argument(
         "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)"
@@ -61,8 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fail(rank: int, msg: str) -> int:
+PEER_GRACE_S = 3.0  # a rank that finds the plan bad waits this long before exiting: torchrun stops
+# every rank once one exits, and its peers, which find the same fault, should get to say so too
+
+
+def fail(rank: int, msg: str, grace: bool = False) -> int:
     print(f"wallbreak: error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+    if grace:
+        time.sleep(PEER_GRACE_S)
     return 2
 
 
@@ -77,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--steps must be at least 1, got {a.steps}")
         if (a.resume or a.checkpoint_every) and a.checkpoint_dir is None:
             raise ConfigError("--resume and --checkpoint-every need --checkpoint-dir")
-        tokens = tokenize(read_text(a.data or default_corpus()), a.tokenizer, plan.model.vocab)
+        optim = OptimSpec(**{f.name: getattr(a, f.name) for f in dataclasses.fields(OptimSpec)})
+        tokens = training_tokens(a.data, a.tokenizer, plan.model.vocab, plan.model.source.get("tokenizer"))
         data = Batches(tokens, plan.model.seq_len, plan.global_batch, a.seed)
     except WallbreakError as e:
-        return fail(rank, str(e))
+        return fail(rank, str(e), grace=True)
     backend = a.backend if a.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        return Trainer(a, plan, data, rank, backend).run()
+        return Trainer(a, plan, data, optim, rank, backend).run()
     except WallbreakError as e:
         return fail(rank, str(e))
     finally:
@@ -92,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Trainer:
-    def __init__(self, a: argparse.Namespace, plan: RunPlan, data: Batches, rank: int, backend: str) -> None:
-        self.a, self.plan, self.data, self.rank = a, plan, data, rank
+    def __init__(
+        self, a: argparse.Namespace, plan: RunPlan, data: Batches, optim: OptimSpec, rank: int, backend: str
+    ) -> None:
+        self.a, self.plan, self.data, self.optim, self.rank = a, plan, data, optim, rank
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
         )
@@ -124,19 +140,25 @@ class Trainer:
         t0 = time.perf_counter()
         self.groups = build_groups(plan, rank, a.timeout, backend, nccl_log)
         self.setup_s = time.perf_counter() - t0
+        self.tied_pg = tied_group(plan, rank, a.timeout, backend)
         self.stage = plan.stage_of(rank)
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
         torch.manual_seed(a.seed)
-        layers = plan.layer_range(self.stage)
-        self.module = GPT(plan.model, a.seed, layers, self.first, self.last).to(self.device)
+        self.dtype = a.dtype or plan.training.dtype
+        self.module = build_stage(
+            plan.model, plan.layer_range(self.stage), self.first, self.last, seed=a.seed,
+            recompute=plan.training.recompute == "full", device=self.device,
+        )  # fmt: skip
+        self.tied = self.module.tied_copy()
         self.tp_index = plan.layout.tp_index(rank)
         apply_tp(self.module, self.groups.pg["tp"], plan.tp, self.device.type)
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=a.lr, weight_decay=0.0)
+        self.opt = adamw(self.module.named_parameters(), optim)
         pp_ranks = self.groups.ranks["pp"]
         i = pp_ranks.index(rank)
+        wire = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         self.p2p = P2P(
             pp_ranks[i - 1] if i > 0 else None, pp_ranks[i + 1] if i + 1 < len(pp_ranks) else None,
-            self.groups.pg["pp"], self.device, torch.float32,
+            self.groups.pg["pp"], self.device, wire,
         )  # fmt: skip
         self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
         self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
@@ -169,13 +191,9 @@ class Trainer:
                     f"{kind} group was meant to use {want} but its sockets are on {', '.join(seen)}"
                 )
 
-    def state(self, step: int) -> dict[str, Any]:
-        """Full tensors (tensor-parallel shards gathered): every rank of a stage must call this."""
-        model, optim = full_state(self.module, self.opt)
-        return {"step": step, "model": model, "optimizer": optim}
-
     def resume(self) -> int:
-        """The step to start after: a checkpoint's (--resume, or after an elastic restart), else 0."""
+        """The step to start after: a checkpoint's (--resume, or after an elastic restart), else 0.
+        The checkpoint may come from another plan: DCP hands each stage its own tensors."""
         a = self.a
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if not (a.checkpoint_dir and (a.resume or restarted)):
@@ -185,11 +203,29 @@ class Trainer:
             if a.resume:
                 raise ConfigError(f"--resume: no complete checkpoint in {a.checkpoint_dir}")
             return 0
-        st = checkpoint.load(a.checkpoint_dir, step, self.plan, self.stage)
-        load_full_state(self.module, self.opt, st["model"], st["optimizer"])
+        meta = checkpoint.load(
+            a.checkpoint_dir, step, module=self.module, opt=self.opt,
+            plan_config=self.plan.model.config, tied=self.plan.model.tied,
+        )  # fmt: skip
         if self.rank == 0:
-            print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}", file=sys.stderr)
+            lay = meta["layout"]
+            other = "" if lay.get("fingerprint") == self.plan.fingerprint() else (
+                f" (written by tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')} layers "
+                f"{lay.get('stage_layers')}; resharded to tp={self.plan.tp} pp={self.plan.pp} "
+                f"dp={self.plan.dp} layers {list(self.plan.stage_layers)})"
+            )  # fmt: skip
+            print(f"wallbreak: resuming after step {step} from {a.checkpoint_dir}{other}", file=sys.stderr)
         return int(step)
+
+    def finish_grads(self) -> float:
+        """After the schedule: sum the tied embedding's two copies' gradients, then clip by the
+        global norm. Returns the norm before clipping."""
+        if self.tied is not None and self.tied_pg is not None and self.tied.grad is not None:
+            dist.all_reduce(self.tied.grad, group=self.tied_pg)
+        skip = [self.tied] if self.tied is not None and self.last else []
+        norm = global_grad_norm(self.module, tp_index=self.tp_index, skip=skip, dp=self.plan.dp)
+        clip_(self.module, norm, self.optim.clip_grad)
+        return norm
 
     def step(self, step: int, act: tuple[int, int, int], tokens_per_step: int) -> dict[str, Any]:
         """One optimizer step over the global batch; its log record (loss known on every rank)."""
@@ -197,11 +233,15 @@ class Trainer:
         shard = self.data.shard(step, plan.dp_index(self.rank), plan.dp, plan.micro_batch)
         t0 = time.perf_counter()
         self.p2p.wait_s = self.sync.wait_s = 0.0
+        lr = self.optim.lr_at(step, a.steps)
+        set_lr(self.opt, lr)
         loss = run_schedule(
             a.schedule, module=self.module, p2p=self.p2p, sync=self.sync,
             inputs=[x.to(self.device) for x, _ in shard], targets=[y.to(self.device) for _, y in shard],
             stage=self.stage, stages=plan.pp, act_shape=act, loss_fn=lm_loss,
+            autocast=torch.bfloat16 if self.dtype == "bf16" else None,
         )  # fmt: skip
+        norm = self.finish_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         # The last stage's replicas hold the loss; one world all-reduce tells every rank.
@@ -215,6 +255,8 @@ class Trainer:
         return {
             "step": step + 1,
             "loss": float(t.item()),
+            "lr": lr,
+            "grad_norm": norm,
             "step_s": dt,
             "tokens_per_s": tokens_per_step / dt,
             "pp_wait_s": self.p2p.wait_s,
@@ -264,10 +306,10 @@ class Trainer:
                     if a.checkpoint_dir and (
                         done == a.steps or (a.checkpoint_every and done % a.checkpoint_every == 0)
                     ):
-                        write = plan.dp_index(self.rank) == 0 and self.tp_index == 0
                         checkpoint.save(
-                            a.checkpoint_dir, done, plan=plan, stage=self.stage, write=write,
-                            rank=self.rank, state=self.state(done),
+                            a.checkpoint_dir, done, module=self.module, opt=self.opt, plan=plan,
+                            rank=self.rank, extra={"optim": asdict(self.optim), "steps": a.steps,
+                                                   "seed": a.seed, "dtype": self.dtype},
                         )  # fmt: skip
         finally:
             if log:

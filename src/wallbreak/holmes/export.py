@@ -1,0 +1,92 @@
+"""A trained checkpoint out as a Hugging Face model folder, or straight into a CoE bundle.
+
+`export` reads a DCP checkpoint in one process (DCP reassembles every stage's and shard's pieces
+into whole tensors), puts them into transformers' own AutoModelForCausalLM for the checkpoint's
+config, and writes it with `save_pretrained` (config.json, model.safetensors) plus the tokenizer,
+under a temporary name then renamed. `AutoModelForCausalLM.from_pretrained` loads the result, and
+`wallbreak bundle import` takes it like any other folder; `export_to_bundle` does both in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wallbreak.errors import ConfigError
+from wallbreak.holmes.plan.spec import ModelSpec
+from wallbreak.holmes.runtime import checkpoint
+from wallbreak.holmes.runtime.model import canonical, hf_config
+
+
+def checkpoint_step(root: Path, step: int | None) -> int:
+    if not root.is_dir():
+        raise ConfigError(f"checkpoint folder {root} does not exist")
+    found = checkpoint.latest(root) if step is None else step
+    if found is None or not (checkpoint.step_dir(root, found) / "meta.json").is_file():
+        raise ConfigError(f"{root} holds no complete checkpoint" + (f" for step {step}" if step else ""))
+    return found
+
+
+def load_model(root: Path, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """transformers' model for a checkpoint's config, holding its weights; and its meta.json."""
+    import torch.distributed.checkpoint as dcp  # deferred: loads torch.distributed.checkpoint
+    from transformers import AutoModelForCausalLM  # deferred: loads transformers
+
+    d = checkpoint.step_dir(root, checkpoint_step(root, step))
+    meta = checkpoint.read_meta(d)
+    m = meta["model"]
+    spec = ModelSpec(str(m["name"]), m["config"], int(m["seq_len"]), m.get("source") or {})
+    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+    state = {canonical(n, spec.tied): p.detach() for n, p in model.named_parameters()}
+    try:
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(d / "shards")), no_dist=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"checkpoint {d} is incomplete: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, meta
+
+
+def export(root: Path, out: Path, *, step: int | None = None, tokenizer: Path | None = None) -> Path:
+    """Write the checkpoint as a Hugging Face folder at `out` (which must not exist)."""
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; give a new folder")
+    model, meta = load_model(root, step)
+    tok_dir = tokenizer or (Path(meta["model"]["source"]["tokenizer"])
+                            if (meta["model"].get("source") or {}).get("tokenizer") else None)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if tok_dir is not None:
+            from transformers import AutoTokenizer  # deferred: loads transformers
+
+            try:
+                AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--tokenizer {tok_dir}: {str(e).splitlines()[0]}") from None
+            for extra in ("generation_config.json",):  # the sampling defaults the importer kept
+                if (tok_dir / extra).is_file() and not (tmp / extra).is_file():
+                    shutil.copy(tok_dir / extra, tmp / extra)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_to_bundle(
+    root: Path, bundle: Path, name: str, *, step: int | None = None, tokenizer: Path | None = None,
+    dtype: str | None = None, description: str = "", examples: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """Export, then import into `bundle` as expert `name` in form `dtype` (int8, int4, bf16, ...)."""
+    from wallbreak.coe.bundle.importers import import_expert  # deferred: loads transformers
+
+    with tempfile.TemporaryDirectory(prefix="wallbreak-export-") as tmp:
+        folder = export(root, Path(tmp) / "model", step=step, tokenizer=tokenizer)
+        import_expert(folder, name, bundle, description=description, examples=examples, dtype=dtype)
