@@ -1,4 +1,4 @@
-"""One entry point, one verb per job: `wallbreak bundle|router|route|serve|plan|train|emulate|bench ...`.
+"""One entry point, one verb per job: `wallbreak bundle|router|serve|plan|train|data|export|emulate|bench`.
 
 The command line's one layer: each verb's parser and handler live in this package (`bundle`, `coe`,
 `holmes`, `emulate`), beside the shared parser types (`args`). User mistakes (WallbreakError) become
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     coe.add_router_parsers(verbs)
     coe.add_serve_parser(verbs)
     holmes.add_plan_parsers(verbs)
+    holmes.add_data_and_export_parsers(verbs)
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
     bb = bench.add_subparsers(dest="what", required=True, parser_class=Parser)
     coe.add_bench_parsers(bb)
@@ -44,6 +45,10 @@ def _run(args: argparse.Namespace) -> int:
         return holmes.run_plan(args)
     if args.verb == "train":
         return holmes.run_train(args)
+    if args.verb == "data":
+        return holmes.run_data(args)
+    if args.verb == "export":
+        return holmes.run_export(args)
     if args.verb == "emulate" or (args.verb == "bench" and args.what == "holmes"):
         return emulate.run_emulate_command(args)
     if args.verb == "serve":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wallbreak.cli.args import default_arg, fill
+from wallbreak.cli.args import Parser, default_arg, fill
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.holmes.plan.calibrate import calibration_for
 from wallbreak.holmes.plan.launch import TRAIN_MODULE, emit_launch
@@ -77,6 +77,62 @@ def add_plan_parsers(verbs: Any) -> None:
     tr.add_argument("--plan", required=True, type=Path)
     tr.add_argument("--nproc", type=int, help="processes (default: the plan's world size)")
     tr.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts after a failure")
+
+
+def add_data_and_export_parsers(verbs: Any) -> None:
+    da = verbs.add_parser("data", help="prepare training data: tokenize once into a memory-mapped file")
+    dv = da.add_subparsers(dest="action", required=True, parser_class=Parser)
+    dp = dv.add_parser(
+        "prepare", help="tokenize text or JSONL files (a 'text' field) into DATA for `wallbreak train --data`"
+    )
+    dp.add_argument(
+        "sources", type=Path, nargs="+", metavar="SRC", help="files or folders of .txt/.md/.jsonl/..."
+    )
+    dp.add_argument("--tokenizer", type=Path, required=True, help="the model's Hugging Face tokenizer folder")
+    dp.add_argument("--out", type=Path, required=True, help="the DATA folder to create (must not exist)")
+
+    ex = verbs.add_parser(
+        "export", help="a training checkpoint as a Hugging Face folder (or straight into a bundle)"
+    )
+    ex.add_argument("checkpoint", type=Path, metavar="CKPT", help="the run's --checkpoint-dir")
+    ex.add_argument("--step", type=int, help="which step (default: the latest complete one)")
+    ex.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model source's)")
+    dest = ex.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", type=Path, help="write a Hugging Face model folder here")
+    dest.add_argument("--bundle", type=Path, help="import into this CoE bundle (with --name)")
+    ex.add_argument("--name", help="the expert's name in --bundle")
+    ex.add_argument("--dtype", help="the expert's form in --bundle: fp32, bf16, fp16, int8 or int4")
+    ex.add_argument("--description", default="", help="what the expert is for (the router reads it)")
+    ex.add_argument("--example", action="append", default=[], help="an example prompt (repeatable)")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from wallbreak.holmes.runtime.data import prepare  # deferred: loads torch
+
+    index = prepare(args.sources, args.tokenizer, args.out)
+    print(f"wrote {args.out}: {index['tokens']} tokens in {index['documents']} document(s), {index['dtype']}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from wallbreak.holmes.export import export, export_to_bundle  # deferred: loads transformers
+
+    if args.bundle is None:
+        if args.name or args.dtype:
+            raise ConfigError(
+                "--name and --dtype go with --bundle; --out writes the trained weights as they are"
+            )
+        out = export(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer)
+        print(
+            f"wrote {out} (load it with AutoModelForCausalLM.from_pretrained, or `wallbreak bundle import`)"
+        )
+        return 0
+    if not args.name:
+        raise ConfigError("--bundle needs --name, the expert's name")
+    export_to_bundle(args.checkpoint, args.bundle, args.name, step=args.step, tokenizer=args.tokenizer,
+                     dtype=args.dtype, description=args.description, examples=args.example)  # fmt: skip
+    print(f"imported {args.name} into {args.bundle}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

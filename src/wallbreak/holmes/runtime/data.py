@@ -168,7 +168,7 @@ def prepare(paths: Sequence[Path], tokenizer_dir: Path, out: Path) -> dict[str, 
             "format": DATA_FORMAT, "version": DATA_VERSION, "dtype": np.dtype(dtype).name,
             "tokens": count, "documents": docs, "vocab_size": vocab,
             "tokenizer": {"hash": tokenizer_hash(tok), "path": str(Path(tokenizer_dir).resolve())},
-            "sources": [str(p) for p in files],
+            "sources": [str(p.resolve()) for p in files],
         }  # fmt: skip
         atomic_write_json(tmp / INDEX, index)
         fsync_tree(tmp)
