@@ -66,7 +66,17 @@ def gguf_folder(path: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp))
+        # transformers will not save_pretrained a model it dequantised from GGUF: write the tensors
+        # and the config (without the GGUF quantization note) the way save_pretrained would.
+        from safetensors.torch import save_file  # deferred: loads safetensors
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(str(tmp))
         save_sampling_defaults(model, tmp)
         os.rename(tmp, out)
