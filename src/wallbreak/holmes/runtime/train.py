@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -70,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 PEER_GRACE_S = 3.0  # a rank that finds the plan bad waits this long before exiting: torchrun stops
 # every rank once one exits, and its peers, which find the same fault, should get to say so too
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fail(rank: int, msg: str, grace: bool = False) -> int:
@@ -252,6 +258,8 @@ class Trainer:
         )
         dist.all_reduce(t)
         dt = time.perf_counter() - t0
+        rss = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         return {
             "step": step + 1,
             "loss": float(t.item()),
@@ -261,6 +269,7 @@ class Trainer:
             "tokens_per_s": tokens_per_step / dt,
             "pp_wait_s": self.p2p.wait_s,
             "dp_sync_wait_s": self.sync.wait_s,
+            "peak_rss_mib": float(rss.item()),  # the largest of any rank's peak so far
             "schedule": a.schedule,
         }
 
@@ -292,7 +301,8 @@ class Trainer:
                     if self.rank == 0:
                         print(
                             f"step {step + 1}/{a.steps}  loss {rec['loss']:.4f}  {dt:.3f} s  "
-                            f"{rec['tokens_per_s']:.0f} tok/s  pp wait {self.p2p.wait_s:.3f} s  "
+                            f"{rec['tokens_per_s']:.0f} tok/s  lr {rec['lr']:.3g}  grad norm "
+                            f"{rec['grad_norm']:.3g}  pp wait {self.p2p.wait_s:.3f} s  "
                             f"dp sync wait {self.sync.wait_s:.3f} s",
                             file=sys.stderr,
                             flush=True,
