@@ -4,17 +4,20 @@
 #   2. wallbreak plan --calibrate on those eight runs -> calibration.json
 #   3. wallbreak bench holmes on emu-three, planned and predicted with that calibration
 # Needs root (network namespaces). Usage: sudo benchmarks/holmes_calibration.sh [OUT_DIR] [STEPS]
+# The model: MODEL=small (default: a 4-layer Llama, hidden 256, 8 heads, 2 key/value heads, seq 128),
+# tiny, or any `--model SRC` (a folder or .gguf, e.g. SmolLM2-135M) with SEQ=... for its sequence.
 set -e
 OUT=${1:-holmes-calibration}
 STEPS=${2:-30}
 WB=${WALLBREAK:-wallbreak}
 mkdir -p "$OUT"
-SHAPE="--layers 4 --hidden 128 --heads 4 --seq-len 64 --micro-batch 2"
+MODEL=${MODEL:-small}
+SHAPE="--model $MODEL --micro-batch 2${SEQ:+ --seq-len $SEQ}"
 for GB in 8 16; do
   $WB bench holmes examples/clusters/emu-small.yaml $SHAPE --global-batch $GB --steps "$STEPS" \
     --json --plot "$OUT/small-gb$GB.png" > "$OUT/small-gb$GB.json"
 done
-$WB plan examples/clusters/emu-small.yaml $SHAPE --vocab 256 --global-batch 8 --dtype fp32 \
+$WB plan examples/clusters/emu-small.yaml --model llama-small --seq-len 128 --global-batch 8 --dtype fp32 \
   --calibrate "$OUT/small-gb8.json" "$OUT/small-gb16.json" --save-calibration "$OUT/calibration.json" > /dev/null
 $WB bench holmes examples/clusters/emu-three.yaml $SHAPE --global-batch 8 --steps "$STEPS" \
   --calibration "$OUT/calibration.json" --json --plot "$OUT/three-calibrated.png" > "$OUT/three-calibrated.json"
