@@ -118,7 +118,7 @@ def losses(path: Path) -> list[float]:
 @pytest.mark.parametrize(
     ("arch", "tp", "dp", "schedule"),
     [("llama", 1, 2, "1f1b"), ("llama", 2, 1, "gpipe"), ("qwen2", 1, 2, "gpipe"), ("qwen2", 2, 1, "1f1b"),
-     ("smollm2-like", 1, 2, "1f1b"), ("smollm2-like", 2, 1, "1f1b")],
+     ("smollm2-like", 1, 2, "1f1b"), ("smollm2-like", 2, 1, "1f1b"), ("smollm2-like", 1, 2, "interleaved")],
 )  # fmt: skip
 def test_pp2_trains_exactly_like_transformers(
     tmp_path: Path, corpus: Path, models: dict[str, Path], arch: str, tp: int, dp: int, schedule: str
@@ -126,9 +126,10 @@ def test_pp2_trains_exactly_like_transformers(
     """pp=2 (uneven: 3 + 1 layers) x dp=2, and pp=2 x tp=2 (DTensor from outside the model): the
     first loss is transformers' own loss on the same batch, every later loss and, after 5 AdamW
     steps with clipping and the schedule, every parameter are the one-process run's. The tied
-    model's two embedding copies (first and last stage) stay one matrix."""
+    model's two embedding copies (first and last stage) stay one matrix. Interleaved 1F1B (two
+    chunks per rank, torch's schedule) computes the same numbers."""
     spec = resolve_model(str(models[arch]), SEQ)
-    plan = make_plan(tmp_path, spec, layers=[3, 1], tp=tp, dp=dp)
+    plan = make_plan(tmp_path, spec, layers=[2, 2] if schedule == "interleaved" else [3, 1], tp=tp, dp=dp)
     ck = tmp_path / "ck"
     r = torchrun(plan, 4, "--steps", str(STEPS), "--schedule", schedule, "--data", str(corpus),
                  "--checkpoint-dir", str(ck), *OPTIM_ARGS)  # fmt: skip

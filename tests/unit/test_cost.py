@@ -53,6 +53,8 @@ def test_one_f_one_b_bubble() -> None:
     assert cost.pipeline_seconds([1.0, 1.0, 1.0, 1.0], 8) == pytest.approx(11.0)  # (m + p - 1) t
     assert cost.pipeline_seconds([1.0, 2.0, 1.0], 4) == pytest.approx(4 * 2 + 1 + 1)
     assert cost.pipeline_seconds([3.0], 5) == pytest.approx(15.0)
+    # Interleaved, two chunks per stage: fill and drain in half-stage steps, (p - 1) t / 2
+    assert cost.pipeline_seconds([1.0, 1.0, 1.0, 1.0], 8, 2) == pytest.approx(8 + 1.5)
 
 
 def test_exposed_gradient_sync() -> None:

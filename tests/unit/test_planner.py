@@ -212,3 +212,23 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: P
     )
     assert main(["plan", str(bad), "--model", "gpt-1.7b", "--global-batch", "64"]) == 2
     assert "myrinet" in capsys.readouterr().err
+
+
+def test_auto_schedule_is_the_faster_of_1f1b_and_interleaved(tmp_path: Path) -> None:
+    """Interleaved 1F1B predicts a smaller bubble and more pipeline messages; `auto` takes whichever
+    the cost model says is faster, and the plan file tells the runtime which."""
+    from wallbreak.holmes.plan.launch import emit_launch
+
+    topo = load_topology(EXAMPLE)
+    got = {
+        s: make_report(topo, GPT75, TrainingSpec(512, 2, schedule=s), tp=2, pp=4, dp=8)
+        for s in ("auto", "1f1b", "interleaved")
+    }
+    one, inter = got["1f1b"].plan.predicted, got["interleaved"].plan.predicted
+    assert inter.breakdown["bubble_s"] < one.breakdown["bubble_s"]
+    assert inter.breakdown["pp_p2p_s"] > one.breakdown["pp_p2p_s"]
+    auto = got["auto"].plan.predicted
+    assert auto.iteration_s == pytest.approx(min(one.iteration_s, inter.iteration_s))
+    assert auto.schedule == ("interleaved" if inter.iteration_s < one.iteration_s else "1f1b")
+    emit_launch(got["auto"], tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["training"]["schedule"] == auto.schedule

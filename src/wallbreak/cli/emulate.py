@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wallbreak.cli.args import Parser
+from wallbreak.cli.args import Parser, default_arg
 from wallbreak.common.plots import save_figure
 from wallbreak.holmes.emulate import netns as emulate
 from wallbreak.holmes.emulate.run import PLACEMENTS, EmuJob, bench_holmes, run_on_emulation
@@ -34,6 +34,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     for flag in ("--layers", "--hidden", "--heads", "--seq-len"):
         p.add_argument(flag, type=int, help="override one dimension of tiny or small (--seq-len: of any)")
     p.add_argument("--global-batch", type=int, default=8)
+    default_arg(p, TrainingSpec, "--schedule", str, "pipeline schedule: auto, 1f1b, interleaved or gpipe")
     p.add_argument("--micro-batch", type=int, default=2)
     for flag in ("--tp", "--pp", "--dp"):
         p.add_argument(flag, type=int, help="force this degree (default: the planner's choice)")
@@ -76,7 +77,7 @@ def _job(args: argparse.Namespace) -> EmuJob:
                                 kv_heads=max(1, dims["heads"] // 4), **dims)  # fmt: skip
     else:
         model = resolve_model(args.model, args.seq_len or 64)
-    training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32")
+    training = TrainingSpec(args.global_batch, args.micro_batch, "none", "fp32", schedule=args.schedule)
     cal = load_calibration(args.calibration) if args.calibration else None
     return EmuJob(args.cluster, load_topology(args.cluster), model, training, args.steps,
                   (args.tp, args.pp, args.dp), args.scale, args.prefix, cal)  # fmt: skip

@@ -39,6 +39,9 @@ def add_plan_parsers(verbs: Any) -> None:
     default_arg(pl, TrainingSpec, "--recompute", str, " or ".join(RECOMPUTE))
     default_arg(pl, TrainingSpec, "--dtype", str, ", ".join(DTYPE_BYTES))
     default_arg(pl, TrainingSpec, "--efficiency", float, "achieved share of peak FLOPs")
+    default_arg(pl, TrainingSpec, "--schedule", str, "auto (the faster predicted of 1f1b and interleaved), "
+                "1f1b, interleaved or gpipe")  # fmt: skip
+    default_arg(pl, TrainingSpec, "--virtual-stages", int, "model chunks per pipeline rank when interleaved")
     pl.add_argument(
         "--placement", default=PLACEMENTS[0], help=f"{' or '.join(PLACEMENTS)} (default {PLACEMENTS[0]})"
     )

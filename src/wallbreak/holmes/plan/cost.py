@@ -132,12 +132,14 @@ def exposed_sync_seconds(sync_s: float, overlap_window_s: float, bucket_s: float
     return max(sync_s - overlap_window_s, min(sync_s, bucket_s))
 
 
-def pipeline_seconds(per_microbatch: list[float], microbatches: int) -> float:
+def pipeline_seconds(per_microbatch: list[float], microbatches: int, virtual: int = 1) -> float:
     """1F1B over stages with per-micro-batch times t_i: the slowest stage runs all m micro-batches,
     and the others add one pass each while the pipeline fills and drains.
-    With equal stages this is (m + p - 1) t, the textbook bubble of (p - 1) t."""
+    With equal stages this is (m + p - 1) t, the textbook bubble of (p - 1) t. Interleaved 1F1B
+    with v model chunks per stage fills and drains in chunks of t_i / v: the bubble is (p - 1) t / v
+    (Narayanan et al., SC'21)."""
     slowest = max(per_microbatch)
-    return microbatches * slowest + sum(per_microbatch) - slowest
+    return microbatches * slowest + (sum(per_microbatch) - slowest) / virtual
 
 
 def backward_share(recompute: str) -> float:

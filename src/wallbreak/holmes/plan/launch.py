@@ -117,7 +117,7 @@ def plan_body(report: PlanReport) -> dict[str, Any]:
         "world_size": p.world_size,
         "microbatches": p.microbatches,
         "model": model_json(p.model),
-        "training": training_json(p.training),
+        "training": training_json(p.training) | {"schedule": p.predicted.schedule},
         "stages": [s.to_json() for s in p.stages],
         "groups": groups,
         "nodes": nodes,

@@ -23,7 +23,7 @@ PLAN_FORMAT = "wallbreak-plan"
 PLAN_NAME = "plan.json"  # the plan's file name in a launch folder
 PLAN_VERSION = 2  # bump when a reader of version N could misread the new file
 OLDEST_VERSION = 2  # version 1 described a GPT-2-style model the runtime no longer builds
-TRAINING_FIELDS = ("global_batch", "micro_batch", "recompute", "dtype")
+TRAINING_FIELDS = ("global_batch", "micro_batch", "recompute", "dtype", "schedule", "virtual_stages")
 
 
 @dataclass(frozen=True)

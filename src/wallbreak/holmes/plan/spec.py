@@ -33,6 +33,9 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RECOMPUTE = ("none", "full")
+# Pipeline schedules: the planner predicts 1F1B and interleaved 1F1B and picks the faster ("auto");
+# GPipe is the runtime's reference schedule (same numbers, a larger memory peak).
+SCHEDULES = ("auto", "1f1b", "interleaved", "gpipe")
 
 
 def default_intermediate(hidden: int) -> int:
@@ -217,6 +220,8 @@ class TrainingSpec:
     efficiency: float = 0.70  # achieved share of peak in matmuls; calibrate per cluster (gpu.efficiency)
     distributed_optimizer: bool = True  # optimizer state sharded over data-parallel ranks (ZeRO-1)
     reserve_gib: float = 2.0  # CUDA context, NCCL buffers, allocator slack
+    schedule: str = "auto"
+    virtual_stages: int = 2  # model chunks per rank under the interleaved schedule
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.micro_batch < 1:
@@ -231,6 +236,10 @@ class TrainingSpec:
             raise ConfigError(f"--recompute {self.recompute!r}; allowed: {', '.join(RECOMPUTE)}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"--dtype {self.dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if not isinstance(self.virtual_stages, int) or self.virtual_stages < 2:
+            raise ConfigError(f"--virtual-stages must be an integer >= 2, got {self.virtual_stages!r}")
         if not 0 < self.efficiency <= 1:
             raise ConfigError(f"--efficiency must be a share of peak in (0, 1], got {self.efficiency}")
 

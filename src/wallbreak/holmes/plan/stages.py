@@ -49,6 +49,7 @@ class Prediction:
     fits: bool = True
     reason: str = ""
     stage_end_s: list[float] = field(default_factory=list)  # when each stage's last backward ends
+    schedule: str = "1f1b"  # the pipeline schedule this prediction is for
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +57,7 @@ class Prediction:
             "tflops_per_gpu": self.tflops_per_gpu,
             "samples_per_s": self.samples_per_s,
             "breakdown": self.breakdown,
+            "schedule": self.schedule,
         }
         if not self.fits:
             out.update(fits=False, reason=self.reason)
@@ -149,9 +151,11 @@ class StageModel:
         # Point-to-point with the neighbours: every GPU of the stage sends its 1/tp share at once.
         act = cost.activation_bytes(m, t) / tp
         self.p2p_mb = 0.0
+        self.wrap_mb = 0.0  # interleaved only: the last stage's chunks feed the first stage's next ones
         self.p2p_transport = "none"
-        for other, towards_next in ((idx + 1, True), (idx - 1, False)):
-            if not 0 <= other < pp:
+        wrap = {0: pp - 1, pp - 1: 0}.get(idx) if pp > 1 else None
+        for other, towards in ((idx + 1, "next"), (idx - 1, "prev"), (wrap, "wrap")):
+            if other is None or not 0 <= other < pp:
                 continue
             a, b = slots[lay.rank(idx, 0, 0)], slots[lay.rank(other, 0, 0)]
             if a.node == b.node:
@@ -160,8 +164,11 @@ class StageModel:
                 kind, ln = net.link(a.cluster, b.cluster)
                 share = min(topo.cluster(a.cluster).gpus_per_node, lay.stage_size)
                 gbps, lat = ln.total_gbps / share, ln.latency_us
+            if towards == "wrap":
+                self.wrap_mb = cost.p2p_seconds(act, gbps, lat)
+                continue
             self.p2p_mb += cost.p2p_seconds(act, gbps, lat)
-            if towards_next:
+            if towards == "next":
                 self.p2p_transport = kind
         self.layer_flops = cost.layer_flops(m, t.micro_batch, t.recompute)
         self.head_flops = cost.head_flops(m, t.micro_batch, t.recompute) if self.last else 0.0
@@ -230,13 +237,34 @@ class StageModel:
         return self.micro * (c.compute_mb + c.tp_mb + c.p2p_mb) + c.dp_exposed
 
 
+def schedules(stages: list[StageModel], layers: Sequence[int], t: TrainingSpec) -> list[str]:
+    """The schedules a prediction considers: the one asked for, or (auto) 1F1B and, where every
+    stage can hold `virtual_stages` chunks and the micro-batches divide into rounds, interleaved."""
+    if t.schedule != "auto":
+        return [t.schedule]
+    pp, micro, v = len(stages), stages[0].micro, t.virtual_stages
+    fits = pp > 1 and min(layers) >= v and micro % max(1, micro // pp) == 0
+    return ["1f1b", "interleaved"] if fits else ["1f1b"]
+
+
 def predict(
     stages: list[StageModel], layers: Sequence[int], m: ModelSpec, t: TrainingSpec, n_gpus: int
 ) -> tuple[Prediction, list[StageCost]]:
+    """The prediction of the fastest schedule `schedules` allows."""
+    preds = [_predict(stages, layers, m, t, n_gpus, s) for s in schedules(stages, layers, t)]
+    return min(preds, key=lambda pc: pc[0].iteration_s)
+
+
+def _predict(
+    stages: list[StageModel], layers: Sequence[int], m: ModelSpec, t: TrainingSpec, n_gpus: int, schedule: str
+) -> tuple[Prediction, list[StageCost]]:
     costs = [s.costs(n) for s, n in zip(stages, layers, strict=True)]
     micro = stages[0].micro
-    per_mb = [c.compute_mb + c.tp_mb + c.p2p_mb for c in costs]
-    pipe = cost.pipeline_seconds(per_mb, micro)
+    v = t.virtual_stages if schedule == "interleaved" else 1
+    # Interleaved: every chunk boundary is a message, and the last stage feeds the first v - 1 times.
+    per_mb = [c.compute_mb + c.tp_mb + v * c.p2p_mb + (v - 1) * s.wrap_mb
+              for s, c in zip(stages, costs, strict=True)]  # fmt: skip
+    pipe = cost.pipeline_seconds(per_mb, micro, v)
     # Stage 0 finishes its last backward at `pipe`; stage i finished earlier by the backward passes
     # still to run on stages before it. Its gradient sync can run in that slack.
     ends, lead = [], 0.0
@@ -256,7 +284,7 @@ def predict(
     breakdown = {
         "compute_s": micro * costs[k].compute_mb,
         "tp_comm_s": micro * costs[k].tp_mb,
-        "pp_p2p_s": micro * costs[k].p2p_mb,
+        "pp_p2p_s": micro * (per_mb[k] - costs[k].compute_mb - costs[k].tp_mb),
         "bubble_s": pipe - micro * per_mb[k],
         "dp_sync_s": iteration - wait - pipe,
     }
@@ -279,5 +307,6 @@ def predict(
         fits=not bad,
         reason=reason,
         stage_end_s=ends,
+        schedule=schedule,
     )
     return pred, costs

@@ -46,10 +46,11 @@ def latest(root: Path) -> int | None:
     return step if (step_dir(root, step) / "meta.json").is_file() else None
 
 
-def _state(module: nn.Module, opt: torch.optim.Optimizer | None, tied: bool) -> dict[str, Any]:
-    """The tensors this rank holds, by checkpoint key; views of the live tensors (load writes in place)."""
+def _state(modules: list[nn.Module], opt: torch.optim.Optimizer | None, tied: bool) -> dict[str, Any]:
+    """The tensors this rank holds (its stage, or its chunks), by checkpoint key; views of the live
+    tensors, so a load writes in place."""
     out: dict[str, Any] = {}
-    for name, p in module.named_parameters():
+    for name, p in ((n, q) for m in modules for n, q in m.named_parameters()):
         key = canonical(name, tied)
         out[key] = p.detach()
         if opt is not None:
@@ -61,14 +62,14 @@ def _state(module: nn.Module, opt: torch.optim.Optimizer | None, tied: bool) -> 
     return out
 
 
-def save(root: Path, step: int, *, module: nn.Module, opt: torch.optim.Optimizer, plan: RunPlan,
+def save(root: Path, step: int, *, modules: list[nn.Module], opt: torch.optim.Optimizer, plan: RunPlan,
          rank: int, extra: dict[str, Any]) -> None:  # fmt: skip
     """Every rank calls this; DCP drops the copies that data-parallel replicas hold."""
     import torch.distributed.checkpoint as dcp  # deferred: loads torch.distributed.checkpoint
 
     d = step_dir(root, step)
     dcp.save(
-        _state(module, opt, plan.model.tied),
+        _state(modules, opt, plan.model.tied),
         storage_writer=dcp.HuggingFaceStorageWriter(str(d / "shards"), save_distributed=True),
     )
     dist.barrier()
@@ -98,7 +99,7 @@ def read_meta(d: Path) -> dict[str, Any]:
     return meta
 
 
-def load(root: Path, step: int, *, module: nn.Module, opt: torch.optim.Optimizer | None,
+def load(root: Path, step: int, *, modules: list[nn.Module], opt: torch.optim.Optimizer | None,
          plan_config: dict[str, Any], tied: bool) -> dict[str, Any]:  # fmt: skip
     """Fill this rank's parameters (and optimizer moments) from step `step`, on whatever plan; the
     step's meta.json back. The model's config must be the one the checkpoint holds."""
@@ -111,7 +112,7 @@ def load(root: Path, step: int, *, module: nn.Module, opt: torch.optim.Optimizer
             f"checkpoint {d} holds another model ({meta['model'].get('name')}); resume with a plan "
             "of the same model (any layout)"
         )
-    state = _state(module, opt, tied)
+    state = _state(modules, opt, tied)
     try:
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(d / "shards")))
     except (RuntimeError, KeyError, ValueError) as e:

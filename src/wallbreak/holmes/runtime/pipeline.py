@@ -95,8 +95,9 @@ class GradSync:
         self.bucket: list[nn.Parameter] = []
         self.inflight: list[tuple[Any, torch.Tensor, list[nn.Parameter]]] = []
         self.wait_s = 0.0
+        self.params = list(module.parameters())
         if size > 1:
-            for p in module.parameters():
+            for p in self.params:
                 p.register_post_accumulate_grad_hook(self._ready)
 
     def _ready(self, p: torch.Tensor) -> None:
@@ -123,6 +124,12 @@ class GradSync:
             yield
         finally:
             self.active = False
+
+    def all_now(self) -> None:
+        """Average every gradient at once (after a schedule that ran the backwards itself)."""
+        if self.size > 1:
+            self.bucket = [p for p in self.params if p.grad is not None]
+            self.finish()
 
     def finish(self) -> None:
         if self.size <= 1:

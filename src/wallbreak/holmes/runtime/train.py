@@ -23,19 +23,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from wallbreak.errors import ConfigError, WallbreakError
 from wallbreak.holmes.plan.plan_file import RunPlan, load_plan
 from wallbreak.holmes.runtime import checkpoint, nccl_check
 from wallbreak.holmes.runtime.data import Batches, training_tokens
 from wallbreak.holmes.runtime.groups import build_groups, tied_group
-from wallbreak.holmes.runtime.model import build_stage, lm_loss
+from wallbreak.holmes.runtime.interleaved import Interleaved, chunk_layers
+from wallbreak.holmes.runtime.model import Stage, build_stage, lm_loss
 from wallbreak.holmes.runtime.nccl_check import DebugLog
 from wallbreak.holmes.runtime.optim import OptimSpec, adamw, clip_, global_grad_norm, set_lr
 from wallbreak.holmes.runtime.pipeline import P2P, GradSync, run_schedule
 from wallbreak.holmes.runtime.tensor_parallel import apply_tp
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--data", type=Path, help="text file or directory (default: the Python standard library)")
     p.add_argument("--tokenizer", type=Path, help="Hugging Face tokenizer folder (default: bytes)")
-    p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (default: the plan's; "
+                   "interleaved uses the plan's virtual stages)")  # fmt: skip
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="compute precision (default: the plan's; "
                    "bf16 is autocast over fp32 weights and optimizer states)")  # fmt: skip
     for f in dataclasses.fields(OptimSpec):
@@ -149,16 +152,39 @@ class Trainer:
         self.tied_pg = tied_group(plan, rank, a.timeout, backend)
         self.stage = plan.stage_of(rank)
         self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
-        torch.manual_seed(a.seed)
-        self.dtype = a.dtype or plan.training.dtype
-        self.module = build_stage(
-            plan.model, plan.layer_range(self.stage), self.first, self.last, seed=a.seed,
-            recompute=plan.training.recompute == "full", device=self.device,
-        )  # fmt: skip
-        self.tied = self.module.tied_copy()
         self.tp_index = plan.layout.tp_index(rank)
-        apply_tp(self.module, self.groups.pg["tp"], plan.tp, self.device.type)
-        self.opt = adamw(self.module.named_parameters(), optim)
+        self.dtype = a.dtype or plan.training.dtype
+        self.schedule = a.schedule or str(plan.raw["training"].get("schedule", "1f1b"))
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"the plan's schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        self.build_model()
+        self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
+        self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
+
+    def build_model(self) -> None:
+        """This rank's stage (or, interleaved, its chunks), tensor-parallel, with the optimizer and
+        the pipeline's exchange."""
+        a, plan, rank = self.a, self.plan, self.rank
+        torch.manual_seed(a.seed)
+        recompute = plan.training.recompute == "full"
+        autocast = torch.bfloat16 if self.dtype == "bf16" else None
+        if self.schedule == "interleaved":
+            v, total = plan.training.virtual_stages, plan.pp * plan.training.virtual_stages
+            mine = [(c, r) for c, r in enumerate(chunk_layers(plan, v)) if c % plan.pp == self.stage]
+        else:
+            mine = [(self.stage, plan.layer_range(self.stage))]
+            total = plan.pp
+        self.chunks: list[Stage] = [
+            build_stage(plan.model, layers, c == 0, c == total - 1, seed=a.seed, recompute=recompute,
+                        device=self.device)
+            for c, layers in mine
+        ]  # fmt: skip
+        self.module = nn.ModuleList(self.chunks)
+        tied = [t for t in (m.tied_copy() for m in self.chunks) if t is not None]
+        self.tied = tied[0] if tied else None
+        for m in self.chunks:
+            apply_tp(m, self.groups.pg["tp"], plan.tp, self.device.type)
+        self.opt = adamw((np for m in self.chunks for np in m.named_parameters()), self.optim)
         pp_ranks = self.groups.ranks["pp"]
         i = pp_ranks.index(rank)
         wire = torch.bfloat16 if self.dtype == "bf16" else torch.float32
@@ -166,8 +192,11 @@ class Trainer:
             pp_ranks[i - 1] if i > 0 else None, pp_ranks[i + 1] if i + 1 < len(pp_ranks) else None,
             self.groups.pg["pp"], self.device, wire,
         )  # fmt: skip
-        self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
-        self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
+        self.interleaved = (
+            Interleaved(list(zip([c for c, _ in mine], self.chunks, strict=True)), plan,
+                        plan.training.virtual_stages, self.groups.pg["pp"], self.device, lm_loss, autocast)
+            if self.schedule == "interleaved" else None
+        )  # fmt: skip
 
     def announce(self) -> None:
         if self.groups.nccl and self.rank == 0:  # the versions that decide which NCCL knobs exist
@@ -210,7 +239,7 @@ class Trainer:
                 raise ConfigError(f"--resume: no complete checkpoint in {a.checkpoint_dir}")
             return 0
         meta = checkpoint.load(
-            a.checkpoint_dir, step, module=self.module, opt=self.opt,
+            a.checkpoint_dir, step, modules=list(self.chunks), opt=self.opt,
             plan_config=self.plan.model.config, tied=self.plan.model.tied,
         )  # fmt: skip
         if self.rank == 0:
@@ -241,12 +270,17 @@ class Trainer:
         self.p2p.wait_s = self.sync.wait_s = 0.0
         lr = self.optim.lr_at(step, a.steps)
         set_lr(self.opt, lr)
-        loss = run_schedule(
-            a.schedule, module=self.module, p2p=self.p2p, sync=self.sync,
-            inputs=[x.to(self.device) for x, _ in shard], targets=[y.to(self.device) for _, y in shard],
-            stage=self.stage, stages=plan.pp, act_shape=act, loss_fn=lm_loss,
-            autocast=torch.bfloat16 if self.dtype == "bf16" else None,
-        )  # fmt: skip
+        if self.interleaved is not None:
+            x = torch.cat([x for x, _ in shard]).to(self.device)
+            loss = self.interleaved.run(x, torch.cat([y for _, y in shard]).to(self.device))
+            self.sync.all_now()
+        else:
+            loss = run_schedule(
+                self.schedule, module=self.chunks[0], p2p=self.p2p, sync=self.sync,
+                inputs=[x.to(self.device) for x, _ in shard], targets=[y.to(self.device) for _, y in shard],
+                stage=self.stage, stages=plan.pp, act_shape=act, loss_fn=lm_loss,
+                autocast=torch.bfloat16 if self.dtype == "bf16" else None,
+            )  # fmt: skip
         norm = self.finish_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -270,7 +304,7 @@ class Trainer:
             "pp_wait_s": self.p2p.wait_s,
             "dp_sync_wait_s": self.sync.wait_s,
             "peak_rss_mib": float(rss.item()),  # the largest of any rank's peak so far
-            "schedule": a.schedule,
+            "schedule": self.schedule,
         }
 
     def run(self) -> int:
@@ -317,7 +351,7 @@ class Trainer:
                         done == a.steps or (a.checkpoint_every and done % a.checkpoint_every == 0)
                     ):
                         checkpoint.save(
-                            a.checkpoint_dir, done, module=self.module, opt=self.opt, plan=plan,
+                            a.checkpoint_dir, done, modules=list(self.chunks), opt=self.opt, plan=plan,
                             rank=self.rank, extra={"optim": asdict(self.optim), "steps": a.steps,
                                                    "seed": a.seed, "dtype": self.dtype},
                         )  # fmt: skip
