@@ -279,6 +279,15 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
         last[rec["step"]] = rec["loss"]
     ref = hf_reference(spec, tokens_of(corpus), BATCH, 40, OPTIM)[0]
     assert [last[s] for s in sorted(last)] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    # Exporting it: a preset has no tokenizer, which a bundle's expert needs; an existing --out stays.
+    from wallbreak.errors import ConfigError
+    from wallbreak.holmes.export import export_to_bundle
+
+    with pytest.raises(ConfigError, match=r"names no tokenizer .* give --tokenizer DIR"):
+        export_to_bundle(ck, tmp_path / "bundle", "tuned")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="exists"):
+        export(ck, tmp_path / "taken")
 
 
 @pytest.mark.netns

@@ -89,4 +89,9 @@ def export_to_bundle(
 
     with tempfile.TemporaryDirectory(prefix="wallbreak-export-") as tmp:
         folder = export(root, Path(tmp) / "model", step=step, tokenizer=tokenizer)
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(
+                "the checkpoint's model names no tokenizer (it was planned from a preset or a folder "
+                "without one), and an expert needs one: give --tokenizer DIR"
+            )
         import_expert(folder, name, bundle, description=description, examples=examples, dtype=dtype)
