@@ -1,7 +1,8 @@
 #!/bin/sh
 # Fine-tuning SmolLM2-135M (the default bundle's, from its GGUF) with the Holmes runtime on this
 # machine: tokens/s (median of the steps after the first two) and the largest peak RSS of any rank,
-# for three layouts (SmolLM2 has 3 key/value heads, so no tensor parallelism of 2) and two precisions. Usage: benchmarks/holmes_smollm2.sh [OUT_DIR] [STEPS]
+# for three layouts (SmolLM2 has 3 key/value heads, so no tensor parallelism of 2) and two
+# precisions. Usage: benchmarks/holmes_smollm2.sh [OUT_DIR] [STEPS]
 set -e
 OUT=${1:-holmes-smollm2}
 STEPS=${2:-8}
