@@ -10,7 +10,6 @@ directory that becomes live only when the manifest is swapped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from wallbreak.coe.bundle.writer import BundleWriter
 from wallbreak.coe.router.encoder import Encoder, weights_sha256
 from wallbreak.coe.router.heads import expected_calibration_error, fit_head, fit_scale, softmax
 from wallbreak.common.atomic import fsync_tree
+from wallbreak.common.jsonfile import iter_jsonl
 from wallbreak.errors import ConfigError
 from wallbreak.progress import progress as progress_bar
 
@@ -52,18 +52,7 @@ def read_examples(path: Path, valid: Sequence[str]) -> list[Example]:
     shape = 'each line must be an object like {"prompt": "...", "expert": "<name>"}'
     out: list[Example] = []
     unknown: dict[str, list[int]] = {}
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg}); {shape}") from None
+    for n, text, row in iter_jsonl(path, shape):
         if (
             not isinstance(row, dict)
             or set(row) - {"prompt", "expert"}

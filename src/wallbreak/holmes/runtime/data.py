@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from wallbreak.common.atomic import atomic_write_json, fsync_tree
-from wallbreak.common.jsonfile import read_json
+from wallbreak.common.jsonfile import iter_jsonl, read_json
 from wallbreak.errors import ConfigError
 from wallbreak.progress import progress
 
@@ -109,18 +109,12 @@ def tokenizer_hash(tok: Any) -> str:
 def _documents(path: Path) -> Iterator[str]:
     """The documents of one source: a JSONL file's `text` fields, or a text file as one document."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
-                text = rec.get("text") if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ConfigError(f"{path}:{n}: each line needs a string field 'text'")
-                yield text
+        shape = "each line needs a string field 'text'"
+        for n, _, rec in iter_jsonl(path, shape):
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:{n}: {shape}")
+            yield text
     else:
         yield path.read_text(encoding="utf-8", errors="replace")
 
