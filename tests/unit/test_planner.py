@@ -232,3 +232,23 @@ def test_auto_schedule_is_the_faster_of_1f1b_and_interleaved(tmp_path: Path) -> 
     assert auto.schedule == ("interleaved" if inter.iteration_s < one.iteration_s else "1f1b")
     emit_launch(got["auto"], tmp_path)
     assert json.loads((tmp_path / "plan.json").read_text())["training"]["schedule"] == auto.schedule
+
+
+def test_tied_embeddings_across_clusters_cost_their_gradient_sum() -> None:
+    """SmolLM2-like models tie the output layer to the embedding: in a pipeline the first and last
+    stage sum that matrix's gradients after the last backward, over the link between them."""
+    from wallbreak.holmes.plan import cost
+
+    topo = load_topology(EXAMPLE.parent / "clusters" / "emu-small.yaml")
+    kw = dict(seq_len=64, vocab=49152, kv_heads=3, intermediate=1536)
+    tied = ModelSpec.llama("t", 8, 576, 9, tied=True, **kw)  # type: ignore[arg-type]
+    untied = ModelSpec.llama("u", 8, 576, 9, **kw)  # type: ignore[arg-type]
+    t = TrainingSpec(8, 1, schedule="1f1b")
+    b = make_report(topo, tied, t, tp=1, pp=2, dp=2).plan.predicted.breakdown
+    # 49152 x 576 fp32 gradients between the IB and RoCE clusters (10 Gbit/s Ethernet, 2 ranks)
+    assert b["embedding_sync_s"] == pytest.approx(
+        cost.ring_allreduce_seconds(49152 * 576 * 4, 2, 10, 0), rel=0.01
+    )
+    assert "embedding_sync_s" not in make_report(topo, untied, t, tp=1, pp=2, dp=2).plan.predicted.breakdown
+    one_stage = make_report(topo, tied, t, placement="megatron", tp=1, pp=1, dp=4)
+    assert "embedding_sync_s" not in one_stage.plan.predicted.breakdown  # one stage holds one matrix

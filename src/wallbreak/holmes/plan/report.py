@@ -76,6 +76,7 @@ def _line(p: Prediction) -> str:
     return (
         f"{p.iteration_s:.3f} s/iteration = compute {b['compute_s']:.3f} + tp {b['tp_comm_s']:.3f} + "
         f"pp p2p {b['pp_p2p_s']:.3f} + bubble {b['bubble_s']:.3f} + exposed dp sync {b['dp_sync_s']:.3f}"
+        + (f" + tied-embedding sync {b['embedding_sync_s']:.3f}" if "embedding_sync_s" in b else "")
         + (f" + shared-core wait {b['shared_compute_s']:.3f}" if "shared_compute_s" in b else "")
         + "; "
         f"{p.tflops_per_gpu:.3g} TFLOPS/GPU, {p.samples_per_s:.3g} samples/s"

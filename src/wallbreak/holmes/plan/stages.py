@@ -152,6 +152,7 @@ class StageModel:
         act = cost.activation_bytes(m, t) / tp
         self.p2p_mb = 0.0
         self.wrap_mb = 0.0  # interleaved only: the last stage's chunks feed the first stage's next ones
+        self.tied_sync = 0.0  # first and last stage of a pipeline whose model ties its embeddings
         self.p2p_transport = "none"
         wrap = {0: pp - 1, pp - 1: 0}.get(idx) if pp > 1 else None
         for other, towards in ((idx + 1, "next"), (idx - 1, "prev"), (wrap, "wrap")):
@@ -166,6 +167,10 @@ class StageModel:
                 gbps, lat = ln.total_gbps / share, ln.latency_us
             if towards == "wrap":
                 self.wrap_mb = cost.p2p_seconds(act, gbps, lat)
+                # Tied embeddings: the first and last stage sum their copies' gradients over this
+                # link after the last backward (each of the stage's GPUs syncs its own replica).
+                if m.tied:
+                    self.tied_sync = cost.ring_allreduce_seconds(m.vocab * m.hidden * 4, 2, gbps, lat)
                 continue
             self.p2p_mb += cost.p2p_seconds(act, gbps, lat)
             if towards == "next":
@@ -272,6 +277,8 @@ def _predict(
         ends.append(pipe - lead)
         lead += (c.compute_mb + c.tp_mb) * s.bwd_share + c.p2p_mb / 2
     iteration = max(e + c.dp_exposed for e, c in zip(ends, costs, strict=True))
+    embedding = max(s.tied_sync for s in stages)  # not overlapped: it follows the last backward
+    iteration += embedding
     shared = stages[0].shared
     wait = 0.0
     if shared and shared < n_gpus:
@@ -286,8 +293,10 @@ def _predict(
         "tp_comm_s": micro * costs[k].tp_mb,
         "pp_p2p_s": micro * (per_mb[k] - costs[k].compute_mb - costs[k].tp_mb),
         "bubble_s": pipe - micro * per_mb[k],
-        "dp_sync_s": iteration - wait - pipe,
+        "dp_sync_s": iteration - wait - pipe - embedding,
     }
+    if embedding:
+        breakdown["embedding_sync_s"] = embedding
     if wait:
         breakdown["shared_compute_s"] = wait
     flops = cost.iteration_flops(m, t.global_batch, t.recompute)
