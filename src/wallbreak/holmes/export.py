@@ -46,8 +46,8 @@ def load_model(root: Path, step: int | None = None) -> tuple[Any, dict[str, Any]
     state = {canonical(n, spec.tied): p.detach() for n, p in model.named_parameters()}
     try:
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(d / "shards")), no_dist=True)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"checkpoint {d} is incomplete: {str(e).splitlines()[0]}") from None
+    except (dcp.CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"checkpoint {d} cannot be read: {checkpoint.last_line(e)}") from None
     model.eval()
     return model, meta
 

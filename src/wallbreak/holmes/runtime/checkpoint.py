@@ -86,6 +86,12 @@ def save(root: Path, step: int, *, modules: list[nn.Module], opt: torch.optim.Op
     dist.barrier()
 
 
+def last_line(e: BaseException) -> str:
+    """The cause of a DCP failure: its message's last line (DCP wraps every rank's traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def read_meta(d: Path) -> dict[str, Any]:
     """A step's meta.json, checked; old and foreign checkpoints get one clear message."""
     if any(d.glob("stage-*.pt")) or any(d.glob("stage-*.safetensors")):
@@ -115,8 +121,8 @@ def load(root: Path, step: int, *, modules: list[nn.Module], opt: torch.optim.Op
     state = _state(modules, opt, tied)
     try:
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(d / "shards")))
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"checkpoint {d} cannot fill this stage: {str(e).splitlines()[0]}") from None
+    except (dcp.CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"checkpoint {d} cannot fill this stage: {last_line(e)}") from None
     if opt is not None:
         for p in (q for g in opt.param_groups for q in g["params"]):
             opt.state[p]["step"] = torch.tensor(float(meta["step"]))
