@@ -210,24 +210,15 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path: Path, corpus: Path) -> Non
     assert got == pytest.approx(ref, rel=2e-2) and got != pytest.approx(ref, rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("edit", "nproc", "needle"),
-    [
-        ({}, 2, "the plan is for 4 processes but torchrun started 2"),
-        ({"stages": [{"index": 0, "cluster": "local", "layers": 3, "ranks": [0, 1]},
-                     {"index": 1, "cluster": "local", "layers": 3, "ranks": [2, 3]}]}, 4, "sum to 6"),
-        ({"stages": [{"index": 0, "cluster": "local", "layers": 2, "ranks": [0, 1]},
-                     {"index": 1, "cluster": "local", "layers": 2, "ranks": [2]}]}, 4,
-         "holds ranks [2]; the layout gives it [2, 3]"),
-    ],
-)  # fmt: skip
-def test_bad_plans_fail_on_every_rank_without_hanging(
-    tmp_path: Path, corpus: Path, edit: dict[str, object], nproc: int, needle: str
-) -> None:
-    plan = make_plan(tmp_path, ModelSpec.preset("llama-tiny", SEQ), **edit)  # type: ignore[arg-type]
-    r = torchrun(plan, nproc, "--steps", "2", "--data", str(corpus), timeout=120)
+def test_a_bad_plan_fails_on_every_rank_without_hanging(tmp_path: Path, corpus: Path) -> None:
+    """Every rank checks the plan before any collective and says what is wrong (the checks
+    themselves are unit-tested on load_plan in tests/unit/test_layout.py)."""
+    stages = [{"index": 0, "cluster": "local", "layers": 3, "ranks": [0, 1]},
+              {"index": 1, "cluster": "local", "layers": 3, "ranks": [2, 3]}]  # fmt: skip
+    plan = make_plan(tmp_path, ModelSpec.preset("llama-tiny", SEQ), stages=stages)
+    r = torchrun(plan, 4, "--steps", "2", "--data", str(corpus), timeout=120)
     assert r.returncode != 0
-    assert r.stderr.count(needle) == nproc, r.stderr[-2000:]
+    assert r.stderr.count("sum to 6") == 4, r.stderr[-2000:]
 
 
 def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus: Path) -> None:
@@ -238,7 +229,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
 
     spec = ModelSpec.preset("llama-tiny", SEQ)
     plan = make_plan(tmp_path, spec, layers=[2, 2])
-    common = ["--steps", "40", "--data", str(corpus), "--checkpoint-every", "1", *OPTIM_ARGS]
+    common = ["--steps", "20", "--data", str(corpus), "--checkpoint-every", "1", *OPTIM_ARGS]
     ck = tmp_path / "killed"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
@@ -277,7 +268,7 @@ def test_killed_rank_restarts_and_resumes_the_same_curve(tmp_path: Path, corpus:
     for line in log.read_text().splitlines():
         rec = json.loads(line)
         last[rec["step"]] = rec["loss"]
-    ref = hf_reference(spec, tokens_of(corpus), BATCH, 40, OPTIM)[0]
+    ref = hf_reference(spec, tokens_of(corpus), BATCH, 20, OPTIM)[0]
     assert [last[s] for s in sorted(last)] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     # Exporting it: a preset has no tokenizer, which a bundle's expert needs; an existing --out stays.
     from wallbreak.errors import ConfigError

@@ -17,11 +17,18 @@ from helpers import ServerThread, fit_test_router, http, make_tiny_llama_folder
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
-def wallbreak(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def wallbreak(*args: str) -> None:
+    """The CLI, in this process (what `wallbreak ARGS` runs); `train` starts torchrun itself."""
+    from wallbreak.cli import main
+
+    assert main(list(args)) == 0, args
+
+
+def train(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "wallbreak.cli", *args], capture_output=True, text=True,
-                       timeout=timeout, env=env)  # fmt: skip
-    assert r.returncode == 0, (args, r.stderr[-3000:])
+    cmd = [sys.executable, "-m", "wallbreak.cli", "train", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
@@ -41,8 +48,8 @@ def test_fine_tune_export_into_a_bundle_and_serve(tmp_path: Path, tiny_bert: Pat
     wallbreak("plan", str(cluster), "--model", str(base), "--seq-len", "32", "--global-batch", "4",
               "--micro-batch", "1", "--dtype", "fp32", "--emit-launch", str(launch))  # fmt: skip
     wallbreak("data", "prepare", str(tmp_path / "text.txt"), "--tokenizer", str(base), "--out", str(data))
-    r = wallbreak("train", "--plan", str(launch / "plan.json"), "--steps", "3", "--data", str(data),
-                  "--checkpoint-dir", str(ck), "--lr", "1e-2")  # fmt: skip
+    r = train("--plan", str(launch / "plan.json"), "--steps", "3", "--data", str(data),
+              "--checkpoint-dir", str(ck), "--lr", "1e-2")  # fmt: skip
     steps = [json.loads(x) for x in (ck / "train.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] and steps[-1]["loss"] < steps[0]["loss"], r.stderr[-2000:]
 

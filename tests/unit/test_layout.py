@@ -113,3 +113,20 @@ def test_plan_file_groups_must_follow_the_layout(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=r"groups.dp\[1\] is \[1, 4\]; the rank order .* makes it \[1, 3\]"):
         load_plan(path)
+
+
+def test_plan_file_stages_and_world_size_are_checked(tmp_path: Path) -> None:
+    path = _plan(tmp_path)
+    with pytest.raises(ConfigError, match="the plan is for 8 processes but torchrun started 2"):
+        load_plan(path, 2)
+    raw = json.loads(path.read_text())
+    raw["stages"][0]["layers"] = 3
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="sum to 5, but the model has 4"):
+        load_plan(path)
+    raw["stages"][0]["layers"], raw["stages"][1]["ranks"] = 2, [4, 5, 6]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(
+        ConfigError, match=r"stage 1 holds ranks \[4, 5, 6\]; the layout gives it \[4, 5, 6, 7\]"
+    ):
+        load_plan(path)
