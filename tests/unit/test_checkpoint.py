@@ -44,7 +44,7 @@ def plan(tmp_path: Path) -> Iterator[RunPlan]:
 
 def trained(plan: RunPlan, steps: int) -> tuple[Stage, torch.optim.Optimizer]:
     model = build_stage(plan.model, range(2), True, True, seed=1)
-    opt = adamw(model.named_parameters(), OptimSpec(lr=1e-2))
+    opt = adamw(model.parameters(), OptimSpec(lr=1e-2))
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(0, 96, (2, 17), generator=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,23 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty folder that appears, flushed, at `path` only if the block finishes without
+    raising (built under a temporary name beside it, then renamed; removed on failure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_tree(root: Path) -> None:

@@ -9,7 +9,6 @@ under a temporary name then renamed. `AutoModelForCausalLM.from_pretrained` load
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,9 +17,11 @@ from typing import Any
 
 import torch
 
+from wallbreak.common.atomic import atomic_dir
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.plan.spec import ModelSpec
 from wallbreak.holmes.runtime import checkpoint
+from wallbreak.holmes.runtime.data import load_tokenizer
 from wallbreak.holmes.runtime.model import canonical, hf_config
 
 
@@ -52,31 +53,28 @@ def load_model(root: Path, step: int | None = None) -> tuple[Any, dict[str, Any]
     return model, meta
 
 
+def tokenizer_of(root: Path, step: int | None, tokenizer: Path | None) -> Path | None:
+    """The tokenizer an export carries: `--tokenizer`, else the model source's, else none."""
+    if tokenizer is not None:
+        return tokenizer
+    meta = checkpoint.read_meta(checkpoint.step_dir(root, checkpoint_step(root, step)))
+    named = (meta["model"].get("source") or {}).get("tokenizer")
+    return Path(named) if named else None
+
+
 def export(root: Path, out: Path, *, step: int | None = None, tokenizer: Path | None = None) -> Path:
     """Write the checkpoint as a Hugging Face folder at `out` (which must not exist)."""
     if out.exists():
         raise ConfigError(f"--out {out} exists; give a new folder")
-    model, meta = load_model(root, step)
-    tok_dir = tokenizer or (Path(meta["model"]["source"]["tokenizer"])
-                            if (meta["model"].get("source") or {}).get("tokenizer") else None)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    tok_dir = tokenizer_of(root, step, tokenizer)
+    model, _ = load_model(root, step)
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         if tok_dir is not None:
-            from transformers import AutoTokenizer  # deferred: loads transformers
-
-            try:
-                AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(tmp))
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"--tokenizer {tok_dir}: {str(e).splitlines()[0]}") from None
+            load_tokenizer(tok_dir).save_pretrained(str(tmp))
             for extra in ("generation_config.json",):  # the sampling defaults the importer kept
                 if (tok_dir / extra).is_file() and not (tmp / extra).is_file():
                     shutil.copy(tok_dir / extra, tmp / extra)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -87,11 +85,11 @@ def export_to_bundle(
     """Export, then import into `bundle` as expert `name` in form `dtype` (int8, int4, bf16, ...)."""
     from wallbreak.coe.bundle.importers import import_expert  # deferred: loads transformers
 
+    if tokenizer_of(root, step, tokenizer) is None:  # before the weights are read and written
+        raise ConfigError(
+            "the checkpoint's model names no tokenizer (it was planned from a preset or a folder "
+            "without one), and an expert needs one: give --tokenizer DIR"
+        )
     with tempfile.TemporaryDirectory(prefix="wallbreak-export-") as tmp:
         folder = export(root, Path(tmp) / "model", step=step, tokenizer=tokenizer)
-        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise ConfigError(
-                "the checkpoint's model names no tokenizer (it was planned from a preset or a folder "
-                "without one), and an expert needs one: give --tokenizer DIR"
-            )
         import_expert(folder, name, bundle, description=description, examples=examples, dtype=dtype)

@@ -39,8 +39,6 @@ class Group:
 class RunPlan:
     path: Path
     layout: ParallelLayout
-    global_batch: int
-    micro_batch: int
     model: ModelSpec
     training: TrainingSpec
     stage_layers: tuple[int, ...]
@@ -62,6 +60,14 @@ class RunPlan:
     @property
     def world_size(self) -> int:
         return self.layout.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.training.global_batch
+
+    @property
+    def micro_batch(self) -> int:
+        return self.training.micro_batch
 
     @property
     def microbatches(self) -> int:
@@ -174,19 +180,26 @@ def _layout(raw: dict[str, Any], where: str, world_size: int | None) -> Parallel
     return lay
 
 
-def _model(raw: dict[str, Any], where: str, lay: ParallelLayout) -> tuple[ModelSpec, int, int]:
-    t = _need(raw, "training", dict, where)
+def _model(raw: dict[str, Any], where: str, lay: ParallelLayout) -> ModelSpec:
     model = model_spec(_need(raw, "model", dict, where), where)
     if model.kv_heads % lay.tp:
         raise ConfigError(
             f"{where}: tp={lay.tp} must divide the model's {model.kv_heads} key/value heads "
             f"(and so its {model.heads} attention heads)"
         )
+    return model
+
+
+def _training(raw: dict[str, Any], where: str, lay: ParallelLayout) -> TrainingSpec:
+    t = _need(raw, "training", dict, where)
     gb = _need(t, "global_batch", int, f"{where}: training")
     mb = _need(t, "micro_batch", int, f"{where}: training")
     if gb % (mb * lay.dp):
         raise ConfigError(f"{where}: global batch {gb} is not a multiple of micro-batch {mb} x dp {lay.dp}")
-    return model, gb, mb
+    try:
+        return training_spec(t)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: training needs {', '.join(TRAINING_FIELDS)} ({e})") from None
 
 
 def _stages(raw: dict[str, Any], where: str, lay: ParallelLayout, model: ModelSpec) -> tuple[int, ...]:
@@ -237,10 +250,7 @@ def load_plan(path: str | Path, world_size: int | None = None) -> RunPlan:
     where = str(p)
     _header(raw, where)
     lay = _layout(raw, where, world_size)
-    model, gb, mb = _model(raw, where, lay)
-    try:
-        training = training_spec(raw["training"])
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{where}: training needs {', '.join(TRAINING_FIELDS)} ({e})") from None
+    model = _model(raw, where, lay)
+    training = _training(raw, where, lay)
     layers = _stages(raw, where, lay, model)
-    return RunPlan(p, lay, gb, mb, model, training, layers, _groups(raw, where, lay), raw)
+    return RunPlan(p, lay, model, training, layers, _groups(raw, where, lay), raw)

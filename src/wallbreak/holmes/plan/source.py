@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from wallbreak.coe.defaults import cache_dir
+from wallbreak.common.atomic import atomic_dir
 from wallbreak.errors import ConfigError
 from wallbreak.holmes.plan.spec import PRESETS, ModelSpec
 from wallbreak.progress import say
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a folder holds a Hugging Face tokenizer (the files AutoTokenizer starts from)."""
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def folder_source(folder: Path, kind: str = "folder", origin: Path | None = None
             f"{folder} holds its weights as pytorch_model*.bin (a pickle, which can run code); "
             "convert them to safetensors first"
         )
-    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if has_tokenizer(folder):
         src["tokenizer"] = str(folder.resolve())
     return src
 
@@ -63,9 +66,7 @@ def gguf_folder(path: Path) -> Path:
 
     say(f"converting {path.name} from GGUF to safetensors once (30-80 s); cached in {out}")
     model, tok, _ = load_hf_model(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         # transformers will not save_pretrained a model it dequantised from GGUF: write the tensors
         # and the config (without the GGUF quantization note) the way save_pretrained would.
         from safetensors.torch import save_file  # deferred: loads safetensors
@@ -79,10 +80,6 @@ def gguf_folder(path: Path) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(str(tmp))
         save_sampling_defaults(model, tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wallbreak.common.atomic import atomic_write_json, fsync_tree
+from wallbreak.common.atomic import atomic_dir, atomic_write_json
 from wallbreak.common.jsonfile import iter_jsonl, read_json
 from wallbreak.errors import ConfigError
+from wallbreak.holmes.plan.source import has_tokenizer
 from wallbreak.progress import progress
 
 DATA_FORMAT = "wallbreak-tokens"
@@ -85,10 +84,7 @@ def load_tokenizer(tokenizer_dir: Path) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer  # deferred: loads transformers
 
-    if (
-        not (Path(tokenizer_dir) / "tokenizer_config.json").is_file()
-        and not (Path(tokenizer_dir) / "tokenizer.json").is_file()
-    ):
+    if not has_tokenizer(Path(tokenizer_dir)):
         raise ConfigError(f"--tokenizer {tokenizer_dir} is not a Hugging Face tokenizer folder")
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -143,10 +139,8 @@ def prepare(paths: Sequence[Path], tokenizer_dir: Path, out: Path) -> dict[str, 
     vocab = len(tok)
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     eos = tok.eos_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     count = docs = 0
-    try:
+    with atomic_dir(out) as tmp:
         with open(tmp / TOKENS, "wb") as f, progress(
             sum(p.stat().st_size for p in files), "tokenizing", "B", unit_scale=True
         ) as bar:  # fmt: skip
@@ -165,11 +159,6 @@ def prepare(paths: Sequence[Path], tokenizer_dir: Path, out: Path) -> dict[str, 
             "sources": [str(p.resolve()) for p in files],
         }  # fmt: skip
         atomic_write_json(tmp / INDEX, index)
-        fsync_tree(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
 
 

@@ -60,15 +60,16 @@ class Autocast(nn.Module):
 class Interleaved:
     """One rank's chunks under ScheduleInterleaved1F1B."""
 
-    def __init__(self, chunks: list[tuple[int, nn.Module]], plan: RunPlan, virtual: int, group: Any,
+    def __init__(self, chunks: list[tuple[int, nn.Module]], plan: RunPlan, group: Any,
                  device: torch.device, loss_fn: Any, autocast: torch.dtype | None) -> None:  # fmt: skip
         from torch.distributed.pipelining import (  # deferred: loads torch.distributed.pipelining
             PipelineStage,
             ScheduleInterleaved1F1B,
         )
 
+        total = plan.pp * plan.training.virtual_stages
         stages: list[Any] = [
-            PipelineStage(Autocast(m, autocast), c, plan.pp * virtual, device, group=group) for c, m in chunks
+            PipelineStage(Autocast(m, autocast), c, total, device, group=group) for c, m in chunks
         ]
         m = plan.microbatches
         try:
@@ -76,7 +77,7 @@ class Interleaved:
         except ValueError as e:
             raise ConfigError(f"--schedule interleaved: {e}") from None
         self.first = any(c == 0 for c, _ in chunks)
-        self.last = any(c == plan.pp * virtual - 1 for c, _ in chunks)
+        self.last = any(c == total - 1 for c, _ in chunks)
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One iteration over this data-parallel rank's batch; the mean loss (on the last stage)."""

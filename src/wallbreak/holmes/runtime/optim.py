@@ -53,16 +53,16 @@ class OptimSpec:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def decays(name: str, p: torch.Tensor) -> bool:
+def decays(p: torch.Tensor) -> bool:
     """Weight decay applies to matrices and embeddings (2-D), not to norm scales or biases."""
     return p.dim() >= 2
 
 
-def adamw(named: Iterable[tuple[str, nn.Parameter]], spec: OptimSpec) -> torch.optim.AdamW:
-    params = list(named)
+def adamw(params: Iterable[nn.Parameter], spec: OptimSpec) -> torch.optim.AdamW:
+    ps = list(params)
     groups = [
-        {"params": [p for n, p in params if decays(n, p)], "weight_decay": spec.weight_decay},
-        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        {"params": [p for p in ps if decays(p)], "weight_decay": spec.weight_decay},
+        {"params": [p for p in ps if not decays(p)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps

@@ -151,12 +151,12 @@ class Trainer:
         self.setup_s = time.perf_counter() - t0
         self.tied_pg = tied_group(plan, rank, a.timeout, backend)
         self.stage = plan.stage_of(rank)
-        self.first, self.last = self.stage == 0, self.stage == plan.pp - 1
+        self.last = self.stage == plan.pp - 1
         self.tp_index = plan.layout.tp_index(rank)
         self.dtype = a.dtype or plan.training.dtype
-        self.schedule = a.schedule or str(plan.raw["training"].get("schedule", "1f1b"))
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"the plan's schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        self.autocast = torch.bfloat16 if self.dtype == "bf16" else None  # and the pipeline's wire dtype
+        # The plan file holds the schedule the planner chose; "auto" (a plan written by hand) is 1F1B.
+        self.schedule = a.schedule or plan.training.schedule.replace("auto", "1f1b")
         self.build_model()
         self.sync = GradSync(self.module, self.groups.pg["dp"], plan.dp)
         self.log_path = a.log_file or (a.checkpoint_dir / "train.jsonl" if a.checkpoint_dir else None)
@@ -167,7 +167,6 @@ class Trainer:
         a, plan, rank = self.a, self.plan, self.rank
         torch.manual_seed(a.seed)
         recompute = plan.training.recompute == "full"
-        autocast = torch.bfloat16 if self.dtype == "bf16" else None
         if self.schedule == "interleaved":
             v, total = plan.training.virtual_stages, plan.pp * plan.training.virtual_stages
             mine = [(c, r) for c, r in enumerate(chunk_layers(plan, v)) if c % plan.pp == self.stage]
@@ -184,17 +183,16 @@ class Trainer:
         self.tied = tied[0] if tied else None
         for m in self.chunks:
             apply_tp(m, self.groups.pg["tp"], plan.tp, self.device.type)
-        self.opt = adamw((np for m in self.chunks for np in m.named_parameters()), self.optim)
+        self.opt = adamw(self.module.parameters(), self.optim)
         pp_ranks = self.groups.ranks["pp"]
         i = pp_ranks.index(rank)
-        wire = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         self.p2p = P2P(
             pp_ranks[i - 1] if i > 0 else None, pp_ranks[i + 1] if i + 1 < len(pp_ranks) else None,
-            self.groups.pg["pp"], self.device, wire,
+            self.groups.pg["pp"], self.device, self.autocast or torch.float32,
         )  # fmt: skip
         self.interleaved = (
-            Interleaved(list(zip([c for c, _ in mine], self.chunks, strict=True)), plan,
-                        plan.training.virtual_stages, self.groups.pg["pp"], self.device, lm_loss, autocast)
+            Interleaved(list(zip([c for c, _ in mine], self.chunks, strict=True)), plan, self.groups.pg["pp"],
+                        self.device, lm_loss, self.autocast)
             if self.schedule == "interleaved" else None
         )  # fmt: skip
 
@@ -279,31 +277,32 @@ class Trainer:
                 self.schedule, module=self.chunks[0], p2p=self.p2p, sync=self.sync,
                 inputs=[x.to(self.device) for x, _ in shard], targets=[y.to(self.device) for _, y in shard],
                 stage=self.stage, stages=plan.pp, act_shape=act, loss_fn=lm_loss,
-                autocast=torch.bfloat16 if self.dtype == "bf16" else None,
+                autocast=self.autocast,
             )  # fmt: skip
         norm = self.finish_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        # The last stage's replicas hold the loss; one world all-reduce tells every rank.
-        t = torch.tensor(
-            [loss / plan.dp if self.last and self.tp_index == 0 else 0.0],
+        # The last stage's replicas hold the loss; one world all-gather tells every rank, with
+        # every rank's peak memory.
+        mine = torch.tensor(
+            [loss / plan.dp if self.last and self.tp_index == 0 else 0.0, peak_rss_mib()],
             dtype=torch.float64,
             device=self.device,
         )
-        dist.all_reduce(t)
+        every = [torch.empty_like(mine) for _ in range(plan.world_size)]
+        dist.all_gather(every, mine)
+        both = torch.stack(every)
         dt = time.perf_counter() - t0
-        rss = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=self.device)
-        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         return {
             "step": step + 1,
-            "loss": float(t.item()),
+            "loss": float(both[:, 0].sum()),
             "lr": lr,
             "grad_norm": norm,
             "step_s": dt,
             "tokens_per_s": tokens_per_step / dt,
             "pp_wait_s": self.p2p.wait_s,
             "dp_sync_wait_s": self.sync.wait_s,
-            "peak_rss_mib": float(rss.item()),  # the largest of any rank's peak so far
+            "peak_rss_mib": float(both[:, 1].max()),  # the largest of any rank's peak so far
             "schedule": self.schedule,
         }
 
