@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from wallbreak import __version__
-from wallbreak.cli import coe, emulate, holmes
+from wallbreak.cli import coe, emulate, experts, holmes
 from wallbreak.cli.args import Parser
 from wallbreak.cli.bundle import add_bundle_parser, run_bundle_command
 from wallbreak.errors import WallbreakError
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle_parser(verbs)
     coe.add_router_parsers(verbs)
     coe.add_serve_parser(verbs)
+    experts.add_experts_parser(verbs)
     holmes.add_plan_parsers(verbs)
     holmes.add_data_and_export_parsers(verbs)
     bench = verbs.add_parser("bench", help="benchmarks that print JSON")
@@ -53,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
         return emulate.run_emulate_command(args)
     if args.verb == "serve":
         return coe.run_serve(args)
+    if args.verb == "experts":
+        return experts.run_experts(args)
     if args.verb in ("router", "route"):
         return coe.run_router(args)
     return coe.run_bench(args)

@@ -12,12 +12,14 @@ from wallbreak.cli.args import Parser, names
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import importers
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
+from wallbreak.coe.bundle.writer import BundleWriter
+from wallbreak.coe.router.incremental import forget_expert, learn_expert
 from wallbreak.errors import WallbreakError, first_line
 from wallbreak.units import format_bytes, parse_count
 
 
 def add_bundle_parser(verbs: Any) -> None:
-    """`wallbreak bundle import|synth|default|verify|show`."""
+    """`wallbreak bundle import|rm|synth|default|verify|compile|show`."""
     b = verbs.add_parser("bundle", help="create, extend and check expert bundles")
     bv = b.add_subparsers(dest="action", required=True, parser_class=Parser)
     imp = bv.add_parser("import", help="add a HF model folder or GGUF file to a bundle as one expert")
@@ -31,6 +33,9 @@ def add_bundle_parser(verbs: Any) -> None:
     imp.add_argument("--dtype", default="auto",
                      help="auto (keep; GGUF dequantises to float32), float32|fp32, bfloat16|bf16, float16, "
                           "or a compact form: int8 (per-row scales), int4 (groups of 32)")  # fmt: skip
+    rm = bv.add_parser("rm", help="remove an expert from a bundle (a server serving it lets it go live)")
+    rm.add_argument("dir", type=Path)
+    rm.add_argument("--name", required=True)
     syn = bv.add_parser("synth", help="random-init experts of a given size, for tests and benchmarks")
     syn.add_argument("--out", required=True, type=Path)
     syn.add_argument("--experts", required=True, type=int)
@@ -70,6 +75,16 @@ def run_bundle_command(args: argparse.Namespace) -> int:
             dtype=args.dtype,
         )
         print(f"imported {args.name} into {args.out}")
+        learned = learn_expert(args.out, args.name)  # a fitted router learns it without a refit
+        if learned is not None:
+            print(learned.summary("learned", args.name))
+    elif args.action == "rm":
+        with BundleWriter(args.dir) as w:
+            w.remove(args.name)
+            forgot = forget_expert(w, args.name)
+        print(f"removed {args.name} from {args.dir}")
+        if forgot is not None:
+            print(forgot.summary("forgot", args.name))
     elif args.action == "synth":
         if args.if_missing and (args.out / MANIFEST).is_file():
             print(f"{args.out} already holds a bundle; left as is")

@@ -104,6 +104,12 @@ def add_serve_parser(verbs: Any) -> None:
         "--api-key-file", type=Path, metavar="FILE", help="read the API key from FILE (kept out of `ps`)"
     )
     sv.add_argument(
+        "--admin-key",
+        help="turn on the admin API (/admin/...: add, replace, remove, pin experts live) under this key "
+        "(or WALLBREAK_ADMIN_KEY, or --admin-key-file); off without one",
+    )
+    sv.add_argument("--admin-key-file", type=Path, metavar="FILE", help="read the admin key from FILE")
+    sv.add_argument(
         "--max-body",
         help=f"largest request body, e.g. 8MiB (default {format_bytes(defaults.MAX_BODY)}; larger: 413)",
     )
@@ -221,18 +227,19 @@ def run_bench_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
-def api_key(given: str | None, path: Path | None) -> str | None:
-    """The server's API key: --api-key, or the first line of --api-key-file (not both)."""
+def api_key(given: str | None, path: Path | None, flag: str = "--api-key") -> str | None:
+    """A key the server checks: --api-key, or the first line of --api-key-file (not both); `flag`
+    names the option (the admin key's are --admin-key and --admin-key-file)."""
     if path is None:
         return given
     if given:
-        raise ConfigError("give --api-key or --api-key-file, not both")
+        raise ConfigError(f"give {flag} or {flag}-file, not both")
     try:
         key = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--api-key-file {path}: cannot read it ({e.__class__.__name__})") from None
+        raise ConfigError(f"{flag}-file {path}: cannot read it ({e.__class__.__name__})") from None
     if not key or "\n" in key:
-        raise ConfigError(f"--api-key-file {path}: the file must hold the key alone, on one line")
+        raise ConfigError(f"{flag}-file {path}: the file must hold the key alone, on one line")
     return key
 
 
@@ -258,6 +265,7 @@ def run_serve(args: argparse.Namespace) -> int:
             device_budget=parse_size(args.device_budget, "--device-budget") if args.device_budget else None,
             host_budget=parse_size(args.host_budget, "--host-budget") if args.host_budget else None,
             api_key=api_key(args.api_key, args.api_key_file),
+            admin_key=api_key(args.admin_key, args.admin_key_file, "--admin-key"),
             max_body=parse_size(args.max_body, "--max-body") if args.max_body else defaults.MAX_BODY,
             device=args.device,
             direct_io=args.direct_io,

@@ -97,6 +97,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "properties": {
         "format": {"const": FORMAT},
         "version": {"const": FORMAT_VERSION},
+        "generation": {"type": "integer", "minimum": 0},
         "experts": {
             "type": "array",
             "items": {
@@ -245,6 +246,12 @@ class Bundle:
     @property
     def names(self) -> list[str]:
         return list(self.experts)
+
+    @property
+    def generation(self) -> int:
+        """How many commits made this manifest: a server serving the bundle compares it to pick up
+        another writer's change (bundles written before it was recorded read as 0)."""
+        return int(self.raw.get("generation", 0))
 
     def expert(self, name: str) -> ExpertEntry:
         try:

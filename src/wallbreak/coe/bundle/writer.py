@@ -78,6 +78,7 @@ class BundleWriter:
         self._existing: dict[str, Any] | None = None
         self._router: dict[str, Any] | None = None
         self._router_set = False
+        self._removed: set[str] = set()
 
     def __enter__(self) -> BundleWriter:
         if self.root.exists() and not self.root.is_dir():
@@ -189,6 +190,19 @@ class BundleWriter:
         self._entries.append(entry)
         return entry
 
+    @property
+    def existing(self) -> dict[str, Any] | None:
+        """The manifest this write started from (None: a new bundle)."""
+        return self._existing
+
+    def remove(self, name: str) -> None:
+        """Drop an expert at commit; its files go once the new manifest is in place."""
+        have = [d["name"] for d in (self._existing or {"experts": []})["experts"]]
+        if name not in have:
+            listed = ", ".join(have) or "(none)"
+            raise BundleError(f"no expert {name!r} in bundle {self.root}; it has: {listed}")
+        self._removed.add(name)
+
     def _write_tokenizer(self, src_dir: Path | None, stem: str) -> tuple[str | None, dict[str, str]]:
         if src_dir is None:
             return None, {}
@@ -221,12 +235,13 @@ class BundleWriter:
 
     def _commit(self) -> None:
         base = self._existing or {"format": FORMAT, "version": FORMAT_VERSION, "experts": []}
-        new_names = {e.name for e in self._entries}
-        kept = [d for d in base["experts"] if d["name"] not in new_names]
-        replaced = [d for d in base["experts"] if d["name"] in new_names]
+        gone = {e.name for e in self._entries} | self._removed
+        kept = [d for d in base["experts"] if d["name"] not in gone]
+        replaced = [d for d in base["experts"] if d["name"] in gone]
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
+            "generation": int(base.get("generation", 0)) + 1,
             "experts": kept + [e.to_json() for e in self._entries],
             "router": self._router if self._router_set else base.get("router"),
         }
@@ -234,7 +249,8 @@ class BundleWriter:
             fsync_dir(self.root / sub)
         atomic_write_json(self.root / MANIFEST, manifest)
         fsync_dir(self.root)
-        # Only after the new manifest is in place are the replaced experts' files unreferenced;
+        # Only after the new manifest is in place are the replaced and removed experts' files
+        # unreferenced (a server still serving one keeps it open: coe/live.py);
         # every path deleted was checked to lie inside the bundle when the old manifest was opened,
         # and is checked again here.
         for d in replaced:

@@ -156,7 +156,7 @@ class Engine:
         # expert -> why it cannot be served (the kind of failure, never a file path: /health shows it)
         self.broken: dict[str, str] = {e: without_paths(why) for e, why in bundle.damaged.items()}
         self.retrying: dict[str, LoadRetry] = {}
-        self._blobs = {e.name: _blob_identity(bundle.blob_path(e.name)) for e in tiers.entries}
+        self._blobs = {e.name: _blob_identity(tiers.blob_path(e.name)) for e in tiers.entries}
         self._admitting: list[Request] = []  # taken from the queue, not yet in a batch
         self._kv_blocked_at: int | None = None  # the reserved KV bytes when admission last had to wait
         self.stats = EngineStats()
@@ -171,6 +171,27 @@ class Engine:
     @property
     def experts(self) -> list[str]:
         return [e.name for e in self.tiers.entries]
+
+    def add_expert(self, key: str) -> None:
+        """Serve one more expert (a version key the tier manager and the tokenizers already hold)."""
+        entry = next(e for e in self.tiers.entries if e.name == key)
+        if key not in self.tokenizers:
+            raise ConfigError(f"no tokenizer facts for expert {key!r}")
+        self.layouts[key] = entry.layout_key
+        self._blobs[key] = _blob_identity(self.tiers.blob_path(key))
+
+    def has_work(self, key: str) -> bool:
+        """Whether `key` has requests queued, being admitted, or in a running or paused batch."""
+        with self._batches_lock:
+            if key in self.batches:
+                return True
+        return (key == self.current and bool(self._admitting)) or key in self.scheduler.with_work()
+
+    def forget(self, key: str) -> None:
+        """Stop knowing an expert that no longer has work (the tier manager has let it go)."""
+        for d in (self.layouts, self._blobs, self.broken, self.retrying):
+            d.pop(key, None)
+        self.scheduler.hold_until(key, None)
 
     def add_listener(self, listener: EngineListener) -> None:
         self.listeners.append(listener)
@@ -305,7 +326,7 @@ class Engine:
     def _load_failed(self, expert: str, e: Exception) -> None:
         """A load that failed for a passing reason is retried later (its requests wait); one that
         failed for a lasting reason marks the expert unavailable."""
-        replaced = _blob_identity(self.bundle.blob_path(expert)) != self._blobs.get(expert)
+        replaced = _blob_identity(self.tiers.blob_path(expert)) != self._blobs.get(expert)
         if not (replaced or is_transient(e)):
             log.error("cannot load expert %s: %s", expert, e)
             self._fail_expert(expert, f"its weights failed to load ({without_paths(first_line(e))})", True)
@@ -327,7 +348,7 @@ class Engine:
     def _load_succeeded(self, expert: str) -> None:
         if self.retrying.pop(expert, None) is not None:
             self.scheduler.hold_until(expert, None)
-            self._blobs[expert] = _blob_identity(self.bundle.blob_path(expert))  # the file it now serves
+            self._blobs[expert] = _blob_identity(self.tiers.blob_path(expert))  # the file it now serves
             log.info("expert %s loaded after retrying", expert)
 
     def _batch(self, expert: str) -> Batch:
@@ -396,7 +417,7 @@ class Engine:
         if nxt == self._last_upcoming:
             return
         self._last_upcoming = nxt
-        self.tiers.set_upcoming(nxt)
+        self.tiers.set_upcoming(nxt, self.scheduler.with_work() | set(self._active_map()))
         for i, e in enumerate(nxt):
             with contextlib.suppress(WallbreakError):
                 self.tiers.prefetch(e, "device" if i == 0 else "host")

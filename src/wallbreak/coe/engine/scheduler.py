@@ -212,6 +212,11 @@ class Scheduler:
                             out.append(e)
             return out[:limit]
 
+    def with_work(self) -> set[str]:
+        """Experts with waiting requests or a paused batch."""
+        with self.lock:
+            return {e for e, q in self.waiting.items() if q} | set(self.paused)
+
     def remove(self, expert: str) -> list[Request]:
         """Take every waiting request of one expert out of the queue."""
         with self.lock:

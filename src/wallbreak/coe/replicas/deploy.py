@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.replicas.placement import Placement, read_load
@@ -125,8 +126,7 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     _INGRESS.append(remote)
     app = create_app(
         remote,  # type: ignore[arg-type]  # the engine's interface, over Ray handles
-        router,
-        tokenizers,
+        Catalog([e.name for e in entries], tokenizers, router),
         api_key=opts.api_key,
         extra_health=remote,
         max_body=opts.max_body,
@@ -204,6 +204,11 @@ def serve_ray(
     `expert_load`: measured requests per expert for the initial spread (`placement.read_load`)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    if opts.admin_key or os.environ.get("WALLBREAK_ADMIN_KEY"):
+        raise ConfigError(
+            "the admin API is not available with --ray yet: change the bundle with `wallbreak bundle "
+            "import|rm` and restart the deployment, or serve without --ray"
+        )
     try:
         import ray  # deferred: loads ray
         from ray import serve  # deferred: loads ray

@@ -343,7 +343,10 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
         seconds=0.0,
         tune_steps=steps if tuned else 0,
     )
-    _store(bundle_dir, names, head, final_encoder if tuned else None, encoder, report)
+    cv_rows = np.zeros(len(data.texts), bool)
+    cv_rows[: data.n_cv] = True
+    train = TrainingSet(vectors, data.y[mask], cv_rows[mask])
+    _store(bundle_dir, names, head, final_encoder if tuned else None, encoder, report, train)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -355,12 +358,11 @@ def _store(
     tuned: Encoder | None,
     base: Encoder,
     report: FitReport,
+    train: TrainingSet,
 ) -> None:
-    from safetensors.numpy import save_file  # deferred: loads safetensors
-
     with BundleWriter(bundle_dir) as w:
         d = w.new_router_dir()
-        save_file({k: np.ascontiguousarray(v) for k, v in head.arrays.items()}, str(d / "head.safetensors"))
+        save_arrays(d, head, train)
         enc_meta: dict[str, Any] = {"base": base.identity(), "source": str(base.path), "stored": False}
         if tuned is not None:
             tuned.save(d / "encoder")
@@ -384,5 +386,30 @@ def _store(
                 },
                 "n_examples": report.n_examples,
                 "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "train": TRAIN_FILE,
             }
         )
+
+
+TRAIN_FILE = "train.safetensors"
+
+
+@dataclass
+class TrainingSet:
+    """The head's training rows as the router's encoder embeds them, kept beside the head so that an
+    expert can be added or removed without encoding the others again (router/incremental.py)."""
+
+    vectors: np.ndarray  # [n, d] float32, unit length
+    y: np.ndarray  # [n] int64: index into the router's labels
+    cv: np.ndarray  # [n] bool: a user example (cross-validated on), not a description or extra
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"vectors": self.vectors, "y": self.y, "cv": self.cv.astype(np.uint8)}
+
+
+def save_arrays(d: Path, head: Any, train: TrainingSet) -> None:
+    """A router directory's arrays: the head's, and the training set's."""
+    from safetensors.numpy import save_file  # deferred: loads safetensors
+
+    save_file({k: np.ascontiguousarray(v) for k, v in head.arrays.items()}, str(d / "head.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in train.arrays().items()}, str(d / TRAIN_FILE))

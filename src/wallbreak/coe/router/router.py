@@ -80,7 +80,10 @@ class Router:
         encoder: str | Path | None = None,
         generalist: str | None = None,
         threshold: float | None = None,
+        reuse: Router | None = None,
     ) -> Router:
+        """`reuse`: a router loaded before, whose encoder is kept when the new state names the same
+        weights (a live server picking up a head updated in place)."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         names = b.names
         if generalist is not None and generalist not in names:
@@ -99,7 +102,7 @@ class Router:
                 fallback,
             )
             return cls(names, generalist=fallback, method="none")
-        head, enc = _load_parts(b, meta, encoder)
+        head, enc = _load_parts(b, meta, encoder, reuse.encoder if reuse is not None else None)
         labels = list(meta["labels"])
         gone = [lb for lb in labels if lb not in names]
         new = [n for n in names if n not in labels]
@@ -141,7 +144,16 @@ class Router:
         return out
 
 
-def _load_parts(b: Bundle, meta: dict[str, Any], encoder: str | Path | None) -> tuple[Head, Encoder]:
+def _same_weights(enc: Encoder, identity: dict[str, Any]) -> bool:
+    try:
+        return bool(enc.sha256 == identity.get("sha256"))
+    except OSError:  # its folder went with the router state it came from
+        return False
+
+
+def _load_parts(
+    b: Bundle, meta: dict[str, Any], encoder: str | Path | None, loaded: Encoder | None = None
+) -> tuple[Head, Encoder]:
     from safetensors.numpy import load_file  # deferred: loads safetensors
 
     try:
@@ -154,6 +166,8 @@ def _load_parts(b: Bundle, meta: dict[str, Any], encoder: str | Path | None) -> 
     except (OSError, ValueError) as e:
         raise BundleError(f"cannot read the router's head in {b.root}: {e}; refit it") from None
     base = enc_meta["base"]
+    if loaded is not None and _same_weights(loaded, (enc_meta["tuned"] if enc_meta.get("stored") else base)):
+        return head, loaded
     if enc_meta.get("stored"):
         folder = d / "encoder"
         want = enc_meta["tuned"]["sha256"]

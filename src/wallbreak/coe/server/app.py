@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,9 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from wallbreak.coe import defaults
+from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.engine import Engine
 from wallbreak.coe.grammar import Grammars
-from wallbreak.coe.router import Router
 from wallbreak.coe.server import openapi
 from wallbreak.coe.server.completions import VIRTUAL_MODEL, Completions
 from wallbreak.coe.server.errors import ApiError
@@ -30,7 +31,6 @@ from wallbreak.coe.server.protocol import (
     TokenizeRequest,
     error_body,
 )
-from wallbreak.coe.tokenization import ExpertTokenizer
 
 
 def _err(
@@ -47,7 +47,7 @@ class BearerAuth:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/models"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 answer = _err(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
@@ -58,24 +58,24 @@ class BearerAuth:
 
 def create_app(
     engine: Engine,
-    router: Router | None,
-    tokenizers: dict[str, ExpertTokenizer],
+    catalog: Catalog,
     *,
     api_key: str | None = None,
     extra_health: Any = None,
     max_body: int = defaults.MAX_BODY,
+    describe: Callable[[str], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """`extra_health`: an object with `async refresh()` and `health() -> dict` whose answer /health
-    adds (the Ray ingress: its replicas)."""
+    adds (the Ray ingress: its replicas). `describe(name)`: an expert's state for /v1/models (where
+    it is, pins, form; coe/live.py)."""
     app = FastAPI(title="wallbreak", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
-    app.state.engine, app.state.metrics, app.state.router = engine, metrics, router
-    app.state.tokenizers = tokenizers
+    app.state.engine, app.state.metrics, app.state.catalog = engine, metrics, catalog
     created = int(time.time())
     grammars = Grammars()
     app.state.grammars = grammars
-    handler = Completions(engine, router, tokenizers, metrics, max_body, grammars)
-    extras = Extras(tokenizers, router)
+    handler = Completions(engine, catalog, metrics, max_body, grammars)
+    extras = Extras(catalog)
 
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
@@ -88,7 +88,7 @@ def create_app(
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # 404, 405: OpenAI's shape too
         return _err(e.status_code, str(e.detail), headers=dict(e.headers or {}))
 
-    add_status_routes(app, engine, metrics, extra_health)
+    add_status_routes(app, engine, catalog, metrics, extra_health)
 
     @app.get(
         "/v1/models",
@@ -101,9 +101,11 @@ def create_app(
             return {"id": name, "object": "model", "created": created, "owned_by": "wallbreak", **extra}
 
         data = [card(VIRTUAL_MODEL)]
-        for n in engine.experts:
-            tok = tokenizers.get(n)
+        for n in catalog.names:
+            tok = extras.tokenizers.get(n)
             facts = {"max_model_len": tok.context, "generation_defaults": dict(tok.defaults)} if tok else {}
+            if describe is not None:
+                facts["state"] = describe(n)
             data.append(card(n, **facts))
         if extras.embedding_model is not None:
             data.append(card(extras.embedding_model, kind="embedding"))
@@ -122,9 +124,9 @@ def create_app(
     embedder = extras.embedding_model
     openapi.install(
         app,
-        {
-            "completions": [VIRTUAL_MODEL, *engine.experts],
-            "experts": list(tokenizers),
+        lambda: {
+            "completions": [VIRTUAL_MODEL, *catalog.names],
+            "experts": list(extras.tokenizers),
             "embedding": [embedder] if embedder else [],
         },
     )
@@ -155,7 +157,9 @@ def add_tokenizer_and_embedding_routes(app: FastAPI, handler: Completions, extra
         return await run_in_threadpool(extras.embeddings, body)
 
 
-def add_status_routes(app: FastAPI, engine: Engine, metrics: Metrics, extra_health: Any) -> None:
+def add_status_routes(
+    app: FastAPI, engine: Engine, catalog: Catalog, metrics: Metrics, extra_health: Any
+) -> None:
     """/health (the engine's, tiers' and compile state, and `extra_health`'s) and /metrics."""
 
     @app.get("/health", responses={200: {"description": "engine, tiers, compile and retry state"}})
@@ -165,7 +169,7 @@ def add_status_routes(app: FastAPI, engine: Engine, metrics: Metrics, extra_heal
         extra = extra_health.health() if extra_health is not None else {}
         return extra | {
             "status": "ok",
-            "experts": engine.experts,
+            "experts": catalog.names,
             "unavailable": engine.broken,
             "retrying": engine.retry_summary(),
             "queue": engine.queue_depth(),

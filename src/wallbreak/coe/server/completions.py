@@ -13,10 +13,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.engine import Engine, Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.grammar import Grammar, GrammarError, Grammars
-from wallbreak.coe.router import Router
 from wallbreak.coe.server.errors import ApiError
 from wallbreak.coe.server.metrics import Metrics
 from wallbreak.coe.server.protocol import (
@@ -55,13 +55,12 @@ class Completions:
     def __init__(
         self,
         engine: Engine,
-        router: Router | None,
-        tokenizers: dict[str, ExpertTokenizer],
+        catalog: Catalog,
         metrics: Metrics,
         max_body: int,
         grammars: Grammars | None = None,
     ) -> None:
-        self.engine, self.router, self.tokenizers, self.metrics = engine, router, tokenizers, metrics
+        self.engine, self.catalog, self.metrics = engine, catalog, metrics
         self.max_body = max_body
         self.grammars = grammars or Grammars()
 
@@ -120,19 +119,20 @@ class Completions:
             raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
     async def choose(self, model: str, text: str) -> tuple[str, tuple[str, ...]]:
+        names = self.catalog.names
         if model != VIRTUAL_MODEL:
-            if model not in self.engine.experts:
+            if model not in names:
                 raise ApiError(
                     404,
-                    f"model {model!r} does not exist; "
-                    f"models: {', '.join([VIRTUAL_MODEL, *self.engine.experts])}",
+                    f"model {model!r} does not exist; models: {', '.join([VIRTUAL_MODEL, *names])}",
                     "model",
                 )
             return model, (model,)
-        if self.router is None:
-            return self.engine.experts[0], (self.engine.experts[0],)
+        router = self.catalog.router
+        if router is None or len(names) < 2:
+            return names[0], (names[0],)
         try:
-            d = (await run_in_threadpool(self.router.route, [text]))[0]
+            d = (await run_in_threadpool(router.route, [text]))[0]
         except ConfigError as e:
             raise ApiError(400, str(e), "messages") from None
         self.metrics.routing.labels(d.expert, str(d.fallback).lower()).inc()
@@ -192,14 +192,20 @@ class Completions:
             raise ApiError(
                 400,
                 f"a prompt of token ids needs a named expert (ids belong to one expert's tokenizer), "
-                f"not {VIRTUAL_MODEL!r}; models: {', '.join(self.engine.experts)}",
+                f"not {VIRTUAL_MODEL!r}; models: {', '.join(self.catalog.names)}",
                 "model",
             )
         expert, alternatives = await self.choose(body.model, routing_text(body))
-        tok = self.tokenizers.get(expert)
+        try:  # the request keeps this version of the expert to its end (coe/catalog.py)
+            key, tok = self.catalog.bind(expert)
+        except KeyError:
+            raise ApiError(404, f"model {expert!r} was just removed", "model") from None
         if tok is None:  # its tokenizer is damaged: the engine lists it as unavailable
-            why = self.engine.broken.get(expert, "its tokenizer cannot be loaded")
+            why = self.engine.broken.get(key, "its tokenizer cannot be loaded")
             raise ApiError(503, f"expert {expert!r} is unavailable: {why}", "model", {"Retry-After": "1"})
+        if body.keep_alive is not None:
+            self.keep_alive(key, body.keep_alive)
+        alternatives = tuple(k for a in alternatives if (k := self.catalog.key(a)) is not None)
         prompts = await run_in_threadpool(self.encode, tok, body)
         grammar = await run_in_threadpool(self.constraint, tok, body)
         loop = asyncio.get_running_loop()
@@ -212,7 +218,7 @@ class Completions:
 
             params = sampling_params(body, tok, tok.context - len(ids))
             reqs.append(
-                EngineRequest(expert, ids, params, emit, tok.stream(body.stops()), grammar, alternatives)
+                EngineRequest(key, ids, params, emit, tok.stream(body.stops()), grammar, alternatives)
             )
         self.submit(reqs, expert, endpoint)
         echo = None
@@ -235,6 +241,13 @@ class Completions:
         return StreamingResponse(
             reply.chunks(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+    def keep_alive(self, key: str, seconds: float) -> None:
+        """The request's keep_alive (Ollama's extension): how long its expert stays resident once idle."""
+        set_keep_alive = getattr(self.engine.tiers, "set_keep_alive", None)
+        if set_keep_alive is None:
+            raise ApiError(400, "keep_alive: this deployment does not take it (Ray mode)", "keep_alive")
+        set_keep_alive(key, float("inf") if seconds < 0 else seconds)
 
     def submit(self, reqs: list[EngineRequest], expert: str, endpoint: str) -> None:
         """Hand every prompt's request to the engine, or none: one refused cancels those before it."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.router import Router
 from wallbreak.coe.server.errors import ApiError
 from wallbreak.coe.server.protocol import ChatRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
@@ -29,9 +30,14 @@ _INFO_KEYS = (
 
 
 class Extras:
-    def __init__(self, tokenizers: Mapping[str, ExpertTokenizer], router: Router | None) -> None:
-        self.tokenizers, self.router = tokenizers, router
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.tokenizers: Mapping[str, ExpertTokenizer] = catalog.public_tokenizers()
         self._encode_lock = threading.Lock()  # the encoder is shared with routing
+
+    @property
+    def router(self) -> Router | None:
+        return self.catalog.router
 
     def tokenizer(self, model: str | None) -> ExpertTokenizer:
         """The named expert's tokenizer facts; with no name, the only expert's (lm-evaluation-harness's

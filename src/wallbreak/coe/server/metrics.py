@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -33,6 +33,30 @@ class _TierCollector(Collector):
         moved.add_metric(["disk_to_host_prefetch"], s.bytes_disk_to_host_prefetch)
         moved.add_metric(["host_to_device"], s.bytes_host_to_device)
         yield moved
+
+
+class _ExpertCollector(Collector):
+    def __init__(self, live: Any) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        tier = GaugeMetricFamily(
+            "wallbreak_expert_tier", "1 for the tier each expert's weights are in", labels=["expert", "tier"]
+        )
+        pinned = GaugeMetricFamily(
+            "wallbreak_expert_pinned", "1 where an expert is pinned, by tier", labels=["expert", "tier"]
+        )
+        for n in self.live.catalog.names:
+            try:
+                st = self.live.describe(n)
+            except Exception:  # removed while we read
+                continue
+            for t in ("disk", "host", "device"):
+                tier.add_metric([n, t], float(st["tier"] == t))
+            if st["pinned"]:
+                pinned.add_metric([n, st["pinned"]], 1.0)
+        yield tier
+        yield pinned
 
 
 class Metrics:
@@ -76,6 +100,19 @@ class Metrics:
         )
         r.register(_TierCollector(engine))
         engine.add_listener(self)
+        self.admin_ops = Counter(
+            "wallbreak_admin_operations",
+            "admin API operations by kind and result (ok, error, conflict)",
+            ["op", "result"],
+            registry=r,
+        )
+
+    def admin_op(self, op: str, result: str) -> None:
+        self.admin_ops.labels(op, result).inc()
+
+    def watch_experts(self, live: Any) -> None:
+        """Per expert, at scrape time: its tier (disk, host, device) and its pin (coe/live.py)."""
+        self.registry.register(_ExpertCollector(live))
 
     def on_switch(self, expert: str, seconds: float, moved_bytes: int) -> None:
         self.switch_seconds.observe(seconds)

@@ -8,7 +8,7 @@ models (`protocol`), and `model` lists the names this server serves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -79,18 +79,22 @@ BODIES: dict[str, tuple[type[BaseModel], str]] = {
 }
 
 
-def install(app: FastAPI, names: dict[str, Sequence[str]]) -> None:
-    """Make `app.openapi()` the completed schema (built once, on first request). `names`: the model
-    names each kind of body takes (BODIES)."""
+def install(app: FastAPI, names: Callable[[], dict[str, Sequence[str]]]) -> None:
+    """Make `app.openapi()` the completed schema (built on first request, and again when the model
+    names change). `names()`: the model names each kind of body takes (BODIES)."""
+    built_for: list[Any] = [None]
 
     def schema() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        now = {k: list(v) for k, v in names().items()}
+        if app.openapi_schema is None or built_for[0] != now:
+            built_for[0] = now
+            names_now = now
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
             for path, (model, kind) in BODIES.items():
                 body = model.model_json_schema(ref_template=REF)
                 comps.update(body.pop("$defs", {}))
-                body["properties"]["model"]["enum"] = list(names[kind]) or ["none"]
+                body["properties"]["model"]["enum"] = names_now[kind] or ["none"]
                 comps[model.__name__] = body
                 doc["paths"][path]["post"]["requestBody"] = {
                     "required": True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -105,6 +106,31 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_KEEP_ALIVE_S = 7 * 24 * 3600.0
+
+
+def parse_duration(v: float | str) -> float:
+    """Seconds from a number or a duration ('90', '30s', '5m', '1h'); -1 (or any negative) means
+    always, returned as -1. ValueError names what is allowed."""
+    if isinstance(v, bool):
+        raise ValueError("give seconds, a duration such as '5m', or -1 for always")
+    if isinstance(v, int | float):
+        seconds = float(v)
+    else:
+        text = v.strip()
+        if text.startswith("-") and text[1:].isdigit():
+            return -1.0
+        m = _DURATION.match(text)
+        if m is None:
+            raise ValueError(f"{v[:20]!r} is not a duration: give seconds, '30s', '5m', '1h' or -1 (always)")
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds != seconds or seconds > MAX_KEEP_ALIVE_S:
+        raise ValueError(f"at most {MAX_KEEP_ALIVE_S:g} seconds (a week); -1 keeps it always")
+    return -1.0 if seconds < 0 else seconds
+
+
 class _Common(BaseModel):
     # Unknown parameters are ignored, as many OpenAI-compatible servers do, so clients that send
     # extra fields (user, metadata, ...) keep working.
@@ -130,6 +156,16 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    keep_alive: float | str | None = Field(
+        default=None,
+        description="extension (Ollama's): how long the expert stays resident once idle: seconds, "
+        "a duration such as '5m', or -1 for always",
+    )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: float | str | None) -> float | None:
+        return None if v is None else parse_duration(v)
 
     @field_validator("stop")
     @classmethod

@@ -16,7 +16,9 @@ from wallbreak.coe import defaults
 from wallbreak.coe.bundle import importers
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
 from wallbreak.coe.bundle.writer import sweep
+from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.engine import Engine, EngineConfig, aot
+from wallbreak.coe.live import LiveBundle
 from wallbreak.coe.router import FitOptions, Router, fit_router
 from wallbreak.coe.tiers import TierConfig, TierManager
 from wallbreak.coe.tokenization import ExpertTokenizer, load_tokenizers
@@ -37,6 +39,7 @@ class ServeOptions:
     device_budget: int | None = None
     host_budget: int | None = None
     api_key: str | None = None
+    admin_key: str | None = None  # the admin API (coe/server/admin.py): off without one
     max_body: int = defaults.MAX_BODY
     device: str = defaults.DEVICE
     direct_io: str = defaults.DIRECT_IO  # O_DIRECT disk reads: auto (when not cached), on, off
@@ -147,18 +150,33 @@ def build(
 def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
     from fastapi import FastAPI  # deferred: loads fastapi
 
+    from wallbreak.coe.server.admin import AdminAuth, Jobs, add_admin_routes  # deferred: loads fastapi
     from wallbreak.coe.server.app import create_app  # deferred: loads fastapi
 
-    engine, router, tiers, tokenizers = build(opts)
     key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
-    app: FastAPI = create_app(engine, router, tokenizers, api_key=key, max_body=opts.max_body)
+    admin_key = opts.admin_key or os.environ.get("WALLBREAK_ADMIN_KEY")
+    if admin_key and admin_key == key:
+        raise ConfigError("the admin key must differ from the API key (clients must not hold it)")
+    engine, router, tiers, tokenizers = build(opts)
+    catalog = Catalog(engine.experts, tokenizers, router)
+    live = LiveBundle(engine.bundle, engine, tiers, catalog)
+    app: FastAPI = create_app(engine, catalog, api_key=key, max_body=opts.max_body, describe=live.describe)
+    metrics = app.state.metrics
+    jobs = Jobs(live, on_done=lambda op, ok: metrics.admin_op(op, "ok" if ok else "error"))
+    add_admin_routes(app, live, jobs, metrics.admin_op)
+    metrics.watch_experts(live)
+    app.add_middleware(AdminAuth, key=admin_key)
+    app.state.live = live
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        live.start()
         try:
             yield
         finally:
+            jobs.close()
+            live.stop()
             engine.stop()  # uvicorn has already drained in-flight HTTP requests (SIGTERM)
             tiers.close()
 

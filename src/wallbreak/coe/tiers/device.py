@@ -149,16 +149,9 @@ class DevicePool:
         self.budget = budget
         self.alias = alias
         self.slots: list[Slot] = []
-        for i, (layout, entry) in enumerate(plan_slots(experts, budget, max_slots)):
-            # Alias slots keep the skeleton's own (never touched, so never resident) storage until
-            # the first switch re-points the parameters.
-            model = build_skeleton(entry, device)
-            flat = None
-            if not alias:
-                flat = torch.zeros(entry.total_bytes, dtype=torch.uint8, device=device)  # zeros: pre-touched
-                bind_to_flat(model, flat, entry)
-            self.slots.append(Slot(index=i, layout=layout, flat=flat, model=model))
-        self.bytes = sum(0 if s.flat is None else s.flat.numel() for s in self.slots)
+        self.bytes = 0
+        for layout, entry in plan_slots(experts, budget, max_slots):
+            self.add(self.new_slot(entry, layout))
         log.info(
             "device pool: %d %sslot(s), %s on %s",
             len(self.slots),
@@ -166,6 +159,28 @@ class DevicePool:
             format_bytes(self.bytes),
             device,
         )
+
+    def new_slot(self, entry: ExpertEntry, layout: str | None = None) -> Slot:
+        """A slot for `entry`'s layout (not yet in the pool: `add` puts it there)."""
+        # Alias slots keep the skeleton's own (never touched, so never resident) storage until
+        # the first switch re-points the parameters.
+        model = build_skeleton(entry, self.device)
+        flat = None
+        if not self.alias:
+            flat = torch.zeros(entry.total_bytes, dtype=torch.uint8, device=self.device)  # zeros: pre-touched
+            bind_to_flat(model, flat, entry)
+        return Slot(index=-1, layout=layout or entry.layout_key, flat=flat, model=model)
+
+    def add(self, slot: Slot) -> None:
+        slot.index = max((s.index for s in self.slots), default=-1) + 1
+        self.slots.append(slot)
+        self.bytes += 0 if slot.flat is None else slot.flat.numel()
+
+    def remove(self, slot: Slot) -> None:
+        """Take an idle, empty slot out of the pool (its memory goes with the last reference)."""
+        assert not slot.busy and slot.expert is None
+        self.slots.remove(slot)
+        self.bytes -= 0 if slot.flat is None else slot.flat.numel()
 
     def slots_for(self, layout: str) -> list[Slot]:
         return [s for s in self.slots if s.layout == layout]

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,7 @@ from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry
 from wallbreak.coe.tiers.device import DevicePool, Slot, bind_to_flat
 from wallbreak.coe.tiers.disk import CHUNK_BYTES, READER_THREADS, DirectMode, DiskReader
 from wallbreak.coe.tiers.host import Extent, HostArena
-from wallbreak.coe.tiers.policy import POLICIES, make_policy
+from wallbreak.coe.tiers.policy import POLICIES, ResidencyRules, make_policy
 from wallbreak.errors import CapacityError, ConfigError
 from wallbreak.units import format_bytes
 
@@ -158,10 +159,13 @@ class TierManager:
         self.bundle = bundle
         self.config = config
         self.device = torch.device(config.device)
-        self.entries = [bundle.expert(n) for n in (experts if experts is not None else bundle.names)]
-        if not self.entries:
+        names = experts if experts is not None else bundle.names
+        # What is served, by key: an expert's name, or a later version's key (coe/live.py); each
+        # with its blob's path (a live server reads a replaced version through the file it holds open).
+        self._entries: dict[str, ExpertEntry] = {n: bundle.expert(n) for n in names}
+        self._paths: dict[str, Path] = {n: bundle.blob_path(n) for n in names}
+        if not self._entries:
             raise ConfigError("a tier manager needs at least one expert to serve")
-        self._served = {e.name for e in self.entries}
         biggest = max(self.entries, key=lambda e: e.total_bytes)
         if biggest.total_bytes > config.host_budget:
             raise CapacityError(
@@ -181,6 +185,8 @@ class TierManager:
         self._host: dict[str, _HostEntry] = {}
         self._on_device: dict[str, Slot] = {}
         self._upcoming: list[str] = []
+        self._wanted: set[str] = set()  # experts with running, paused or queued requests
+        self.rules = ResidencyRules()
         self._executor = ThreadPoolExecutor(config.prefetch_workers, thread_name_prefix="wb-prefetch")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -203,32 +209,227 @@ class TierManager:
             raise ConfigError(f"prefetch tier must be 'host' or 'device', got {tier!r}")
         return self._executor.submit(self._prefetch_job, entry, tier)
 
-    def set_upcoming(self, experts: list[str]) -> None:
-        """Experts that known pending requests will need, soonest first (the policy looks ahead)."""
+    def set_upcoming(self, experts: list[str], wanted: set[str] | None = None) -> None:
+        """Experts that known pending requests will need, soonest first (the policy looks ahead);
+        `wanted`: every expert with running, paused or queued requests (a prefetch never evicts one)."""
         with self._cv:
             self._upcoming = list(experts)
+            if wanted is not None:
+                self._wanted = set(wanted)
+
+    @property
+    def entries(self) -> list[ExpertEntry]:
+        return list(self._entries.values())
+
+    def blob_path(self, expert: str) -> Path:
+        self._entry(expert)
+        return self._paths[expert]
+
+    def set_blob_path(self, expert: str, path: Path) -> None:
+        """Read `expert` from `path` from now on (the same bytes: a live server's open file)."""
+        self._entry(expert)
+        with self._cv:
+            self._paths[expert] = path
+
+    def add_expert(self, entry: ExpertEntry, path: Path) -> None:
+        """Serve one more expert (a key not served yet), read from `path`. Its architecture gets a
+        device slot if none of its layout exists (CapacityError when the device budget cannot hold one)."""
+        if entry.name in self._entries:
+            raise ConfigError(f"expert {entry.name!r} is already served")
+        if entry.total_bytes > self.arena.budget:
+            raise CapacityError(
+                f"expert {entry.name!r} ({format_bytes(entry.total_bytes)}) is larger than the host budget "
+                f"({format_bytes(self.arena.budget)}); raise --host-budget"
+            )
+        new = None if self.pool.slots_for(entry.layout_key) else self.pool.new_slot(entry)  # slow: unlocked
+        with self._cv:
+            if new is not None and not self.pool.slots_for(entry.layout_key):
+                self._install_slot(new, entry)
+            self._entries[entry.name] = entry
+            self._paths[entry.name] = path
+
+    def _install_slot(self, slot: Slot, entry: ExpertEntry) -> None:
+        """Add a slot for a new architecture, giving up idle slots of architectures that have more
+        than one when the device budget is short (under the lock)."""
+        need = 0 if slot.flat is None else slot.flat.numel()
+        while self.pool.bytes + need > self.pool.budget:
+            spare = [
+                s
+                for s in self.pool.slots
+                if not s.busy
+                and len(self.pool.slots_for(s.layout)) > 1
+                and (s.expert is None or self.rules.pins.get(s.expert) != "device")
+            ]
+            if not spare:
+                held = ", ".join(f"{s.expert or 'empty'} ({format_bytes(s.flat.numel())})"
+                                 for s in self.pool.slots if s.flat is not None)  # fmt: skip
+                raise CapacityError(
+                    f"the device budget ({format_bytes(self.pool.budget)}) has no room for a slot for "
+                    f"expert {entry.name!r}'s architecture ({format_bytes(need)}); its slots hold: {held}; "
+                    "raise --device-budget"
+                )
+            victim = min(spare, key=lambda s: (s.expert is not None, s.index))
+            if victim.expert is not None:
+                self._drop_from_slot(victim)
+            self.pool.remove(victim)
+        self.pool.add(slot)
+
+    def remove_expert(self, expert: str) -> bool:
+        """Stop serving an idle expert and free what it holds; False (nothing changed) while in use."""
+        self._entry(expert)
+        with self._cv:
+            self.rules.unpin(expert)
+            if not self._evict_locked(expert, "all"):
+                return False
+            del self._entries[expert], self._paths[expert]
+            self.rules.forget(expert)
+            return True
 
     def evict(self, expert: str, tier: Literal["host", "device", "all"] = "all") -> bool:
         """Drop an idle expert from a tier (benchmarks use this to force a cold switch).
 
         Returns False, and changes nothing, when the expert is in use or loading there."""
-        self.bundle.expert(expert)
+        self._entry(expert)
         with self._cv:
-            if tier in ("device", "all"):
-                slot = self._on_device.get(expert)
-                if slot is not None:
-                    if slot.busy:
-                        return False
-                    self._drop_from_slot(slot)
-            if tier in ("host", "all"):
-                h = self._host.get(expert)
-                if h is not None:
-                    if h.loading or h.pins:
-                        return False
-                    self.arena.free(self._host.pop(expert).extent)
-                    self.host_policy.on_evict(expert)
+            return self._evict_locked(expert, tier)
+
+    def _evict_locked(self, expert: str, tier: str) -> bool:
+        if tier in ("device", "all"):
+            slot = self._on_device.get(expert)
+            if slot is not None:
+                if slot.busy:
+                    return False
+                self._drop_from_slot(slot)
+        if tier in ("host", "all"):
+            h = self._host.get(expert)
+            if h is not None:
+                if h.loading or h.pins:
+                    return False
+                self.arena.free(self._host.pop(expert).extent)
+                self.host_policy.on_evict(expert)
+        self._cv.notify_all()
+        return True
+
+    # -- what an operator asks: pins, keep-alive, loads and unloads ---------------------------------
+
+    def pin(self, expert: str, tier: Literal["host", "device"], timeout: float | None = None) -> None:
+        """Keep `expert` in `tier` until unpinned, loading it there now. CapacityError (and no pin)
+        when the pins already made would leave no room for it, or for the other experts."""
+        entry = self._entry(expert)
+        if tier not in ("host", "device"):
+            raise ConfigError(f"pin tier must be 'host' or 'device', got {tier!r}")
+        with self._cv:
+            self._check_pin_room(entry, tier)
+            before = self.rules.pins.get(expert)
+            self.rules.pins[expert] = tier
+        try:
+            self.load(expert, tier, timeout)
+        except BaseException:
+            with self._cv:
+                if before is None:
+                    self.rules.pins.pop(expert, None)
+                else:
+                    self.rules.pins[expert] = before
+            raise
+
+    def _check_pin_room(self, entry: ExpertEntry, tier: str) -> None:
+        name = entry.name
+        others = [e for e in self.entries if e.name != name and e.name not in self.rules.pins]
+        if tier == "host" or self.alias:
+            pinned = {
+                n: self._entries[n].total_bytes
+                for n in self.rules.pins
+                if n != name and self.rules.pinned(n, "host", self.alias)
+            }
+            spare = max((e.total_bytes for e in others), default=0)
+            need = sum(pinned.values()) + entry.total_bytes + spare
+            if need > self.arena.budget:
+                held = ", ".join(f"{n} ({format_bytes(b)})" for n, b in pinned.items()) or "no other pins"
+                raise CapacityError(
+                    f"pinning {name!r} ({format_bytes(entry.total_bytes)}) in host memory leaves no room "
+                    f"for the other experts (the largest needs {format_bytes(spare)}) within the host "
+                    f"budget {format_bytes(self.arena.budget)}; pinned: {held}"
+                )
+        if tier == "device":
+            slots = self.pool.slots_for(entry.layout_key)
+            pinned_here = [
+                n for n, t in self.rules.pins.items()
+                if t == "device" and n != name and self._entries[n].layout_key == entry.layout_key
+            ]  # fmt: skip
+            rest = [e for e in others if e.layout_key == entry.layout_key]
+            if len(pinned_here) + 1 + (1 if rest else 0) > len(slots):
+                keep = f", and one must stay for the {len(rest)} other expert(s) like it" if rest else ""
+                raise CapacityError(
+                    f"the device has {len(slots)} slot(s) for {name!r}'s architecture; pinned there: "
+                    f"{', '.join(pinned_here) or 'none'}{keep}; unpin one or raise --device-budget"
+                )
+
+    def unpin(self, expert: str) -> bool:
+        """Let eviction take `expert` again; False when it was not pinned."""
+        self._entry(expert)
+        with self._cv:
+            return self.rules.unpin(expert) is not None
+
+    def load(self, expert: str, tier: Literal["host", "device"], timeout: float | None = None) -> None:
+        """Bring `expert` up to `tier` now and wait for it (an operator's preload)."""
+        entry = self._entry(expert)
+        if tier == "device":
+            self.acquire(expert, timeout).release()
+            return
+        deadline = time.monotonic() + (timeout if timeout is not None else self.config.wait_timeout_s)
+        self._get_host(entry, deadline, prefetch=False)
+        with self._cv:
+            self._host[expert].pins -= 1
             self._cv.notify_all()
-            return True
+
+    def unload(self, expert: str) -> bool:
+        """Drop `expert` from host and device; False when it is in use (it stays). A pinned expert
+        is refused: unpin it first."""
+        self._entry(expert)
+        with self._cv:
+            if expert in self.rules.pins:
+                raise ConfigError(f"expert {expert!r} is pinned to {self.rules.pins[expert]}; unpin it first")
+            ok = self._evict_locked(expert, "all")
+            if ok:
+                self.rules.loaded_at.pop(expert, None)
+            return ok
+
+    def set_keep_alive(self, expert: str, seconds: float | None) -> None:
+        """How long `expert` stays resident once idle (None: as the eviction policy decides)."""
+        self._entry(expert)
+        with self._cv:
+            if seconds is None:
+                self.rules.keep_alive.pop(expert, None)
+            else:
+                self.rules.keep_alive[expert] = seconds
+                self.rules.used_at.setdefault(expert, time.monotonic())
+
+    def expire_idle(self) -> list[str]:
+        """Unload the experts idle past their keep-alive; returns those unloaded."""
+        out = []
+        with self._cv:
+            for n in self.rules.expired(time.monotonic()):
+                resident = n in self._host or n in self._on_device
+                if resident and self._evict_locked(n, "all"):
+                    self.rules.loaded_at.pop(n, None)
+                    out.append(n)
+        return out
+
+    def state(self, expert: str) -> dict[str, Any]:
+        """Where `expert` is and what holds it there (for /v1/models and the admin API)."""
+        self._entry(expert)
+        with self._cv:
+            h, s = self._host.get(expert), self._on_device.get(expert)
+            tier = "device" if s is not None and not s.loading else "host" if h and not h.loading else "disk"
+            ka = self.rules.keep_alive.get(expert)
+            at = self.rules.loaded_at.get(expert) if tier != "disk" else None
+            return {
+                "tier": tier,
+                "loading": bool((h and h.loading) or (s and s.loading)),
+                "pinned": self.rules.pins.get(expert),
+                "keep_alive_s": None if ka is None else (-1 if ka == float("inf") else ka),
+                "loaded_at": None if at is None else int(at),
+            }
 
     def where(self, expert: str) -> dict[str, bool]:
         with self._cv:
@@ -279,9 +480,9 @@ class TierManager:
         self.close()
 
     def _entry(self, expert: str) -> ExpertEntry:
-        entry = self.bundle.expert(expert)
-        if expert not in self._served:
-            served = ", ".join(e.name for e in self.entries)
+        entry = self._entries.get(expert)
+        if entry is None:
+            served = ", ".join(self._entries)
             raise ConfigError(f"expert {expert!r} is not served by this tier manager; it serves: {served}")
         return entry
 
@@ -298,6 +499,7 @@ class TierManager:
                         slot.refs += 1
                         if not prefetch:
                             self.stats.hits["device"] += 1
+                            self.rules.used_at[name] = time.monotonic()
                         self.device_policy.on_access(name)
                         return slot, 0
                     slot.pending += 1  # coalesce: wait for the load someone else is doing
@@ -306,7 +508,7 @@ class TierManager:
                     if time.monotonic() > deadline and slot.loading:
                         raise CapacityError(f"timed out waiting for expert {name!r} to load")
                     continue
-                slot = self._reserve_slot(entry)
+                slot = self._reserve_slot(entry, prefetch)
                 if slot is not None:
                     break
                 self._wait_or_fail(deadline, prefetch, f"every device slot for expert {name!r} is in use")
@@ -326,9 +528,11 @@ class TierManager:
         with self._cv:
             slot.pending -= 1
             slot.refs += 1
+            if not prefetch:
+                self.rules.used_at[name] = time.monotonic()
             return slot, moved
 
-    def _reserve_slot(self, entry: ExpertEntry) -> Slot | None:
+    def _reserve_slot(self, entry: ExpertEntry, prefetch: bool = False) -> Slot | None:
         candidates = self.pool.slots_for(entry.layout_key)
         for s in candidates:
             if s.expert is None and not s.busy:
@@ -336,9 +540,10 @@ class TierManager:
                 break
         else:
             idle = {s.expert: s for s in candidates if not s.busy and s.expert is not None}
-            if not idle:
+            names = self._evictable(list(idle), "device", prefetch)
+            if not names:
                 return None
-            victim = self.device_policy.victim(list(idle), self._upcoming)
+            victim = self.device_policy.victim(names, self._upcoming)
             slot = idle[victim]
             self._drop_from_slot(slot)
             self.stats.evictions["device"] += 1
@@ -382,6 +587,7 @@ class TierManager:
                     self._cv.notify_all()
         with self._cv:
             slot.loading = False
+            self.rules.loaded_at[entry.name] = time.time()
             self.device_policy.on_insert(entry.name, h2d_s + (d2h_s or 0.0), entry.total_bytes)
             st = self.stats
             st.switches += 1
@@ -401,6 +607,8 @@ class TierManager:
             if slot.refs <= 0:
                 raise RuntimeError("lease released twice")  # a bug in the caller, not user input
             slot.refs -= 1
+            if slot.expert is not None:
+                self.rules.used_at[slot.expert] = time.monotonic()
             self._cv.notify_all()
 
     # -- host tier ------------------------------------------------------------------------------
@@ -422,7 +630,7 @@ class TierManager:
                     if time.monotonic() > deadline and name in self._host and self._host[name].loading:
                         raise CapacityError(f"timed out waiting for expert {name!r} to be read from disk")
                     continue
-                ext = self._alloc_host(entry.total_bytes)
+                ext = self._alloc_host(entry.total_bytes, prefetch)
                 if ext is not None:
                     break
                 self._wait_or_fail(deadline, prefetch, f"the host arena has no room for expert {name!r}")
@@ -431,9 +639,7 @@ class TierManager:
             if not prefetch:
                 self.stats.misses["host"] += 1
         try:
-            res = self.reader.read(
-                self.bundle.blob_path(name), self.arena.memoryview(ext)[: entry.total_bytes]
-            )
+            res = self.reader.read(self._paths[name], self.arena.memoryview(ext)[: entry.total_bytes])
         except BaseException:
             with self._cv:
                 del self._host[name]
@@ -442,6 +648,7 @@ class TierManager:
             raise
         with self._cv:
             h.loading = False
+            self.rules.loaded_at[entry.name] = time.time()
             self.host_policy.on_insert(name, res.seconds, entry.total_bytes)
             self.stats.bytes_disk_to_host += res.nbytes
             self.stats.bytes_disk_to_host_prefetch += res.nbytes if prefetch else 0
@@ -449,16 +656,18 @@ class TierManager:
             self._cv.notify_all()
         return ext, res.seconds
 
-    def _alloc_host(self, nbytes: int) -> Extent | None:
+    def _alloc_host(self, nbytes: int, prefetch: bool = False) -> Extent | None:
         ext = self.arena.alloc(nbytes)
         while ext is None:
             idle = [n for n, h in self._host.items() if not h.loading and h.pins == 0]
+            idle = self._evictable(idle, "host", prefetch)
             if not idle:
                 # Idle alias slots hold host extents too: give one up before failing.
                 held = {s.expert: s for s in self.pool.slots if s.flat is None and s.expert and not s.busy}
-                if not held:
+                names = self._evictable(list(held), "device", prefetch)
+                if not names:
                     return None
-                self._drop_from_slot(held[self.device_policy.victim(list(held), self._upcoming)])
+                self._drop_from_slot(held[self.device_policy.victim(names, self._upcoming)])
                 self.stats.evictions["device"] += 1
                 continue
             victim = self.host_policy.victim(idle, self._upcoming)
@@ -469,6 +678,11 @@ class TierManager:
         return ext
 
     # -- shared ---------------------------------------------------------------------------------
+
+    def _evictable(self, names: list[str], tier: str, prefetch: bool) -> list[str]:
+        """The candidates the rules allow evicting from `tier` (ResidencyRules; under the lock)."""
+        host_of_alias = self.alias and tier == "host"
+        return self.rules.evictable(names, tier, prefetch, self._wanted, host_of_alias, time.monotonic())
 
     def _wait_or_fail(self, deadline: float, prefetch: bool, reason: str) -> None:
         if prefetch or self.config.on_full == "error":

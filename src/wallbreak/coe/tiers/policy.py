@@ -95,3 +95,60 @@ def make_policy(name: str) -> EvictionPolicy:
         return POLICIES[name]()
     except KeyError:
         raise ConfigError(f"unknown eviction policy {name!r}; choose one of: {', '.join(POLICIES)}") from None
+
+
+class ResidencyRules:
+    """What an operator asks of residency, beside the eviction policy: pins and keep-alive.
+
+    - A pinned expert is never evicted from its tier (a device pin holds its host extent too where
+      slots alias the host arena).
+    - An expert with running, paused or queued requests is never evicted to make room for a
+      prefetch (a demand load may still take it: it would otherwise wait on itself).
+    - An idle expert within its keep-alive is evicted only when nothing else can be; once idle
+      past it, the tier manager unloads it (`expired`).
+    The tier manager holds its lock while it asks.
+    """
+
+    def __init__(self) -> None:
+        self.pins: dict[str, str] = {}  # expert -> "host" | "device"
+        self.keep_alive: dict[str, float] = {}  # expert -> idle seconds it stays (inf: always)
+        self.used_at: dict[str, float] = {}  # expert -> monotonic time of its last use
+        self.loaded_at: dict[str, float] = {}  # expert -> wall time it reached its current tier
+
+    def pinned(self, expert: str, tier: str, host_of_alias: bool = False) -> bool:
+        pin = self.pins.get(expert)
+        return pin == tier or (host_of_alias and pin == "device")
+
+    def unpin(self, expert: str) -> str | None:
+        return self.pins.pop(expert, None)
+
+    def forget(self, expert: str) -> None:
+        for d in (self.pins, self.keep_alive, self.used_at, self.loaded_at):
+            d.pop(expert, None)
+
+    def kept(self, expert: str, now: float) -> bool:
+        ka = self.keep_alive.get(expert)
+        return ka is not None and now - self.used_at.get(expert, now) < ka
+
+    def evictable(
+        self,
+        names: Sequence[str],
+        tier: str,
+        prefetch: bool,
+        wanted: set[str],
+        host_of_alias: bool,
+        now: float,
+    ) -> list[str]:
+        free = [n for n in names if not self.pinned(n, tier, host_of_alias)]
+        if prefetch:
+            free = [n for n in free if n not in wanted]
+        unkept = [n for n in free if not self.kept(n, now)]
+        return unkept or free
+
+    def expired(self, now: float) -> list[str]:
+        """Idle past their keep-alive (and not pinned): the tier manager unloads them."""
+        return [
+            n
+            for n, ka in self.keep_alive.items()
+            if ka != float("inf") and n not in self.pins and now - self.used_at.get(n, now) >= ka
+        ]

@@ -1,0 +1,306 @@
+"""The served bundle while it changes: experts added, replaced and removed without a restart.
+
+One owner applies every change, whoever wrote it (the admin API, or `wallbreak bundle import` in
+another process): `sync` reads the manifest, which a writer only ever replaces whole by rename,
+and compares it with what is served. The writer bumps the manifest's generation at every commit;
+a watcher thread checks the file cheaply (one stat) and syncs when it changed.
+
+- Added: the expert's blob is opened, the tier manager and engine learn a new version key, and
+  only then does the catalog point its name at it.
+- Replaced: the same, under a fresh key (`name@N`); requests already bound to the old key finish
+  on the old weights, which stay readable through the file the server holds open even after the
+  writer deleted it; new requests bind to the new key. Pins and keep-alive carry over.
+- Removed: the name leaves the catalog (new requests get 404); in-flight ones finish.
+A version that has left the catalog is retired once it has no work (`reap`): the tier manager
+frees what it held, and closing its file lets the disk space go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wallbreak.coe.bundle.manifest import MANIFEST, Bundle, ExpertEntry
+from wallbreak.coe.bundle.writer import BundleWriter
+from wallbreak.coe.catalog import Catalog
+from wallbreak.coe.engine import Engine
+from wallbreak.coe.router import Router
+from wallbreak.coe.router.incremental import forget_expert
+from wallbreak.coe.tiers import TierManager
+from wallbreak.coe.tokenization import ExpertTokenizer
+from wallbreak.errors import ConfigError, WallbreakError, first_line
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often the watcher stats the manifest
+GRACE_S = 2.0  # a version is retired no sooner than this after it left the catalog (late binders)
+
+
+class UnknownExpert(WallbreakError):
+    """No expert of that name is served (HTTP 404)."""
+
+
+@dataclass
+class Version:
+    key: str
+    name: str
+    entry: ExpertEntry  # as the manifest has it (entry.name is the public name)
+    fd: int | None  # the blob, held open while this version serves
+    retiring_since: float | None = None
+
+
+@dataclass
+class Changes:
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    router: bool = False
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.replaced or self.removed or self.router or self.failed)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _manifest_stamp(root: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(root / MANIFEST)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class LiveBundle:
+    def __init__(
+        self, bundle: Bundle, engine: Engine, tiers: TierManager, catalog: Catalog, poll_s: float = POLL_S
+    ) -> None:
+        self.root = bundle.root
+        self.engine, self.tiers, self.catalog = engine, tiers, catalog
+        self.poll_s = poll_s
+        self.generation = bundle.generation
+        self.router_meta = bundle.router
+        self._stamp = _manifest_stamp(self.root)
+        self._serial = itertools.count(2)
+        self._lock = threading.RLock()  # one change at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.versions: dict[str, Version] = {}
+        self.listeners: list[Any] = []  # told `on_change(Changes)` (metrics)
+        for e in tiers.entries:
+            fd = self._open(bundle.blob_path(e.name))
+            if fd is not None:
+                tiers.set_blob_path(e.name, _fd_path(fd))
+            self.versions[e.name] = Version(e.name, e.name, e, fd)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def serving(self, name: str) -> Version | None:
+        key = self.catalog.key(name)
+        return None if key is None else self.versions.get(key)
+
+    def retiring(self) -> list[str]:
+        return [v.key for v in self.versions.values() if v.retiring_since is not None]
+
+    def need(self, name: str) -> Version:
+        """The version serving `name`; UnknownExpert when none does."""
+        v = self.serving(name)
+        if v is None:
+            raise UnknownExpert(f"no expert {name!r} is served; experts: {', '.join(self.catalog.names)}")
+        return v
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """An expert's state: where its weights are, pins, keep-alive, whether it has work, its
+        bytes and form, and which version serves (for /v1/models and the admin API)."""
+        v = self.need(name)
+        broken = self.engine.broken.get(v.key)
+        return self.tiers.state(v.key) | {
+            "busy": self.engine.has_work(v.key),
+            "bytes": v.entry.total_bytes,
+            "form": v.entry.dtype,
+            "version": v.key,
+            "unavailable": broken,
+        }
+
+    # -- an operator's residency asks -------------------------------------------------------------
+
+    def pin(self, name: str, tier: str) -> None:
+        self.tiers.pin(self.need(name).key, tier)  # type: ignore[arg-type]  # checked by the tiers
+
+    def unpin(self, name: str) -> bool:
+        return self.tiers.unpin(self.need(name).key)
+
+    def load(self, name: str, tier: str) -> None:
+        if tier not in ("host", "device"):
+            raise ConfigError(f"tier must be 'host' or 'device', got {tier!r}")
+        self.tiers.load(self.need(name).key, tier)  # type: ignore[arg-type]
+
+    def unload(self, name: str) -> bool:
+        return self.tiers.unload(self.need(name).key)
+
+    def keep_alive(self, name: str, seconds: float | None) -> None:
+        """None: as the eviction policy decides; negative: always."""
+        ka = None if seconds is None else (float("inf") if seconds < 0 else seconds)
+        self.tiers.set_keep_alive(self.need(name).key, ka)
+
+    def remove(self, name: str) -> Changes:
+        """Take `name` out of the bundle (and the router's head), then out of service."""
+        self.need(name)
+        with BundleWriter(self.root) as w:
+            w.remove(name)
+            forget_expert(w, name)
+        return self.sync()
+
+    # -- the watcher ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="wb-live", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for v in self.versions.values():
+            if v.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(v.fd)
+                v.fd = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                if _manifest_stamp(self.root) != self._stamp:
+                    self.sync()
+                self.reap()
+                self.tiers.expire_idle()
+            except Exception:  # the watcher must outlive a bad manifest or a failed load
+                log.exception("live bundle: applying a change failed")
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def sync(self) -> Changes:
+        """Apply the manifest as it is now to what is served; returns what changed."""
+        with self._lock:
+            stamp = _manifest_stamp(self.root)
+            bundle = Bundle.open(self.root, lenient=True)
+            changes = Changes()
+            current = {v.name: v for v in self.versions.values() if v.retiring_since is None}
+            for name, entry in bundle.experts.items():
+                old = current.get(name)
+                if name in bundle.damaged:
+                    if old is None or old.entry.blob != entry.blob:
+                        changes.failed[name] = bundle.damaged[name]
+                    continue
+                if old is not None and old.entry.blob == entry.blob:
+                    old.entry = entry  # description or examples may have changed
+                    continue
+                try:
+                    self._serve(bundle, entry, old)
+                except (WallbreakError, OSError) as e:
+                    changes.failed[name] = first_line(e)
+                    log.error("cannot serve expert %s from the changed bundle: %s", name, e)
+                    continue
+                (changes.added if old is None else changes.replaced).append(name)
+            for name, old in current.items():
+                if name not in bundle.experts:
+                    self.catalog.drop(name)
+                    old.retiring_since = time.monotonic()
+                    changes.removed.append(name)
+            if bundle.router != self.router_meta:
+                changes.router = self._reload_router(bundle)
+            self.generation, self._stamp = bundle.generation, stamp
+            if changes:
+                log.info("bundle generation %d: %s", self.generation, changes.to_json())
+                for listener in self.listeners:
+                    listener.on_change(changes)
+            return changes
+
+    def _serve(self, bundle: Bundle, entry: ExpertEntry, old: Version | None) -> None:
+        """Serve `entry` under a fresh key, then point its name at it (old: the version it replaces)."""
+        name = entry.name
+        key = name if name not in self.versions else f"{name}@{next(self._serial)}"
+        tok = ExpertTokenizer.load(bundle, entry)
+        fd = self._open(bundle.blob_path(name))
+        path = _fd_path(fd) if fd is not None else bundle.blob_path(name)
+        try:
+            self.tiers.add_expert(dataclasses.replace(entry, name=key), path)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self.catalog.tokenizers[key] = tok
+        self.engine.add_expert(key)
+        self.versions[key] = Version(key, name, entry, fd)
+        if old is not None:
+            self._carry_over(old.key, key)
+            old.retiring_since = time.monotonic()
+        self.catalog.set(name, key)
+
+    def _carry_over(self, old: str, new: str) -> None:
+        """A replacement keeps the operator's pin and keep-alive (the old version drops its pin)."""
+        rules = self.tiers.rules
+        ka = rules.keep_alive.get(old)
+        if ka is not None:
+            self.tiers.set_keep_alive(new, ka)
+        tier = self.tiers.rules.pins.get(old)
+        if tier is not None:
+            self.tiers.unpin(old)
+            try:
+                self.tiers.pin(new, tier)  # type: ignore[arg-type]
+            except WallbreakError as e:
+                log.warning("the new version of %s could not keep its %s pin: %s", new, tier, e)
+
+    def _reload_router(self, bundle: Bundle) -> bool:
+        try:
+            router = Router.load(bundle, reuse=self.catalog.router)
+        except WallbreakError as e:
+            log.error("the bundle's new router cannot be loaded (the old one keeps routing): %s", e)
+            return False
+        self.catalog.router = router
+        self.router_meta = bundle.router
+        return True
+
+    def reap(self) -> list[str]:
+        """Retire the versions that left the catalog and have no work left; returns their keys."""
+        out = []
+        with self._lock:
+            now = time.monotonic()
+            for v in list(self.versions.values()):
+                if v.retiring_since is None or now - v.retiring_since < GRACE_S:
+                    continue
+                if self.engine.has_work(v.key) or not self.tiers.remove_expert(v.key):
+                    continue
+                self.engine.forget(v.key)
+                self.catalog.tokenizers.pop(v.key, None)
+                if v.fd is not None:
+                    os.close(v.fd)
+                del self.versions[v.key]
+                out.append(v.key)
+        return out
+
+    @staticmethod
+    def _open(path: Path) -> int | None:
+        if not HOLD_OPEN:
+            return None
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None  # a missing blob: the loads report it
+
+
+def _fd_path(fd: int) -> Path:
+    """A path that opens the file `fd` holds, even once it has been unlinked (Linux)."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
+HOLD_OPEN = os.path.isdir("/proc/self/fd")  # elsewhere a replaced blob is read by its name
