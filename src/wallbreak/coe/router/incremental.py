@@ -11,6 +11,7 @@ the full refit (it may choose another head or tune the encoder).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.bundle.writer import BundleWriter
 from wallbreak.coe.router.fit import TRAIN_FILE, TrainingSet, save_arrays, stratified_folds
 from wallbreak.coe.router.heads import Head, expected_calibration_error, fit_head, fit_scale, softmax
+from wallbreak.coe.router.router import Router
 from wallbreak.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,6 @@ def _commit(w: BundleWriter, meta: dict[str, Any], labels: list[str], head: Head
     root = w.root
     new = dict(meta)
     if meta["encoder"].get("stored"):  # a tuned encoder moves with the router's state
-        import shutil  # deferred: only tuned encoders need it
-
         shutil.copytree(root / meta["dir"] / "encoder", d / "encoder")
     new.update(
         dir=str(d.relative_to(root)),
@@ -104,9 +104,6 @@ def learn_expert(bundle_dir: Path, name: str) -> Incremental | None:
     """Add (or refresh) `name` in the bundle's fitted router from its manifest examples and
     description. None, with nothing changed, when the bundle has no router that keeps its training
     rows, or the expert has no example or description (it is still served by name)."""
-    # deferred: loads the router's encoder (transformers)
-    from wallbreak.coe.router.router import Router
-
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_dir)
     meta = bundle.router

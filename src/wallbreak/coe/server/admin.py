@@ -179,7 +179,7 @@ class Jobs:
 
     def _run(self, job: Job) -> dict[str, Any]:
         s = job.spec
-        cmd = [sys.executable, "-m", "wallbreak", "bundle", "import", "--name", job.name,
+        cmd = [sys.executable, "-m", "wallbreak.cli", "bundle", "import", "--name", job.name,
                "--out", str(self.live.root), "--dtype", s.dtype or "auto", f"--description={s.description}",
                *(f"--example={e}" for e in s.examples), "--", s.source]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

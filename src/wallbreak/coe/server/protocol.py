@@ -406,6 +406,21 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class ExpertState(BaseModel):
+    tier: Literal["disk", "host", "device"]
+    loading: bool
+    pinned: Literal["host", "device"] | None
+    keep_alive_s: float | None = Field(
+        description="idle seconds it stays resident; -1: always; null: policy's"
+    )
+    loaded_at: int | None = Field(description="unix time it reached its tier")
+    busy: bool = Field(description="it has running, paused or queued requests")
+    bytes: int
+    form: str = Field(description="float32, bfloat16, float16, int8 or int4")
+    version: str = Field(description="the version serving the name (name@N after a replace)")
+    unavailable: str | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -415,6 +430,7 @@ class ModelCard(BaseModel):
     # The sampling values its generation_config sets, used when a request leaves them out.
     generation_defaults: dict[str, float] | None = None
     kind: Literal["embedding"] | None = None  # the router's encoder (/v1/embeddings)
+    state: ExpertState | None = None  # where an expert's weights are now, and what holds them
 
 
 class ModelList(BaseModel):
