@@ -176,7 +176,7 @@ def test_posts_need_a_json_content_type(server: ServerThread, ctype: str) -> Non
 
 
 def test_a_prompt_far_past_the_context_is_refused_before_tokenizing(server: ServerThread) -> None:
-    context = server.app.state.tokenizers["alpha"].context
+    context = server.app.state.catalog.public_tokenizers()["alpha"].context
     got, _, text = http(
         "POST", f"{server.url}/v1/completions", {"model": "alpha", "prompt": "a" * (context * 40)}
     )
@@ -201,7 +201,7 @@ def test_a_whole_answer_client_that_leaves_frees_its_row(server: ServerThread) -
     while server.engine.active() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.active() == 0
-    context = server.app.state.tokenizers["beta"].context
+    context = server.app.state.catalog.public_tokenizers()["beta"].context
     assert server.engine.stats.tokens - tokens_before < context - 10  # it did not run to the end
     _, _, metrics = http("GET", f"{server.url}/metrics")
     assert 'endpoint="completions",expert="beta",status="499"' in metrics

@@ -275,7 +275,7 @@ def test_tokenize_detokenize_and_tokenizer_info(server: ServerThread) -> None:
 
 
 def test_embeddings_are_the_routers_vectors(server: ServerThread) -> None:
-    router = server.app.state.router
+    router = server.app.state.catalog.router
     texts = ["apple banana pear", "car bus train"]
     r = client(server).embeddings.create(model=router.encoder.name, input=texts)
     want = router.encoder.encode(texts).vectors
@@ -303,7 +303,7 @@ def test_generation_config_defaults_apply_and_are_listed(server: ServerThread) -
 
 def test_penalties_and_logit_bias_are_applied(server: ServerThread) -> None:
     c = client(server)
-    tok = server.app.state.tokenizers["gamma"]
+    tok = server.app.state.catalog.public_tokenizers()["gamma"]
     x = tok.encode_text("x", add_special_tokens=False)[0]
     kw = {
         "model": "gamma",

@@ -234,7 +234,7 @@ def test_bad_requests_get_openai_error_bodies(
 
 
 def test_prompt_longer_than_the_context_states_the_limit(server: ServerThread) -> None:
-    context = server.app.state.tokenizers["alpha"].context
+    context = server.app.state.catalog.public_tokenizers()["alpha"].context
     got, _, text = http(
         "POST", f"{server.url}/v1/completions", {"model": "alpha", "prompt": "a" * (context + 10)}
     )
@@ -355,7 +355,8 @@ def test_burst_over_both_architectures_has_no_failures(arch_bundle_dir: Path) ->
     import random
 
     with ServerThread(ServeOptions(bundle=arch_bundle_dir, engine=EngineConfig(max_batch=8))) as s:
-        assert s.app.state.tokenizers["gemma"].context == 4096  # the model's own context, not its window
+        gemma = s.app.state.catalog.public_tokenizers()["gemma"]
+        assert gemma.context == 4096  # the model's own context, not its window
         failures: list[str] = []
         lock = threading.Lock()
 

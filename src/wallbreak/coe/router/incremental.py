@@ -23,7 +23,7 @@ from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.bundle.writer import BundleWriter
 from wallbreak.coe.router.fit import TRAIN_FILE, TrainingSet, save_arrays, stratified_folds
 from wallbreak.coe.router.heads import Head, expected_calibration_error, fit_head, fit_scale, softmax
-from wallbreak.coe.router.router import Router
+from wallbreak.coe.router.router import load_parts
 from wallbreak.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,8 @@ def learn_expert(bundle_dir: Path, name: str) -> Incremental | None:
         train = _without(train, labels.index(name))
     else:
         labels.append(name)
-    router = Router.load(bundle)
-    assert router.encoder is not None
-    vecs = router.encoder.encode(texts + extras).vectors.astype(np.float32)
+    encoder = load_parts(bundle, meta, None)[1]  # the router's own encoder (Router.load would warn)
+    vecs = encoder.encode(texts + extras).vectors.astype(np.float32)
     cls = labels.index(name)
     train = TrainingSet(
         np.concatenate([train.vectors, vecs]),

@@ -102,7 +102,7 @@ class Router:
                 fallback,
             )
             return cls(names, generalist=fallback, method="none")
-        head, enc = _load_parts(b, meta, encoder, reuse.encoder if reuse is not None else None)
+        head, enc = load_parts(b, meta, encoder, reuse.encoder if reuse is not None else None)
         labels = list(meta["labels"])
         gone = [lb for lb in labels if lb not in names]
         new = [n for n in names if n not in labels]
@@ -151,7 +151,7 @@ def _same_weights(enc: Encoder, identity: dict[str, Any]) -> bool:
         return False
 
 
-def _load_parts(
+def load_parts(
     b: Bundle, meta: dict[str, Any], encoder: str | Path | None, loaded: Encoder | None = None
 ) -> tuple[Head, Encoder]:
     from safetensors.numpy import load_file  # deferred: loads safetensors
