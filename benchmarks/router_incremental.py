@@ -1,7 +1,7 @@
 """The router learning experts one at a time (what `bundle import` does to a fitted router) against
 one full refit, on examples/router: 11 domains, 12 training prompts each (as manifest examples),
-scored on the 255 held-out prompts. The experts are tiny random Llamas: only their names and
-examples matter here. Both fits use the frozen MiniLM encoder (kNN, centroid, logistic
+scored on the 255 held-out prompts. The experts are tiny synthetic Llamas: only their names
+and examples matter here. Both fits use the frozen MiniLM encoder (kNN, centroid, logistic
 regression): the tuned encoder of a full `router fit` takes minutes and is not what an
 incremental update can touch. Prints one JSON object.
 
@@ -19,7 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from wallbreak.coe.bundle.importers import BYTE_VOCAB, byte_tokenizer_dir, import_expert
+import torch
+
+from wallbreak.coe.bundle.importers import byte_tokenizer_dir, synth_shape, synth_tensors
+from wallbreak.coe.bundle.writer import BundleWriter, ExpertSource
 from wallbreak.coe.router import FitOptions, Router, fit_router, read_examples
 from wallbreak.coe.router.evaluate import evaluate
 from wallbreak.coe.router.incremental import learn_expert
@@ -28,21 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent / "examples" / "router"
 FROZEN = ("knn", "centroid", "logreg")
 
 
-def tiny_llama(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=BYTE_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    byte_tokenizer_dir(out)
-    return out
+def add_expert(out: Path, tok: Path, name: str, index: int, examples: list[str]) -> None:
+    """A tiny synthetic Llama (the project's synth_tensors) with the domain's prompts as examples."""
+    config = synth_shape(100_000).llama_config()
+    with BundleWriter(out) as w:
+        w.add(
+            ExpertSource(
+                name, "llama", config, synth_tensors(config, index, torch.float32), tok, examples=examples
+            )
+        )
 
 
 def main() -> None:
@@ -55,16 +52,16 @@ def main() -> None:
         train.setdefault(row["expert"], []).append(row["prompt"])
     names = list(train)
     with tempfile.TemporaryDirectory() as tmp:
-        src = tiny_llama(Path(tmp) / "src")
+        tok = byte_tokenizer_dir(Path(tmp) / "tok")
         out = Path(tmp) / "b"
-        for n in names[: args.start]:
-            import_expert(src, n, out, examples=train[n])
+        for i, n in enumerate(names[: args.start]):
+            add_expert(out, tok, n, i, train[n])
         t0 = time.perf_counter()
         fit_router(out, FitOptions(methods=FROZEN), progress=False)
         first_fit_s = time.perf_counter() - t0
         steps = []
-        for n in names[args.start :]:
-            import_expert(src, n, out, examples=train[n])
+        for i, n in enumerate(names[args.start :], args.start):
+            add_expert(out, tok, n, i, train[n])
             inc = learn_expert(out, n)
             assert inc is not None
             steps.append(

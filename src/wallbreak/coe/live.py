@@ -149,8 +149,7 @@ class LiveBundle:
 
     def keep_alive(self, name: str, seconds: float | None) -> None:
         """None: as the eviction policy decides; negative: always."""
-        ka = None if seconds is None else (float("inf") if seconds < 0 else seconds)
-        self.tiers.set_keep_alive(self.need(name).key, ka)
+        self.tiers.set_keep_alive(self.need(name).key, seconds)
 
     def remove(self, name: str) -> Changes:
         """Take `name` out of the bundle (and the router's head), then out of service."""

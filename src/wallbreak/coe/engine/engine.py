@@ -174,7 +174,7 @@ class Engine:
 
     def add_expert(self, key: str) -> None:
         """Serve one more expert (a version key the tier manager and the tokenizers already hold)."""
-        entry = next(e for e in self.tiers.entries if e.name == key)
+        entry = self.tiers.entry(key)
         if key not in self.tokenizers:
             raise ConfigError(f"no tokenizer facts for expert {key!r}")
         self.layouts[key] = entry.layout_key

@@ -27,7 +27,7 @@ from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.engine.engine import EngineStats
 from wallbreak.coe.replicas.placement import Placement
-from wallbreak.coe.tiers.manager import TierStats
+from wallbreak.coe.tiers.config import TierStats
 from wallbreak.errors import ConfigError, without_paths
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class _Tiers:
 
     def __init__(self) -> None:
         self.stats = TierStats()
+
+    def set_keep_alive(self, expert: str, seconds: float | None) -> None:
+        raise ConfigError("this deployment does not take it (Ray mode)")
 
 
 class RemoteEngine:

@@ -153,6 +153,12 @@ def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
+def fold_count(y_cv: np.ndarray, classes: int) -> int:
+    """Cross-validation folds: up to 4, fewer when an expert has fewer examples (at least 2)."""
+    counts = np.bincount(y_cv, minlength=classes)
+    return int(min(4, max(2, counts[counts > 0].min())))
+
+
 def auto_tune_steps(n_train: int) -> int:
     """About 15 passes over each example in 32-prompt batches, within [30, 200] steps."""
     return int(min(200, max(30, math.ceil(15 * n_train / 32))))
@@ -243,6 +249,32 @@ def _frozen_scores(
     return oof
 
 
+def _tuned_scores(
+    data: _Data,
+    encoder: Encoder,
+    specs: list[tuple[str, str, dict[str, Any]]],
+    fold: np.ndarray,
+    k: int,
+    desc: bool,
+    classes: int,
+    steps: int,
+    seed: int,
+    bar: Any,
+) -> dict[str, np.ndarray]:
+    """Out-of-fold scores of every head over an encoder tuned on each fold's training part."""
+    oof = {label: np.zeros((data.n_cv, classes), np.float32) for label, _, _ in specs}
+    for f in range(k):
+        tr = data.train_mask(fold, f, desc)
+        texts = [t for t, m in zip(data.texts, tr, strict=True) if m]
+        enc_f = encoder.tuned(texts, list(data.y[tr]), steps, seed=seed, progress=lambda: bar.update(1))
+        te = np.flatnonzero(fold == f)
+        emb_tr = enc_f.encode(texts).vectors
+        emb_te = enc_f.encode([data.texts[i] for i in te]).vectors
+        for label, kind, params in specs:
+            oof[label][te] = fit_head(kind, emb_tr, data.y[tr], classes, **params).scores(emb_te)
+    return oof
+
+
 def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> FitReport | None:
     """Fit and store a router; None when the bundle has a single expert (it needs none)."""
     t0 = time.perf_counter()
@@ -256,8 +288,7 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
         )
     data, has_descs = _labelled(bundle, opts)
     y_cv = data.y[: data.n_cv]
-    counts = np.bincount(y_cv, minlength=len(names))
-    k = opts.folds or int(min(4, max(2, counts[counts > 0].min())))
+    k = opts.folds or fold_count(y_cv, len(names))
     fold = stratified_folds(y_cv, k, opts.seed)
     encoder = Encoder(opts.encoder)
     frozen = encoder.encode(data.texts)
@@ -279,21 +310,7 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
             "step",
             enabled=progress,
         )
-        tuned_oof = {label: np.zeros((data.n_cv, C), np.float32) for label, _, _ in specs}
-        for f in range(k):
-            tr = data.train_mask(fold, f, use_desc)
-            enc_f = encoder.tuned(
-                [t for t, m in zip(data.texts, tr, strict=True) if m],
-                list(data.y[tr]),
-                fold_steps,
-                seed=opts.seed,
-                progress=lambda: bar.update(1),
-            )
-            te = np.flatnonzero(fold == f)
-            emb_tr = enc_f.encode([t for t, m in zip(data.texts, tr, strict=True) if m]).vectors
-            emb_te = enc_f.encode([data.texts[i] for i in te]).vectors
-            for label, kind, params in specs:
-                tuned_oof[label][te] = fit_head(kind, emb_tr, data.y[tr], C, **params).scores(emb_te)
+        tuned_oof = _tuned_scores(data, encoder, specs, fold, k, use_desc, C, fold_steps, opts.seed, bar)
         for label, s in tuned_oof.items():
             name = "tuned-" + label + ("+desc" if use_desc else "")
             oof[name] = s
@@ -307,17 +324,11 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
     label = chosen.removeprefix("tuned-").removesuffix("+desc")
     kind, params = next((kd, pr) for lb, kd, pr in specs if lb == label)
     mask = data.all_mask(desc)
-    train_texts = [t for t, m in zip(data.texts, mask, strict=True) if m]
-    final_encoder = encoder
-    vectors = frozen.vectors[mask]
-    if tuned:
-        final_encoder = encoder.tuned(
-            train_texts,
-            list(data.y[mask]),
-            steps,
-            seed=opts.seed,
-            progress=lambda: bar.update(1),
-        )
+    final_encoder, vectors = encoder, frozen.vectors[mask]
+    if tuned:  # the final encoder is tuned on every training text
+        train_texts = [t for t, m in zip(data.texts, mask, strict=True) if m]
+        final_encoder = encoder.tuned(train_texts, list(data.y[mask]), steps, seed=opts.seed,
+                                      progress=lambda: bar.update(1))  # fmt: skip
         vectors = final_encoder.encode(train_texts).vectors
     if "tuned" in opts.methods:
         bar.close()
@@ -325,7 +336,7 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
     scale = fit_scale(oof[chosen], y_cv)
     ece = expected_calibration_error(softmax(oof[chosen], scale), y_cv)
     threshold = (
-        opts.threshold if opts.threshold is not None else (DEFAULT_THRESHOLD if opts.generalist else 0.0)
+        opts.threshold if opts.threshold is not None else DEFAULT_THRESHOLD if opts.generalist else 0.0
     )
     report = FitReport(
         chosen=chosen,
@@ -343,9 +354,7 @@ def fit_router(bundle_dir: Path, opts: FitOptions, progress: bool = True) -> Fit
         seconds=0.0,
         tune_steps=steps if tuned else 0,
     )
-    cv_rows = np.zeros(len(data.texts), bool)
-    cv_rows[: data.n_cv] = True
-    train = TrainingSet(vectors, data.y[mask], cv_rows[mask])
+    train = TrainingSet(vectors, data.y[mask], (np.arange(len(data.texts)) < data.n_cv)[mask])
     _store(bundle_dir, names, head, final_encoder if tuned else None, encoder, report, train)
     report.seconds = time.perf_counter() - t0
     return report

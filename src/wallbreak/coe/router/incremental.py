@@ -21,7 +21,7 @@ import numpy as np
 
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.bundle.writer import BundleWriter
-from wallbreak.coe.router.fit import TRAIN_FILE, TrainingSet, save_arrays, stratified_folds
+from wallbreak.coe.router.fit import TRAIN_FILE, TrainingSet, fold_count, save_arrays, stratified_folds
 from wallbreak.coe.router.heads import Head, expected_calibration_error, fit_head, fit_scale, softmax
 from wallbreak.coe.router.router import load_parts
 from wallbreak.errors import BundleError
@@ -45,9 +45,13 @@ class Incremental:
         )
 
 
-def _read(root: Path, meta: dict[str, Any]) -> tuple[Head, TrainingSet] | None:
+def _read(root: Path, meta: dict[str, Any] | None) -> tuple[Head, TrainingSet, list[str]] | None:
+    """The fitted head, its training rows and labels; None when there is no router, or it was
+    fitted before training rows were kept (only a full refit can change its experts then)."""
     from safetensors.numpy import load_file  # deferred: loads safetensors
 
+    if not meta:
+        return None
     d = root / meta["dir"]
     if meta.get("train") != TRAIN_FILE or not (d / TRAIN_FILE).is_file():
         return None  # fitted before training rows were kept: only a full refit can add experts
@@ -56,7 +60,8 @@ def _read(root: Path, meta: dict[str, Any]) -> tuple[Head, TrainingSet] | None:
         head = Head.from_json(meta["head"], load_file(str(d / "head.safetensors")))
     except (OSError, ValueError, KeyError) as e:
         raise BundleError(f"the router's state in {d} cannot be read ({e}); refit it") from None
-    return head, TrainingSet(t["vectors"], t["y"].astype(np.int64), t["cv"].astype(bool))
+    train = TrainingSet(t["vectors"], t["y"].astype(np.int64), t["cv"].astype(bool))
+    return head, train, list(meta["labels"])
 
 
 def _refit(head: Head, train: TrainingSet, classes: int, seed: int = 0) -> tuple[Head, float, float, float]:
@@ -65,8 +70,7 @@ def _refit(head: Head, train: TrainingSet, classes: int, seed: int = 0) -> tuple
     params = dict(head.params)
     cv = np.flatnonzero(train.cv)
     y_cv = train.y[cv]
-    counts = np.bincount(y_cv, minlength=classes)
-    k = int(min(4, max(2, counts[counts > 0].min()))) if len(cv) else 0
+    k = fold_count(y_cv, classes) if len(cv) else 0
     oof = np.zeros((len(cv), classes), np.float32)
     if k and len(np.unique(y_cv)) > 1:
         fold = stratified_folds(y_cv, k, seed)
@@ -110,13 +114,10 @@ def learn_expert(bundle_dir: Path, name: str) -> Incremental | None:
     entry = bundle.expert(name)
     texts = [p for p in entry.examples if p.strip()]
     extras = [entry.description] if entry.description.strip() else []
-    if not meta or not (texts or extras):
+    state = _read(bundle.root, meta) if texts or extras else None
+    if meta is None or state is None:
         return None
-    state = _read(bundle.root, meta)
-    if state is None:
-        return None
-    head, train = state
-    labels = list(meta["labels"])
+    head, train, labels = state
     if name in labels:  # a replaced expert: its old rows go
         train = _without(train, labels.index(name))
     else:
@@ -146,13 +147,10 @@ def forget_expert(w: BundleWriter, name: str) -> Incremental | None:
     None when the router does not know it or keeps no training rows."""
     t0 = time.perf_counter()
     meta = (w.existing or {}).get("router")
-    if not meta or name not in meta.get("labels", ()):
-        return None
     state = _read(w.root, meta)
-    if state is None:
+    if meta is None or state is None or name not in state[2]:
         return None
-    head, train = state
-    labels = list(meta["labels"])
+    head, train, labels = state
     cls = labels.index(name)
     train = _without(train, cls)
     train.y = np.where(train.y > cls, train.y - 1, train.y)  # later labels move up one place

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import json
@@ -31,14 +32,15 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from wallbreak.coe.bundle.importers import parse_form
 from wallbreak.coe.bundle.manifest import check_expert_name
 from wallbreak.coe.live import LiveBundle, UnknownExpert
+from wallbreak.coe.server.completions import Completions
 from wallbreak.coe.server.errors import ApiError
-from wallbreak.coe.server.protocol import error_body, parse_duration
+from wallbreak.coe.server.protocol import KeepAlive, error_body
 from wallbreak.errors import BundleError, CapacityError, ConfigError, WallbreakError, without_paths
 
 ADMIN_PREFIXES = ("/admin/", "/models/load", "/models/unload")
@@ -93,7 +95,7 @@ class TierBody(BaseModel):
 
 class KeepAliveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep_alive: float | str | None = Field(description="seconds, '5m', -1 (always) or null (the policy's)")
+    keep_alive: KeepAlive = Field(description="seconds, '5m', -1 (always) or null (the policy's)")
 
 
 class ModelBody(BaseModel):  # llama.cpp router mode's
@@ -229,13 +231,8 @@ def _check_spec(spec: ExpertSpec) -> None:
 
 
 async def _body(request: Request, kind: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        return kind.model_validate_json(raw or b"{}")
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where or None) from None
+    """The body checked as the API's bodies are (`Completions.validate`); none reads as {}."""
+    return Completions.validate(await request.body() or b"{}", kind)
 
 
 def _wants_stream(request: Request) -> bool:
@@ -246,8 +243,9 @@ def _wants_stream(request: Request) -> bool:
 
 
 def add_admin_routes(app: FastAPI, live: LiveBundle, jobs: Jobs, count: Any) -> None:
-    """`count(op, result)`: one admin operation done (metrics)."""
-    r = APIRouter()
+    """`count(op, result)`: one admin operation done (metrics). The routes stay out of
+    /openapi.json: that is the clients' surface, and these are the operator's (docs/live.md)."""
+    r = APIRouter(include_in_schema=False)
 
     async def call(op: str, fn: Any, *args: Any) -> Any:
         try:
@@ -263,6 +261,15 @@ def add_admin_routes(app: FastAPI, live: LiveBundle, jobs: Jobs, count: Any) -> 
             raise ApiError(400, without_paths(str(e))) from None
         count(op, "ok")
         return out
+
+    _change_routes(r, live, jobs, call, count)
+    _residency_routes(r, live, call)
+    add_llamacpp_aliases(r, live, call)
+    app.include_router(r)
+
+
+def _change_routes(r: APIRouter, live: LiveBundle, jobs: Jobs, call: Any, count: Any) -> None:
+    """What the bundle serves: list, add and replace (import jobs), remove, sync; the jobs."""
 
     @r.get("/admin/experts")
     async def list_experts() -> dict[str, Any]:
@@ -294,44 +301,8 @@ def add_admin_routes(app: FastAPI, live: LiveBundle, jobs: Jobs, count: Any) -> 
 
     @r.delete("/admin/experts/{name}")
     async def remove(name: str) -> dict[str, Any]:
-        if name not in live.catalog.names:
-            count("remove", "error")
-            raise ApiError(404, f"no expert {name!r}; experts: {', '.join(live.catalog.names)}", "name")
         changes = await call("remove", live.remove, name)
         return {"removed": name, "in_flight_finish_on": live.retiring(), "changes": changes.to_json()}
-
-    @r.post("/admin/experts/{name}/pin")
-    async def pin(name: str, request: Request) -> dict[str, Any]:
-        body: TierBody = await _body(request, TierBody)
-        await call("pin", live.pin, name, body.tier)
-        return {"name": name, "state": live.describe(name)}
-
-    @r.post("/admin/experts/{name}/unpin")
-    async def unpin(name: str) -> dict[str, Any]:
-        await call("unpin", live.unpin, name)
-        return {"name": name, "state": live.describe(name)}
-
-    @r.post("/admin/experts/{name}/load")
-    async def load(name: str, request: Request) -> dict[str, Any]:
-        body: TierBody = await _body(request, TierBody)
-        await call("load", live.load, name, body.tier)
-        return {"name": name, "state": live.describe(name)}
-
-    @r.post("/admin/experts/{name}/unload")
-    async def unload(name: str) -> dict[str, Any]:
-        if not await call("unload", _unload, live, name):
-            raise ApiError(409, f"expert {name!r} is in use; it can be unloaded when its requests finish")
-        return {"name": name, "state": live.describe(name)}
-
-    @r.post("/admin/experts/{name}/keep-alive")
-    async def keep_alive(name: str, request: Request) -> dict[str, Any]:
-        body: KeepAliveBody = await _body(request, KeepAliveBody)
-        try:
-            seconds = None if body.keep_alive is None else parse_duration(body.keep_alive)
-        except ValueError as e:
-            raise ApiError(400, f"keep_alive: {e}", "keep_alive") from None
-        await call("keep_alive", live.keep_alive, name, seconds)
-        return {"name": name, "state": live.describe(name)}
 
     @r.post("/admin/sync")
     async def sync() -> dict[str, Any]:
@@ -345,15 +316,45 @@ def add_admin_routes(app: FastAPI, live: LiveBundle, jobs: Jobs, count: Any) -> 
             raise ApiError(404, f"no job {job_id!r}")
         return _events(j) if _wants_stream(request) else j.public()
 
-    add_llamacpp_aliases(r, live, call)
-    app.include_router(r)
+
+def _residency_routes(r: APIRouter, live: LiveBundle, call: Any) -> None:
+    """Where an expert's weights are: pin, unpin, load, unload, keep-alive; each answers its state."""
+
+    async def state(op: str, fn: Any, name: str, *args: Any) -> dict[str, Any]:
+        await call(op, fn, name, *args)
+        return {"name": name, "state": live.describe(name)}
+
+    @r.post("/admin/experts/{name}/pin")
+    async def pin(name: str, request: Request) -> dict[str, Any]:
+        return await state("pin", live.pin, name, (await _body(request, TierBody)).tier)
+
+    @r.post("/admin/experts/{name}/unpin")
+    async def unpin(name: str) -> dict[str, Any]:
+        return await state("unpin", live.unpin, name)
+
+    @r.post("/admin/experts/{name}/load")
+    async def load(name: str, request: Request) -> dict[str, Any]:
+        return await state("load", live.load, name, (await _body(request, TierBody)).tier)
+
+    @r.post("/admin/experts/{name}/unload")
+    async def unload(name: str) -> dict[str, Any]:
+        return await state("unload", functools.partial(_unload, live), name)
+
+    @r.post("/admin/experts/{name}/keep-alive")
+    async def keep_alive(name: str, request: Request) -> dict[str, Any]:
+        return await state(
+            "keep_alive", live.keep_alive, name, (await _body(request, KeepAliveBody)).keep_alive
+        )
 
 
-def _unload(live: LiveBundle, name: str) -> bool:
+def _unload(live: LiveBundle, name: str) -> None:
+    """Unload, or a conflict (409): the expert is pinned, or in use."""
     try:
-        return live.unload(name)
+        done = live.unload(name)
     except ConfigError as e:  # pinned
         raise CapacityError(str(e)) from None
+    if not done:
+        raise CapacityError(f"expert {name!r} is in use; it can be unloaded when its requests finish")
 
 
 def _states(live: LiveBundle) -> list[dict[str, Any]]:
@@ -426,6 +427,5 @@ def add_llamacpp_aliases(r: APIRouter, live: LiveBundle, call: Any) -> None:
     @r.post("/models/unload")
     async def unload(request: Request) -> dict[str, Any]:
         body: ModelBody = await _body(request, ModelBody)
-        if not await call("unload", _unload, live, body.model):
-            raise ApiError(409, f"model {body.model!r} is in use; unload it when its requests finish")
+        await call("unload", _unload, live, body.model)
         return {"success": True}

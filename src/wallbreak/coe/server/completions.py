@@ -204,7 +204,10 @@ class Completions:
             why = self.engine.broken.get(key, "its tokenizer cannot be loaded")
             raise ApiError(503, f"expert {expert!r} is unavailable: {why}", "model", {"Retry-After": "1"})
         if body.keep_alive is not None:
-            self.keep_alive(key, body.keep_alive)
+            try:
+                self.engine.tiers.set_keep_alive(key, body.keep_alive)
+            except ConfigError as e:
+                raise ApiError(400, f"keep_alive: {e}", "keep_alive") from None
         alternatives = tuple(k for a in alternatives if (k := self.catalog.key(a)) is not None)
         prompts = await run_in_threadpool(self.encode, tok, body)
         grammar = await run_in_threadpool(self.constraint, tok, body)
@@ -241,13 +244,6 @@ class Completions:
         return StreamingResponse(
             reply.chunks(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-
-    def keep_alive(self, key: str, seconds: float) -> None:
-        """The request's keep_alive (Ollama's extension): how long its expert stays resident once idle."""
-        set_keep_alive = getattr(self.engine.tiers, "set_keep_alive", None)
-        if set_keep_alive is None:
-            raise ApiError(400, "keep_alive: this deployment does not take it (Ray mode)", "keep_alive")
-        set_keep_alive(key, float("inf") if seconds < 0 else seconds)
 
     def submit(self, reqs: list[EngineRequest], expert: str, endpoint: str) -> None:
         """Hand every prompt's request to the engine, or none: one refused cancels those before it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wallbreak.coe.engine.request import MAX_CHOICES, SEED_RANGE
 
@@ -131,6 +131,10 @@ def parse_duration(v: float | str) -> float:
     return -1.0 if seconds < 0 else seconds
 
 
+# An idle expert's residency: seconds, from a number or a duration; -1 always; None the policy's.
+KeepAlive = Annotated[float | str | None, AfterValidator(lambda v: None if v is None else parse_duration(v))]
+
+
 class _Common(BaseModel):
     # Unknown parameters are ignored, as many OpenAI-compatible servers do, so clients that send
     # extra fields (user, metadata, ...) keep working.
@@ -156,16 +160,11 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    keep_alive: float | str | None = Field(
+    keep_alive: KeepAlive = Field(
         default=None,
         description="extension (Ollama's): how long the expert stays resident once idle: seconds, "
         "a duration such as '5m', or -1 for always",
     )
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: float | str | None) -> float | None:
-        return None if v is None else parse_duration(v)
 
     @field_validator("stop")
     @classmethod
@@ -407,13 +406,13 @@ class Completion(BaseModel):
 
 
 class ExpertState(BaseModel):
+    """An expert's state on /v1/models (fields that are null are left out, as on every card)."""
+
     tier: Literal["disk", "host", "device"]
     loading: bool
-    pinned: Literal["host", "device"] | None
-    keep_alive_s: float | None = Field(
-        description="idle seconds it stays resident; -1: always; null: policy's"
-    )
-    loaded_at: int | None = Field(description="unix time it reached its tier")
+    pinned: Literal["host", "device"] | None = None
+    keep_alive_s: float | None = Field(default=None, description="idle seconds it stays resident; -1: always")
+    loaded_at: int | None = Field(default=None, description="unix time it reached its tier")
     busy: bool = Field(description="it has running, paused or queued requests")
     bytes: int
     form: str = Field(description="float32, bfloat16, float16, int8 or int4")

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,104 +22,15 @@ import torch
 from torch import nn
 
 from wallbreak.coe.bundle.manifest import Bundle, ExpertEntry
+from wallbreak.coe.tiers.config import SwitchRecord, TierConfig, TierStats
 from wallbreak.coe.tiers.device import DevicePool, Slot, bind_to_flat
-from wallbreak.coe.tiers.disk import CHUNK_BYTES, READER_THREADS, DirectMode, DiskReader
+from wallbreak.coe.tiers.disk import DiskReader
 from wallbreak.coe.tiers.host import Extent, HostArena
-from wallbreak.coe.tiers.policy import POLICIES, ResidencyRules, make_policy
+from wallbreak.coe.tiers.policy import ResidencyRules, make_policy
 from wallbreak.errors import CapacityError, ConfigError
 from wallbreak.units import format_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TierConfig:
-    host_budget: int
-    device_budget: int
-    device: str = "cpu"
-    policy: str = "cost"
-    on_full: Literal["wait", "error"] = "wait"
-    wait_timeout_s: float = 60.0
-    reader_threads: int = READER_THREADS
-    chunk_bytes: int = CHUNK_BYTES
-    direct: DirectMode = "auto"
-    max_slots: int | None = None
-    prefetch_workers: int = 2
-    # None: alias slots on CPU (a switch re-points views into the host arena), copies on CUDA.
-    alias_slots: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.host_budget <= 0:
-            raise ConfigError(f"host budget must be positive, got {self.host_budget}")
-        if self.device_budget <= 0:
-            raise ConfigError(f"device budget must be positive, got {self.device_budget}")
-        if self.policy not in POLICIES:
-            raise ConfigError(
-                f"unknown eviction policy {self.policy!r}; choose one of: {', '.join(POLICIES)}"
-            )
-        if self.on_full not in ("wait", "error"):
-            raise ConfigError(f"on_full must be 'wait' or 'error', got {self.on_full!r}")
-        if self.wait_timeout_s <= 0:
-            raise ConfigError(f"wait timeout must be positive, got {self.wait_timeout_s}")
-        if self.max_slots is not None and self.max_slots < 1:
-            raise ConfigError(f"max slots must be >= 1, got {self.max_slots}")
-        if self.prefetch_workers < 1:
-            raise ConfigError(f"prefetch workers must be >= 1, got {self.prefetch_workers}")
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} requested but no CUDA device is available")
-        if self.alias_slots and dev.type != "cpu":
-            raise ConfigError("alias slots need the device to be host memory (device cpu)")
-
-    @property
-    def alias(self) -> bool:
-        return torch.device(self.device).type == "cpu" if self.alias_slots is None else self.alias_slots
-
-
-@dataclass
-class SwitchRecord:
-    expert: str
-    nbytes: int
-    disk_to_host_s: float | None  # None: the expert was already in the host arena
-    host_to_device_s: float
-    prefetch: bool
-
-
-@dataclass
-class TierStats:
-    hits: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
-    misses: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
-    evictions: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
-    bytes_disk_to_host: int = 0
-    bytes_disk_to_host_prefetch: int = 0  # of those, read ahead of need by prefetch
-    bytes_host_to_device: int = 0
-    disk_to_host_s: float = 0.0
-    host_to_device_s: float = 0.0
-    switches: int = 0
-    alias_binds: int = 0  # switches that re-pointed views instead of copying (CPU)
-    prefetch_loads: int = 0
-    recent: deque[SwitchRecord] = field(default_factory=lambda: deque(maxlen=1024))
-
-    def summary(self) -> dict[str, Any]:
-        def gbps(b: int, s: float) -> float | None:
-            return round(b / s / 1e9, 3) if s > 0 else None
-
-        return {
-            "hits": dict(self.hits),
-            "misses": dict(self.misses),
-            "evictions": dict(self.evictions),
-            "switches": self.switches,
-            "alias_binds": self.alias_binds,
-            "prefetch_loads": self.prefetch_loads,
-            "bytes_disk_to_host": self.bytes_disk_to_host,
-            "bytes_disk_to_host_prefetch": self.bytes_disk_to_host_prefetch,
-            "bytes_host_to_device": self.bytes_host_to_device,
-            "disk_to_host_gbps": gbps(self.bytes_disk_to_host, self.disk_to_host_s),
-            "host_to_device_gbps": gbps(self.bytes_host_to_device, self.host_to_device_s),
-        }
 
 
 @dataclass
@@ -221,6 +131,10 @@ class TierManager:
     def entries(self) -> list[ExpertEntry]:
         return list(self._entries.values())
 
+    def entry(self, expert: str) -> ExpertEntry:
+        """The manifest entry a served key reads (ConfigError when it is not served)."""
+        return self._entry(expert)
+
     def blob_path(self, expert: str) -> Path:
         self._entry(expert)
         return self._paths[expert]
@@ -319,7 +233,8 @@ class TierManager:
         if tier not in ("host", "device"):
             raise ConfigError(f"pin tier must be 'host' or 'device', got {tier!r}")
         with self._cv:
-            self._check_pin_room(entry, tier)
+            slots = len(self.pool.slots_for(entry.layout_key))
+            self.rules.check_pin_room(self._entries, entry, tier, self.alias, self.arena.budget, slots)
             before = self.rules.pins.get(expert)
             self.rules.pins[expert] = tier
         try:
@@ -331,38 +246,6 @@ class TierManager:
                 else:
                     self.rules.pins[expert] = before
             raise
-
-    def _check_pin_room(self, entry: ExpertEntry, tier: str) -> None:
-        name = entry.name
-        others = [e for e in self.entries if e.name != name and e.name not in self.rules.pins]
-        if tier == "host" or self.alias:
-            pinned = {
-                n: self._entries[n].total_bytes
-                for n in self.rules.pins
-                if n != name and self.rules.pinned(n, "host", self.alias)
-            }
-            spare = max((e.total_bytes for e in others), default=0)
-            need = sum(pinned.values()) + entry.total_bytes + spare
-            if need > self.arena.budget:
-                held = ", ".join(f"{n} ({format_bytes(b)})" for n, b in pinned.items()) or "no other pins"
-                raise CapacityError(
-                    f"pinning {name!r} ({format_bytes(entry.total_bytes)}) in host memory leaves no room "
-                    f"for the other experts (the largest needs {format_bytes(spare)}) within the host "
-                    f"budget {format_bytes(self.arena.budget)}; pinned: {held}"
-                )
-        if tier == "device":
-            slots = self.pool.slots_for(entry.layout_key)
-            pinned_here = [
-                n for n, t in self.rules.pins.items()
-                if t == "device" and n != name and self._entries[n].layout_key == entry.layout_key
-            ]  # fmt: skip
-            rest = [e for e in others if e.layout_key == entry.layout_key]
-            if len(pinned_here) + 1 + (1 if rest else 0) > len(slots):
-                keep = f", and one must stay for the {len(rest)} other expert(s) like it" if rest else ""
-                raise CapacityError(
-                    f"the device has {len(slots)} slot(s) for {name!r}'s architecture; pinned there: "
-                    f"{', '.join(pinned_here) or 'none'}{keep}; unpin one or raise --device-budget"
-                )
 
     def unpin(self, expert: str) -> bool:
         """Let eviction take `expert` again; False when it was not pinned."""
@@ -395,14 +278,11 @@ class TierManager:
             return ok
 
     def set_keep_alive(self, expert: str, seconds: float | None) -> None:
-        """How long `expert` stays resident once idle (None: as the eviction policy decides)."""
+        """How long `expert` stays resident once idle (None: as the eviction policy decides;
+        negative: always)."""
         self._entry(expert)
         with self._cv:
-            if seconds is None:
-                self.rules.keep_alive.pop(expert, None)
-            else:
-                self.rules.keep_alive[expert] = seconds
-                self.rules.used_at.setdefault(expert, time.monotonic())
+            self.rules.set_keep_alive(expert, seconds, time.monotonic())
 
     def expire_idle(self) -> list[str]:
         """Unload the experts idle past their keep-alive; returns those unloaded."""

@@ -4,10 +4,12 @@ that nobody is using; a policy never sees (and so can never evict) an expert in 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from wallbreak.errors import ConfigError
+from wallbreak.coe.bundle.manifest import ExpertEntry
+from wallbreak.errors import CapacityError, ConfigError
+from wallbreak.units import format_bytes
 
 
 class EvictionPolicy:
@@ -118,6 +120,56 @@ class ResidencyRules:
     def pinned(self, expert: str, tier: str, host_of_alias: bool = False) -> bool:
         pin = self.pins.get(expert)
         return pin == tier or (host_of_alias and pin == "device")
+
+    def check_pin_room(
+        self,
+        entries: Mapping[str, ExpertEntry],
+        entry: ExpertEntry,
+        tier: str,
+        alias: bool,
+        host_budget: int,
+        slots: int,
+    ) -> None:
+        """CapacityError, naming the pins that hold the space, when pinning `entry` to `tier` would
+        leave no room for the other experts: on the host, the pinned bytes and the largest unpinned
+        expert must fit the budget; on the device, the `slots` of its layout must keep one for the
+        others of that layout."""
+        name = entry.name
+        others = [e for e in entries.values() if e.name != name and e.name not in self.pins]
+        if tier == "host" or alias:
+            pinned = {
+                n: entries[n].total_bytes for n in self.pins if n != name and self.pinned(n, "host", alias)
+            }
+            spare = max((e.total_bytes for e in others), default=0)
+            if sum(pinned.values()) + entry.total_bytes + spare > host_budget:
+                held = ", ".join(f"{n} ({format_bytes(b)})" for n, b in pinned.items()) or "no other pins"
+                raise CapacityError(
+                    f"pinning {name!r} ({format_bytes(entry.total_bytes)}) in host memory leaves no room "
+                    f"for the other experts (the largest needs {format_bytes(spare)}) within the host "
+                    f"budget {format_bytes(host_budget)}; pinned: {held}"
+                )
+        if tier == "device":
+            layout = entry.layout_key
+            here = [
+                n
+                for n, t in self.pins.items()
+                if t == "device" and n != name and entries[n].layout_key == layout
+            ]
+            rest = [e for e in others if e.layout_key == layout]
+            if len(here) + 1 + (1 if rest else 0) > slots:
+                keep = f", and one must stay for the {len(rest)} other expert(s) like it" if rest else ""
+                raise CapacityError(
+                    f"the device has {slots} slot(s) for {name!r}'s architecture; pinned there: "
+                    f"{', '.join(here) or 'none'}{keep}; unpin one or raise --device-budget"
+                )
+
+    def set_keep_alive(self, expert: str, seconds: float | None, now: float) -> None:
+        """None: the eviction policy alone decides; a negative number: always."""
+        if seconds is None:
+            self.keep_alive.pop(expert, None)
+            return
+        self.keep_alive[expert] = float("inf") if seconds < 0 else seconds
+        self.used_at.setdefault(expert, now)
 
     def unpin(self, expert: str) -> str | None:
         return self.pins.pop(expert, None)
