@@ -31,6 +31,8 @@ from wallbreak.coe import defaults
 from wallbreak.coe.server.net import free_port
 
 KEY = "bench-admin-key"
+# The new expert's example prompts: the restart path's `router fit` needs some for every expert.
+EXAMPLES = ["Translate 'good morning' into French.", "Give me a synonym for 'happy'.", "Spell 'necessary'."]
 WB = [sys.executable, "-m", "wallbreak.cli"]
 
 
@@ -114,7 +116,9 @@ def main() -> None:
         done = threading.Event()
         t_req = time.perf_counter()
         job = call(
-            f"{base}/admin/experts", {"name": "smollm2-again", "source": str(gguf), "dtype": "int8"}, key=KEY
+            f"{base}/admin/experts",
+            {"name": "smollm2-again", "source": str(gguf), "dtype": "int8", "examples": EXAMPLES},
+            key=KEY,
         )
 
         def wait_job() -> None:
