@@ -160,6 +160,7 @@ def test_add_under_load_then_it_answers_and_routes(server: ServerThread, folders
 
 def test_replace_is_atomic_per_request(server: ServerThread, folders: dict[str, Path]) -> None:
     before = greedy(server, "beta", 24)
+    assert admin(server, "POST", "/admin/experts/beta/pin", {"tier": "device"})[0] == 200
     with Load(server, "beta", threads=3) as load:
         status, out = admin(server, "PUT", "/admin/experts/beta", {"source": str(folders["beta2"])})
         assert status == 202
@@ -174,6 +175,10 @@ def test_replace_is_atomic_per_request(server: ServerThread, folders: dict[str, 
     while time.monotonic() < deadline and server.app.state.live.retiring():
         time.sleep(0.2)
     assert server.app.state.live.retiring() == []
+    # The pin carried over to the new version: held in the old one's slot once that retired.
+    state = server.app.state.live.describe("beta")
+    assert state["pinned"] == "device" and state["tier"] == "device" and state["version"] != "beta"
+    assert admin(server, "POST", "/admin/experts/beta/unpin")[0] == 200
 
 
 def test_pin_unload_and_llamacpp_aliases(server: ServerThread) -> None:

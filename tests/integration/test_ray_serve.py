@@ -1,7 +1,8 @@
 """`wallbreak serve --ray`: the OpenAI endpoints through Ray Serve replicas, as a user runs them.
 
 One server for the module (a local Ray on 127.0.0.1, 2 replicas, 4 tiny experts): the official
-`openai` client, /health and /metrics, a replica killed under load, and a drained shutdown.
+`openai` client, /health and /metrics, a replica killed under load, the admin API changing every
+replica, and a drained shutdown.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'wallbreak[ray]')")
 
-from helpers import http
+from helpers import http, make_tiny_llama_folder
 from wallbreak.coe.server.net import free_port
 
 pytestmark = pytest.mark.ray
+ADMIN = "admin-key"
 
 
 class RayServer:
@@ -34,7 +36,7 @@ class RayServer:
         # No test here is about compiled steps, so no replica builds one in the background.
         self.cmd = [sys.executable, "-m", "wallbreak.cli", "serve", "--ray", "--replicas", str(replicas),
                     "--bundle", str(bundle), "--port", str(self.port), "--max-queue", "64",
-                    "--compile", "off"]  # fmt: skip
+                    "--compile", "off", "--admin-key", ADMIN]  # fmt: skip
         self.log = bundle.parent / "ray-serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -158,6 +160,98 @@ def test_a_killed_replica_costs_no_request_the_client_cannot_retry(server: RaySe
         time.sleep(2)
     else:
         pytest.fail(f"replica 0 did not come back: {server.health()}")
+
+
+def admin(server: RayServer, method: str, path: str, body: object = None) -> tuple[int, dict]:
+    status, _, text = http(method, f"{server.url}{path}", body, {"Authorization": f"Bearer {ADMIN}"})
+    return status, json.loads(text) if text else {}
+
+
+def import_job(server: RayServer, method: str, path: str, body: dict) -> dict:
+    status, started = admin(server, method, path, body)
+    assert status == 202, started
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status, job = admin(server, "GET", f"/admin/jobs/{started['job']}")
+        if job["state"] in ("done", "failed"):
+            assert job["state"] == "done", job
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {started['job']} did not end")
+
+
+def greedy(server: RayServer, model: str, extra: dict | None = None) -> tuple[int, str]:
+    body = {"model": model, "prompt": "the plum", "max_tokens": 16, "temperature": 0, **(extra or {})}
+    status, _, text = http("POST", f"{server.url}/v1/completions", body)
+    return status, json.loads(text)["choices"][0]["text"] if status == 200 else text
+
+
+def state_of(server: RayServer, name: str) -> dict:
+    status, listed = admin(server, "GET", "/admin/experts")
+    assert status == 200
+    return next(e for e in listed["data"] if e["id"] == name)
+
+
+def test_the_admin_api_changes_every_replica(server: RayServer, tmp_path: Path) -> None:
+    """Add, pin, replace under load, keep-alive, a restarted replica given its pin again, delete."""
+    old_src = make_tiny_llama_folder(tmp_path / "old", seed=1)
+    new_src = make_tiny_llama_folder(tmp_path / "new", seed=2)
+    assert http("GET", f"{server.url}/admin/experts")[0] == 401
+    job = import_job(server, "POST", "/admin/experts", {"name": "added", "source": str(old_src)})
+    status, old = greedy(server, "added")
+    assert status == 200, old
+    holders = [r for r in server.health()["replicas"] if "added" in r["placed"]]
+    assert len(holders) == 1, server.health()["replicas"]  # placed once, on one replica
+    assert job["result"]["version"] == "added" and state_of(server, "added")["tier"] in ("host", "device")
+
+    status, pinned = admin(server, "POST", "/admin/experts/added/pin", {"tier": "device"})
+    assert status == 200 and pinned["state"]["pinned"] == "device", pinned
+    assert pinned["state"]["replicas"][str(holders[0]["index"])] == "device"
+    assert admin(server, "POST", "/admin/experts/nobody/pin", {"tier": "host"})[0] == 404
+    assert http("GET", f"{server.url}/metrics")[2].count('wallbreak_expert_pinned{expert="added"') == 1
+
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            answers.append(greedy(server, "added"))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        import_job(server, "PUT", "/admin/experts/added", {"source": str(new_src)})
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    _, new = greedy(server, "added", {"keep_alive": "10m"})
+    assert new != old
+    assert all(s == 200 for s, _ in answers) and {a for _, a in answers} <= {old, new}, answers[:5]
+    st = state_of(server, "added")
+    assert st["version"] != "added" and st["pinned"] == "device" and st["keep_alive_s"] == 600
+
+    victim = next(r for r in server.health()["replicas"] if "added" in r["placed"])
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Ray restarts it; the ingress gives it its pin again
+        st = state_of(server, "added")
+        if st["pinned"] == "device" and st["replicas"].get(str(victim["index"])) == "device":
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"the restarted replica did not get its pin back: {state_of(server, 'added')}")
+
+    assert admin(server, "POST", "/admin/experts/added/unpin")[0] == 200
+    status, removed = admin(server, "DELETE", "/admin/experts/added")
+    assert status == 200 and removed["changes"]["removed"] == ["added"], removed
+    assert greedy(server, "added")[0] == 404
+    deadline = time.monotonic() + 30
+    while any("added" in r["placed"] for r in server.health()["replicas"]):
+        assert time.monotonic() < deadline, "the removed expert stayed in the placement table"
+        time.sleep(0.5)
 
 
 def test_sigterm_drains_and_exits_cleanly(server: RayServer) -> None:

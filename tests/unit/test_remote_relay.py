@@ -66,7 +66,7 @@ class Replica:
     def options(self, stream: bool) -> Replica:
         return self
 
-    def remote(self, expert: str, ids: list[int], params: SamplingParams) -> Stream:
+    def remote(self, expert: str, blob: str | None, ids: list[int], params: SamplingParams) -> Stream:
         done = len(ids) - len(self.prompt)
         todo = TOKENS[done:]
         if self.die_after is not None:

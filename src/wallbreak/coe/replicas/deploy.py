@@ -32,6 +32,8 @@ from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
+from wallbreak.coe.live import LiveBundle
+from wallbreak.coe.replicas.fleet import FleetSide, expert_states, replica_admin
 from wallbreak.coe.replicas.placement import Placement, read_load
 from wallbreak.coe.replicas.remote import RemoteEngine, ReplicaCollector
 from wallbreak.coe.router import Router
@@ -53,19 +55,30 @@ class ReplicaServer:
 
     def __init__(self, index: int, opts: ServeOptions) -> None:
         self.index = index
-        self.engine, _, self.tiers, self.tokenizers = build(opts, with_router=False)
+        self.engine, _, self.tiers, tokenizers = build(opts, with_router=False)
+        catalog = Catalog(self.engine.experts, tokenizers, None)
+        self.live = LiveBundle.local(self.engine.bundle, self.engine, self.tiers, catalog, routes=False)
         self.engine.start()
+        self.live.start()
 
-    async def generate(self, expert: str, ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
-        """The engine's events for one request, ids only (the ingress turns them into text), as
-        they come; the request ends if the caller leaves."""
+    async def generate(
+        self, expert: str, blob: str | None, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Event]:
+        """The engine's events for one request for version (expert, blob) (None: the one serving
+        now), ids only (the ingress turns them into text), as they come; the request ends if the
+        caller leaves."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(ev: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        req = EngineRequest(expert, ids, params, emit, None)
+        key = await self._version(expert, blob)
+        if key is None:
+            why = f"expert {expert!r}: that version is no longer served; retry"
+            yield Event(finish_reason="error", error=why, status=503)
+            return
+        req = EngineRequest(key, ids, params, emit, None)
         try:
             self.engine.submit(req)
         except QueueFull as e:
@@ -83,6 +96,21 @@ class ReplicaServer:
         finally:
             req.cancel()  # no-op when finished; frees the batch slot when the ingress cancelled
 
+    async def _version(self, expert: str, blob: str | None) -> str | None:
+        """This replica's key for the version, syncing once (off the event loop) if it is new here."""
+        if blob is None:
+            return self.live.catalog.key(expert)
+        v = self.live.find(expert, blob, sync=False) or await asyncio.to_thread(self.live.find, expert, blob)
+        return None if v is None else v.key
+
+    async def sync(self) -> dict[str, Any]:
+        """Apply the bundle's manifest now (the ingress calls it before its own catalog changes)."""
+        return (await asyncio.to_thread(self.live.sync)).to_json()
+
+    async def admin(self, op: str, name: str, *args: Any) -> dict[str, Any]:
+        """A residency ask (pin, unpin, load, unload, keep_alive) for `name`: its answer as data."""
+        return await asyncio.to_thread(replica_admin, self.live, op, name, *args)
+
     def status(self) -> dict[str, Any]:
         snap = self.tiers.snapshot()
         return {
@@ -96,6 +124,7 @@ class ReplicaServer:
             "retrying": self.engine.retry_summary(),
             "engine": dict(self.engine.stats.__dict__),
             "tiers": self.tiers.stats.summary(),
+            "experts": expert_states(self.live),
         }
 
     def check_health(self) -> None:
@@ -105,6 +134,7 @@ class ReplicaServer:
     def __del__(self) -> None:  # Ray Serve calls it when it stops the replica: drain, then free
         engine = getattr(self, "engine", None)
         if engine is not None:
+            self.live.stop()
             engine.stop()
             self.tiers.close()
 
@@ -113,6 +143,7 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     """The ingress's ASGI app; Ray Serve calls this on the ingress replica, not in the driver."""
     from ray import serve  # deferred: loads ray
 
+    from wallbreak.coe.server.admin import install_admin  # deferred: loads fastapi
     from wallbreak.coe.server.app import create_app  # deferred: loads fastapi
 
     assert opts.bundle is not None
@@ -123,15 +154,22 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     handles = [serve.get_deployment_handle(replica_name(i), app_name=APP) for i in range(replicas)]
     placement = Placement.spread([e.name for e in entries], replicas, load)
     remote = RemoteEngine(bundle, handles, placement, opts.engine.max_queue * replicas)
+    catalog = Catalog([e.name for e in entries], tokenizers, router)
+    side = FleetSide(remote, catalog)
+    live = LiveBundle(bundle, catalog, side)
+    side.attach(live)
     _INGRESS.append(remote)
     app = create_app(
         remote,  # type: ignore[arg-type]  # the engine's interface, over Ray handles
-        Catalog([e.name for e in entries], tokenizers, router),
+        catalog,
         api_key=opts.api_key,
         extra_health=remote,
         max_body=opts.max_body,
+        describe=live.describe,
     )
     app.state.metrics.registry.register(ReplicaCollector(remote))
+    install_admin(app, live, opts.admin_key)
+    live.start()  # the ingress lives as long as its process: the watcher is a daemon thread
     return app
 
 
@@ -204,11 +242,6 @@ def serve_ray(
     `expert_load`: measured requests per expert for the initial spread (`placement.read_load`)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    if opts.admin_key or os.environ.get("WALLBREAK_ADMIN_KEY"):
-        raise ConfigError(
-            "the admin API is not available with --ray yet: change the bundle with `wallbreak bundle "
-            "import|rm` and restart the deployment, or serve without --ray"
-        )
     try:
         import ray  # deferred: loads ray
         from ray import serve  # deferred: loads ray
@@ -217,8 +250,8 @@ def serve_ray(
     root = Path(opts.bundle) if opts.bundle is not None else ensure_default_bundle()
     load = read_load(expert_load, Bundle.open(root, lenient=True).names) if expert_load else None
     # Resolved here, in the driver: the ingress runs in a Ray worker, whose environment may differ.
-    api_key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
-    opts = dataclasses.replace(opts, bundle=root.resolve(), api_key=api_key)
+    api_key, admin_key = opts.keys()
+    opts = dataclasses.replace(opts, bundle=root.resolve(), api_key=api_key, admin_key=admin_key)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

