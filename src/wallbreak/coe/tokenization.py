@@ -70,13 +70,22 @@ class ExpertTokenizer:
     defaults: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, bundle: Bundle, entry: ExpertEntry) -> ExpertTokenizer:
+    def load(
+        cls, bundle: Bundle, entry: ExpertEntry, shared: dict[Any, Any] | None = None
+    ) -> ExpertTokenizer:
+        """`shared`: tokenizers already loaded, by their files' checksums; experts whose tokenizer
+        files are the same bytes (fine-tunes of one base) share one object, loaded once."""
         from transformers import AutoTokenizer  # deferred: loads transformers
 
         tok_dir = bundle.tokenizer_path(entry.name)
         if tok_dir is None:
             raise ConfigError(f"expert {entry.name!r} has no tokenizer in the bundle; it cannot be served")
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        same = tuple(sorted(entry.tokenizer_files.items())) if entry.tokenizer_files else None
+        tok = shared.get(same) if shared is not None and same else None
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            if shared is not None and same:
+                shared[same] = tok
         context = int(entry.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         return cls(entry.name, tok, context, eos_ids(tok, entry.config), sampling_defaults(tok_dir))
 
@@ -131,11 +140,12 @@ def load_tokenizers(
     """Each expert's tokenizer facts. `lenient` (a server): an expert whose tokenizer cannot be
     loaded is left out and recorded in `bundle.damaged`, so the others still serve."""
     out = {}
+    shared: dict[Any, Any] = {}
     for e in entries:
         if lenient and e.name in bundle.damaged:
             continue
         try:
-            out[e.name] = ExpertTokenizer.load(bundle, e)
+            out[e.name] = ExpertTokenizer.load(bundle, e, shared)
         except Exception as ex:  # transformers and tokenizers raise their own kinds for bad files
             why = f"its tokenizer cannot be loaded ({first_line(ex)})"
             if not lenient:

@@ -25,7 +25,7 @@ from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.catalog import Catalog
 from wallbreak.coe.live import LiveBundle, UnknownExpert, Version
 from wallbreak.coe.replicas.remote import REFRESH_S, RemoteEngine
-from wallbreak.errors import CapacityError, ConfigError, WallbreakError, first_line
+from wallbreak.errors import CapacityError, ConfigError, WallbreakError, first_line, without_paths
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def replica_admin(live: LiveBundle, op: str, name: str, *args: Any) -> dict[str,
     except CapacityError as e:
         return {"error": "conflict", "message": str(e)}
     except WallbreakError as e:
-        return {"error": "config", "message": first_line(e)}
+        return {"error": "config", "message": without_paths(str(e))}
 
 
 def expert_states(live: LiveBundle) -> dict[str, dict[str, Any]]:
