@@ -104,17 +104,26 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
     code, text, _ = run(
         capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--device-budget", str(2 * size + 4096),
         "--requests", "6", "--concurrency", "3", "--max-tokens", "4", "--no-alone", "--compile", "off",
-        "--plot", str(plot), "--json",
+        "--experts-subset", "2,3", "--plot", str(plot), "--json",
     )  # fmt: skip
     assert code == 0
     out = json.loads(text)
-    assert [r["concurrency"] for r in out["runs"]] == [3]  # one level: each is a server per policy
+    # one cell per subset size and concurrency, each a server per policy
+    assert [(r["experts"], r["concurrency"]) for r in out["runs"]] == [(2, 3), (3, 3)]
+    assert out["o_direct_ceiling_gbps"] > 0
     for r in out["runs"]:
         assert list(r["policies"]) == ["ours", "per-expert-lru", "fcfs-lru"]
         for p in r["policies"].values():
-            keys = {"req_per_s", "tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "switches", "failed"}
+            keys = {"req_per_s", "tokens_per_s", "p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s", "switches",
+                    "failed", "disk_read_bytes", "disk_read_gbps", "disk_read_vs_ceiling",
+                    "compile"}  # fmt: skip
             assert keys <= set(p) and p["failed"] == 0
+            assert p["compile"]["policy"] == "off"
     assert plot.stat().st_size > 0
+    code, _, err = run(
+        capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--experts-subset", "2,99"
+    )
+    assert code == 2 and "--experts-subset 99: the bundle has" in err
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,20 @@ def test_stop_strings_end_generation_without_emitting_them(engine: Engine) -> No
     assert len(cut.tokens) < len(full.tokens)  # generation really ended there
 
 
+def test_ignore_eos_runs_an_answer_to_max_tokens(engine: Engine) -> None:
+    expert = engine.experts[1]
+    eos = min(engine.tokenizers[expert].eos_ids)
+    results = []
+    for ignore in (False, True):
+        c = Collector()
+        params = SamplingParams(max_tokens=6, temperature=0, logit_bias=((eos, 100.0),), ignore_eos=ignore)
+        engine.submit(Request(expert, [3, 4, 5], params, c))
+        assert c.done.wait(30)
+        results.append((c.finish, c.tokens))
+    assert results[0] == ("stop", [])  # the end token, forced first, ends the answer
+    assert results[1] == ("length", [eos] * 6)  # ignored: an ordinary token, to max_tokens
+
+
 def test_cancelled_requests_leave_the_batch(engine: Engine) -> None:
     c = Collector()
     req = Request(engine.experts[0], [1, 2, 3], SamplingParams(max_tokens=100000, temperature=0), c)

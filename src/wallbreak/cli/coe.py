@@ -193,7 +193,8 @@ def _bench_serve_parser(bench: Any) -> None:
     default_arg(bs, BenchServeArgs, "--seed", int)
     bs.add_argument("--no-alone", action="store_true", help="skip the plain transformers generate reference")
     default_arg(bs, BenchServeArgs, "--max-wait", float, "the servers' --max-wait")
-    bs.add_argument("--plot", type=Path, help="bar chart of req/s and p99 per policy and concurrency (PNG)")
+    bs.add_argument("--plot", type=Path, help="PNG: p99 against the number of experts (with several "
+                    "--experts-subset sizes), else req/s and p99 per policy and concurrency")  # fmt: skip
     compile_default = default_of(BenchServeArgs, "compile")
     bs.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=compile_default,
                     help="the servers' --compile (default %(default)s; run `wallbreak bundle compile` first, "
@@ -209,6 +210,9 @@ def _bench_serve_parser(bench: Any) -> None:
     )
     bs.add_argument("--expert-load", type=Path, metavar="FILE",
                     help="with --ray: the servers' --expert-load (a run's requests_by_expert)")  # fmt: skip
+    bs.add_argument("--experts-subset", type=ints, default=None, metavar="N,N,...",
+                    help="requests over the first N experts of the bundle, a run for each N "
+                         "(e.g. 8,16,32,64,150; default: all of them)")  # fmt: skip
     bs.add_argument("--json", action="store_true")
 
 
@@ -299,6 +303,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             policies=tuple(args.policy) if args.policy else tuple(POLICIES),
             alone=not args.no_alone,
             replicas=args.replicas if args.ray else None,
+            experts_subset=tuple(args.experts_subset) if args.experts_subset else None,
         )
     )
     if args.plot:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from wallbreak.coe import defaults
+from wallbreak.coe.bench.switch import o_direct_read_gbps
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.policy import POLICIES
 from wallbreak.coe.server.net import free_port
@@ -53,7 +54,8 @@ class BenchServeArgs:
     direct_io: str | None = None  # the servers' --direct-io
     replicas: int | None = None  # --ray: compare 1 replica with this many, each with the same budgets
     expert_load: Path | None = None  # --ray: the servers' --expert-load (measured load per expert)
-    compile: str = defaults.COMPILE  # the servers' --compile (build steps first: `wallbreak bundle compile`)
+    compile: str = defaults.COMPILE  # the servers' --compile; steps are built before any timing
+    experts_subset: tuple[int, ...] | None = None  # requests over the first N experts, for each N
 
 
 def drop_page_cache() -> None:
@@ -140,6 +142,7 @@ def _one(url: str, expert: str, max_tokens: int) -> tuple[float, float | None, i
         "prompt": PROMPT,
         "max_tokens": max_tokens,
         "temperature": 0,
+        "ignore_eos": True,  # every answer is max_tokens long, whatever the model would say
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -200,6 +203,7 @@ def drive(url: str, sequence: list[str], concurrency: int, max_tokens: int) -> d
         "p50_s": float(np.percentile(lat, 50)) if lat else None,
         "p99_s": float(np.percentile(lat, 99)) if lat else None,
         "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+        "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
         "failed": len(sequence) - len(lat),
         "wall_s": wall,
     }
@@ -257,8 +261,51 @@ def _one_run(
     ahead = t1["bytes_disk_to_host_prefetch"] - t0["bytes_disk_to_host_prefetch"]
     res["disk_read_bytes"] = read
     res["disk_read_by_prefetch"] = ahead / read if read else None
+    read_s = t1.get("disk_to_host_s", 0.0) - t0.get("disk_to_host_s", 0.0)
+    res["disk_read_gbps"] = round(read / read_s / 1e9, 3) if read_s > 0 else None  # while reading
+    res["compile"] = compile_state(h1.get("compile", {}))
     res["tiers"] = t1
     return res
+
+
+def compile_state(summary: dict[str, Any]) -> dict[str, Any]:
+    """A server's compile state in short: its policy, how many experts' decode steps are in each
+    state, and the steps it ran compiled (a build still running means the figure is not clean)."""
+    states: dict[str, int] = {}
+    for state in summary.get("experts", {}).values():
+        states[state] = states.get(state, 0) + 1
+    keys = ("policy", "compiled_steps", "compiled_prefills", "recompiles")
+    return {k: summary.get(k) for k in keys} | {"experts_by_state": states}
+
+
+def build_steps(a: BenchServeArgs, experts: list[str]) -> None:
+    """Every compiled step the servers will use, built before timing (`wallbreak bundle compile`),
+    so no policy runs while a build takes the CPU."""
+    if a.compile == "off":
+        return
+    print("bench serve: building the compiled steps first (wallbreak bundle compile) ...", file=sys.stderr)
+    cmd = [
+        sys.executable,
+        "-m",
+        "wallbreak.cli",
+        "bundle",
+        "compile",
+        str(a.bundle),
+        "--experts",
+        ",".join(experts),
+    ]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"building the compiled steps failed: {done.stdout.strip().splitlines()[-1:]}")
+
+
+def subsets(a: BenchServeArgs, bundle: Bundle) -> list[int]:
+    n = len(bundle.names)
+    chosen = list(a.experts_subset or (n,))
+    bad = [k for k in chosen if not 1 <= k <= n]
+    if bad:
+        raise ConfigError(f"--experts-subset {bad[0]}: the bundle has {n} experts; give sizes from 1 to {n}")
+    return sorted(set(chosen))
 
 
 def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
@@ -268,32 +315,22 @@ def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
     unknown = [p for p in a.policies if p not in POLICIES]
     if unknown:
         raise ConfigError(f"--policy {','.join(unknown)}: choose from {', '.join(POLICIES)}")
-    seq = zipf_sequence(a.workload, bundle.names, a.requests, a.seed)
+    sizes = subsets(a, bundle)
+    zipf_sequence(a.workload, bundle.names, 1, a.seed)  # a bad --workload fails before any work
+    build_steps(a, bundle.names[: max(sizes)])
     out: dict[str, Any] = {"workload": a.workload, "requests": a.requests, "runs": []}
-    for c in a.concurrency:
-        run: dict[str, Any] = {"concurrency": c, "policies": {}}
-        if a.replicas:  # the same budgets per replica: one replica against N, both through Ray Serve
-            for n in sorted({1, a.replicas}):
-                print(f"bench serve: concurrency {c}, Ray Serve x{n} ...", file=sys.stderr, flush=True)
-                run["policies"][f"ray-x{n}"] = _one_run(a, "ours", seq, c, n)
-            p = run["policies"]
-            base = p["ray-x1"]["req_per_s"]
-            run["speedup"] = (
-                {f"ray-x{a.replicas}_vs_ray-x1": p[f"ray-x{a.replicas}"]["req_per_s"] / base} if base else {}
-            )
+    blob = bundle.blob_path(bundle.names[0])
+    out["o_direct_ceiling_gbps"] = round(o_direct_read_gbps(blob), 3)
+    for n in sizes:
+        seq = zipf_sequence(a.workload, bundle.names[:n], a.requests, a.seed)
+        for c in a.concurrency:
+            run = _policies_at(a, seq, c, n)
+            for r in run["policies"].values():
+                gbps = r.get("disk_read_gbps")
+                r["disk_read_vs_ceiling"] = round(gbps / out["o_direct_ceiling_gbps"], 3) if gbps else None
             out["runs"].append(run)
-            continue
-        for policy in a.policies:
-            print(f"bench serve: concurrency {c}, policy {policy} ...", file=sys.stderr, flush=True)
-            run["policies"][policy] = _one_run(a, policy, seq, c)
-        p = run["policies"]
-        run["speedup"] = {
-            f"ours_vs_{k}": p["ours"]["req_per_s"] / p[k]["req_per_s"]
-            for k in p
-            if k != "ours" and "ours" in p and p[k]["req_per_s"] > 0
-        }
-        out["runs"].append(run)
     if a.alone:
+        seq = zipf_sequence(a.workload, bundle.names[: sizes[0]], a.requests, a.seed)
         popular = max(set(seq), key=seq.count)
         out["transformers_generate_alone"] = {"expert": popular} | transformers_alone(
             bundle, popular, min(10, a.requests), a.max_tokens
@@ -301,15 +338,45 @@ def run_bench_serve(a: BenchServeArgs) -> dict[str, Any]:
     return out
 
 
+def _policies_at(a: BenchServeArgs, seq: list[str], c: int, n: int) -> dict[str, Any]:
+    """One cell: every policy (or Ray Serve x1 against xN) on the same sequence at concurrency c."""
+    run: dict[str, Any] = {"concurrency": c, "experts": n, "policies": {}}
+    if a.replicas:  # the same budgets per replica: one replica against N, both through Ray Serve
+        for k in sorted({1, a.replicas}):
+            print(
+                f"bench serve: {n} experts, concurrency {c}, Ray Serve x{k} ...", file=sys.stderr, flush=True
+            )
+            run["policies"][f"ray-x{k}"] = _one_run(a, "ours", seq, c, k)
+        p = run["policies"]
+        base = p["ray-x1"]["req_per_s"]
+        run["speedup"] = (
+            {f"ray-x{a.replicas}_vs_ray-x1": p[f"ray-x{a.replicas}"]["req_per_s"] / base} if base else {}
+        )
+        return run
+    for policy in a.policies:
+        print(f"bench serve: {n} experts, concurrency {c}, policy {policy} ...", file=sys.stderr, flush=True)
+        run["policies"][policy] = _one_run(a, policy, seq, c)
+    p = run["policies"]
+    run["speedup"] = {
+        f"ours_vs_{k}": p["ours"]["req_per_s"] / p[k]["req_per_s"]
+        for k in p
+        if k != "ours" and "ours" in p and p[k]["req_per_s"] > 0
+    }
+    return run
+
+
 def format_bench_serve(out: dict[str, Any]) -> str:
     lines = [f"workload {out['workload']}, {out['requests']} requests"]
+    if out.get("o_direct_ceiling_gbps"):
+        lines.append(f"O_DIRECT read ceiling {out['o_direct_ceiling_gbps']:.2f} GB/s")
     for run in out["runs"]:
-        lines.append(f"concurrency {run['concurrency']}:")
+        lines.append(f"{run.get('experts', '?')} experts, concurrency {run['concurrency']}:")
         for name, r in run["policies"].items():
             hidden = r["disk_read_by_prefetch"]
             lines.append(
                 f"  {name:<15} {r['req_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
                 f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  ttft p50 {r['ttft_p50_s']:.2f} s  "
+                f"ttft p99 {r.get('ttft_p99_s') or 0:.2f} s  "
                 f"switches {r['switches']}  batch {r['mean_batch']:.1f}"
                 + (f"  prefetched {hidden:.0%} of disk reads" if hidden is not None else "")
                 + (f"  FAILED {r['failed']}" if r["failed"] else "")
@@ -325,7 +392,9 @@ def format_bench_serve(out: dict[str, Any]) -> str:
 
 
 def plot_bench_serve(out: dict[str, Any], path: Path) -> None:
-    """Grouped bars: requests/s and p99 latency per policy, one group per concurrency."""
+    """Several subset sizes: p99 latency against the number of experts, one line per policy and
+    concurrency (the paper's DGX-style curve). Otherwise grouped bars: requests/s and p99 latency
+    per policy, one group per concurrency."""
     import matplotlib  # deferred: loads matplotlib
 
     matplotlib.use("Agg")
@@ -333,6 +402,23 @@ def plot_bench_serve(out: dict[str, Any], path: Path) -> None:
 
     runs = out["runs"]
     policies = list(runs[0]["policies"])
+    sizes = sorted({r.get("experts", 0) for r in runs})
+    if len(sizes) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for c in sorted({r["concurrency"] for r in runs}):
+            for name in policies:
+                pts = sorted(
+                    (r["experts"], r["policies"][name]["p99_s"] or 0) for r in runs if r["concurrency"] == c
+                )
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{name}, {c} clients")
+        ax.set_xlabel("experts behind the endpoint")
+        ax.set_ylabel("p99 latency, s (lower is better)")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(k) for k in sizes])
+        ax.legend(fontsize=8)
+        fig.suptitle(f"wallbreak bench serve: p99 against expert count, {out['workload']}")
+        save_figure(fig, path, "the serving benchmark plot")
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(policies)
     for ax, key, label in ((axes[0], "req_per_s", "requests/s (higher is better)"),

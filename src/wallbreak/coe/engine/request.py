@@ -42,6 +42,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     n: int = 1  # choices: the prompt is prefilled once and its KV copied into n rows
+    ignore_eos: bool = False  # an end id is an ordinary token: the row runs to max_tokens (load tests)
 
     @property
     def greedy(self) -> bool:

@@ -310,7 +310,7 @@ class Batch:
         detok = seq.detok
         # An end id ends the row unless its grammar is mid-way (where a model's end id is also an
         # ordinary token the grammar allowed, it is taken as that token).
-        if tok in self.eos_ids and (seq.grammar is None or seq.grammar.accepting):
+        if tok in self.eos_ids and not p.ignore_eos and (seq.grammar is None or seq.grammar.accepting):
             tail = detok.finish() if detok is not None else ""
             if tail:
                 req.emit(Event(text=tail, index=seq.index))

@@ -322,4 +322,5 @@ def sampling_params(body: Any, tok: ExpertTokenizer, room: int) -> SamplingParam
         logprobs=body.logprobs_k(),
         prompt_logprobs=echo_k,
         n=body.n,
+        ignore_eos=body.ignore_eos,
     )

@@ -147,6 +147,11 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, description="extension: -1 or 0 is off")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="extension")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
+    ignore_eos: bool = Field(
+        default=False,
+        description="extension (vLLM's): the model's end token does not end the answer, so it runs to "
+        "max_tokens or a stop string (load tests)",
+    )
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(

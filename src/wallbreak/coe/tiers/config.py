@@ -100,5 +100,6 @@ class TierStats:
             "bytes_disk_to_host_prefetch": self.bytes_disk_to_host_prefetch,
             "bytes_host_to_device": self.bytes_host_to_device,
             "disk_to_host_gbps": gbps(self.bytes_disk_to_host, self.disk_to_host_s),
+            "disk_to_host_s": round(self.disk_to_host_s, 4),
             "host_to_device_gbps": gbps(self.bytes_host_to_device, self.host_to_device_s),
         }
