@@ -5,9 +5,11 @@ and the ahead-of-time compiled step where it runs), interleaved in one process.
 
 Each round runs `--steps` decode steps of every (rows, path) cell in turn, each on a fresh
 128-token context per row, and the cell's figure is the median over rounds of rows x steps /
-seconds. The compiled package is used where it exists (`wallbreak bundle compile DIR`); it is
-built for one row, so other rows show the eager path only. Prints one JSON object: what the
-scheduler's choice between batching rows eagerly and running rows one at a time compiled rests on.
+seconds. The one-row compiled package is used where it exists (`wallbreak bundle compile DIR`).
+With `--buckets`, a compiled package for each other row count in `--rows` is built first (fixed
+rows, `aot` part "decode-rowsN", in a child process, kept in the cache) and measured too; each
+cell also says how often its greedy token agrees with eager's. Prints one JSON object: what the
+choice between batching rows eagerly, compiled row buckets and one row at a time rests on.
 """
 
 from __future__ import annotations
@@ -35,15 +37,26 @@ def main() -> int:
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--buckets", action="store_true", help="build and measure compiled steps for --rows > 1")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     bundle = Bundle.open(a.bundle)
     entry = bundle.expert(a.expert)
-    path = aot.package_path(entry.layout_key)
-    step = aot.AotStep(path) if path.is_file() else None
-    model = load_standalone(bundle, a.expert)
     rows_list = [int(r) for r in a.rows.split(",")]
-    cells = [(r, "eager") for r in rows_list] + ([(1, "compiled")] if step is not None else [])
+    steps: dict[int, aot.AotStep] = {}
+    built_s: dict[int, float] = {}
+    for rows in rows_list:
+        part = "decode" if rows == 1 else f"decode-rows{rows}"
+        path = aot.package_path(entry.layout_key, part)
+        if rows > 1 and a.buckets and not path.is_file():
+            t0 = time.perf_counter()
+            aot.build_in_child(a.bundle, a.expert, path, part=part)
+            aot.seal(path)
+            built_s[rows] = round(time.perf_counter() - t0, 1)
+        if path.is_file():
+            steps[rows] = aot.AotStep(path)
+    model = load_standalone(bundle, a.expert)
+    cells = [(r, "eager") for r in rows_list] + [(r, "compiled") for r in rows_list if r in steps]
 
     def context(rows: int) -> KVCache:
         cache = KVCache.for_model(model)
@@ -51,19 +64,24 @@ def main() -> int:
         forward(model, torch.ones(rows, 128, dtype=torch.long), cache)
         return cache
 
+    def one(rows: int, kind: str, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return steps[rows](model, ids, cache) if kind == "compiled" else run_step(model, ids, cache, None)
+
+    agree: dict[tuple[int, str], float] = {}
+    for rows, kind in cells:  # greedy tokens of each path against eager's, same inputs
+        ids = torch.randint(0, 200, (rows, 1))
+        want = run_step(model, ids, context(rows), None).argmax(-1)
+        got = one(rows, kind, ids, context(rows)).argmax(-1)
+        agree[(rows, kind)] = float((got == want).float().mean())
     rates: dict[tuple[int, str], list[float]] = {c: [] for c in cells}
     for _ in range(a.rounds):
-        for rows, path_kind in cells:
+        for rows, kind in cells:
             cache = context(rows)
             ids = torch.ones(rows, 1, dtype=torch.long)
             t0 = time.perf_counter()
             for _ in range(a.steps):
-                if path_kind == "compiled":
-                    assert step is not None
-                    step(model, ids, cache)
-                else:
-                    run_step(model, ids, cache, None)
-            rates[(rows, path_kind)].append(rows * a.steps / (time.perf_counter() - t0))
+                one(rows, kind, ids, cache)
+            rates[(rows, kind)].append(rows * a.steps / (time.perf_counter() - t0))
     table = [
         {
             "rows": r,

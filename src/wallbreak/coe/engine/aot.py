@@ -81,6 +81,15 @@ BUILD_TIMEOUT_S = 3600.0
 BUILD_NICE = 10
 MODEL = "model"  # the package's model name
 PARTS = ("decode", "prefill")  # what a package runs: one decode column, or a chunk of a prompt
+# A decode column for a fixed batch of N rows ("decode-rowsN"): built only to measure whether a
+# compiled multi-row step can beat eager batches (benchmarks/step_table.py --buckets).
+ROW_BUCKETS = (2, 4, 8, 16)
+ALL_PARTS = PARTS + tuple(f"decode-rows{n}" for n in ROW_BUCKETS)
+
+
+def rows_of(part: str) -> int:
+    """The rows a part's package is built for: N for "decode-rowsN", else one."""
+    return int(part.removeprefix("decode-rows")) if part.startswith("decode-rows") else 1
 MIN_PREFILL = 2  # the shortest chunk the prefill package takes (one column is a decode step)
 # Per expert form (`ExpertEntry.dtype`, `model_form`): the shortest prompt chunk the compiled prefill
 # runs, where it stopped losing to eager; a form not named (float16, unmeasured) prefills eagerly.
@@ -253,18 +262,19 @@ def _own_storage(model: nn.Module) -> None:
 def _examples(model: nn.Module, part: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Inputs of one step of `part` over a block wider than the smallest (so its capacity is seen to
     vary), and the dynamic-shape spec that says so (for a prefill, the chunk's length varies too)."""
+    rows, decode = rows_of(part), part.startswith("decode")
     cache = KVCache.for_model(model)
-    cache.open_rows(1)
-    forward(model, torch.ones(1, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
-    q = 1 if part == "decode" else MIN_CAPACITY + 3
-    ids = torch.ones(1, q, dtype=torch.long)
+    cache.open_rows(rows)
+    forward(model, torch.ones(rows, MIN_CAPACITY + 1, dtype=torch.long), cache)  # eager: makes the blocks
+    q = 1 if decode else MIN_CAPACITY + 3
+    ids = torch.ones(rows, q, dtype=torch.long)
     masks, positions = cache.step_inputs(q, ids.device, next(model.parameters()).dtype, whole=True)
     blocks = cache.blocks()
     assert blocks is not None
     keys = [k.clone() for k, _ in blocks]  # out of inference mode: export writes into them
     values = [v.clone() for _, v in blocks]
     cap = torch.export.Dim("capacity", min=MIN_CAPACITY, max=MAX_CAPACITY)
-    cols = None if part == "decode" else torch.export.Dim("columns", min=MIN_PREFILL, max=MAX_CAPACITY)
+    cols = None if decode else torch.export.Dim("columns", min=MIN_PREFILL, max=MAX_CAPACITY)
     mask = {2: cols, 3: cap} if cols is not None else {3: cap}
     spec = {
         "ids": {1: cols} if cols is not None else None,
@@ -396,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", type=Path)
     p.add_argument("expert")
     p.add_argument("out", type=Path)
-    p.add_argument("--part", choices=PARTS, default="decode")
+    p.add_argument("--part", choices=ALL_PARTS, default="decode")
     a = p.parse_args(argv)
     os.nice(BUILD_NICE)  # the server this serves comes first
     logging.basicConfig(level=logging.INFO, format="%(message)s")
