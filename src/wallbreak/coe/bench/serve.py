@@ -414,6 +414,7 @@ def plot_bench_serve(out: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("experts behind the endpoint")
         ax.set_ylabel("p99 latency, s (lower is better)")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(sizes, [str(k) for k in sizes])
         ax.legend(fontsize=8)
         fig.suptitle(f"wallbreak bench serve: p99 against expert count, {out['workload']}")
