@@ -90,6 +90,8 @@ ALL_PARTS = PARTS + tuple(f"decode-rows{n}" for n in ROW_BUCKETS)
 def rows_of(part: str) -> int:
     """The rows a part's package is built for: N for "decode-rowsN", else one."""
     return int(part.removeprefix("decode-rows")) if part.startswith("decode-rows") else 1
+
+
 MIN_PREFILL = 2  # the shortest chunk the prefill package takes (one column is a decode step)
 # Per expert form (`ExpertEntry.dtype`, `model_form`): the shortest prompt chunk the compiled prefill
 # runs, where it stopped losing to eager; a form not named (float16, unmeasured) prefills eagerly.
