@@ -405,3 +405,35 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     model2 = load_standalone(Bundle.open(bundle), "m2")
     with pytest.raises(aot.StalePackage, match="predicts otherwise than the eager forward"):
         aot.AotStep(path).check(model2)
+
+
+def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
+    four_llamas: Path, cache: Path, store: Path
+) -> None:
+    """`--compile-rows 2`: after the one-row step (and prefill), a package for batches of exactly two
+    rows is built, checked against eager on two different rows, and serves two-row steps; batches
+    of other sizes stay eager."""
+    seed(cache, store)
+    expert = "llama-0"
+    jobs = [(expert, [5, 6, 7, 8]), (expert, [90, 91, 92, 93])]
+    eager, tiers_e = make_engine(four_llamas, compile="off")
+    eager.start()
+    comp, tiers_c = make_engine(four_llamas, compile="on", compile_rows=(2,))
+    comp.start()
+    try:
+        want = serve(eager, jobs, 12, together=True)
+        wait_ready(comp, expert)
+        key = comp.layouts[expert]
+        deadline = time.monotonic() + 600
+        while 2 not in comp.steps.row_steps.get(key, {}):
+            assert time.monotonic() < deadline, "building the two-row step took over 10 minutes"
+            time.sleep(0.5)
+        assert serve(comp, jobs, 12, together=True) == want
+        assert comp.steps.compiled_row_steps > 0
+        assert comp.compile_summary()["row_steps"][expert] == [2]
+        assert aot.package_path(key, "decode-rows2") in packages(cache)
+        publish(cache, store)
+    finally:
+        for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
+            eng.stop(timeout=5)
+            tiers.close()

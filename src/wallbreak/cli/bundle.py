@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wallbreak.cli.args import Parser, names
+from wallbreak.cli.args import Parser, ints, names
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import importers
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
@@ -72,6 +72,8 @@ def add_bundle_parser(verbs: Any) -> None:
     )
     comp.add_argument("dir", type=Path)
     comp.add_argument("--experts", type=names, default=None, help="only these experts (comma-separated)")
+    comp.add_argument("--rows", type=ints, default=[], metavar="N,N,...",
+                      help="also the steps for batches of these sizes (serve --compile-rows)")  # fmt: skip
     show = bv.add_parser("show", help="list a bundle's experts")
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
@@ -131,7 +133,7 @@ def run_bundle_command(args: argparse.Namespace) -> int:
         total = sum(e.total_bytes for e in b.experts.values())
         print(f"ok: {len(b.experts)} expert(s), {format_bytes(total)}, every checksum matches")
     elif args.action == "compile":
-        compile_bundle(Bundle.open(args.dir), args.experts)
+        compile_bundle(Bundle.open(args.dir), args.experts, tuple(args.rows))
     elif args.action == "show":
         b = Bundle.open(args.dir)
         rows: list[dict[str, Any]] = [
@@ -155,11 +157,12 @@ def run_bundle_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
+def compile_bundle(bundle: Any, experts: list[str] | None, rows: tuple[int, ...] = ()) -> None:
     """Build the ahead-of-time decode step of each architecture among `experts` (default: every
     expert, as `serve --compile auto` does on the CPU), and its prefill (`aot.PREFILL_FROM`),
     skipping those already built."""
     from wallbreak.coe.engine import aot  # deferred: loads transformers
+    from wallbreak.coe.engine.compiled import check_rows  # deferred: loads transformers
 
     chosen = [bundle.expert(n) for n in experts] if experts else list(bundle.experts.values())
     by_layout: dict[str, list[Any]] = {}
@@ -170,6 +173,7 @@ def compile_bundle(bundle: Any, experts: list[str] | None) -> None:
         parts = ["decode"]
         if entries[0].dtype in aot.PREFILL_FROM:
             parts.append("prefill")
+        parts += [f"decode-rows{r}" for r in check_rows(rows)]
         for part in parts:
             _compile_part(bundle, entries[0].name, listed, layout, part)
 

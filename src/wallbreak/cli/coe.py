@@ -137,6 +137,10 @@ def add_serve_parser(verbs: Any) -> None:
                          f"(default {defaults.COMPILE})")  # fmt: skip
     sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                     help="the same as --compile off")  # fmt: skip
+    sv.add_argument("--compile-rows", type=ints, default=[], metavar="N,N,...",
+                    help="on the CPU, also a compiled decode step for batches of exactly these sizes "
+                         "(2 to 16), built after the one-row step; other sizes run eagerly "
+                         "(docs/benchmarks.md: 2 and 4 rows won, 8 and 16 did not)")  # fmt: skip
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
                          "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip
@@ -199,6 +203,8 @@ def _bench_serve_parser(bench: Any) -> None:
     bs.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=compile_default,
                     help="the servers' --compile (default %(default)s; run `wallbreak bundle compile` first, "
                          "or a server builds while it is timed)")  # fmt: skip
+    bs.add_argument("--compile-rows", type=ints, default=[], metavar="N,N,...",
+                    help="the servers' --compile-rows (built before timing, as the other steps)")  # fmt: skip
     bs.add_argument("--direct-io", choices=defaults.DIRECT_IO_MODES,
                     help="the servers' --direct-io (on: every miss reads disk)")  # fmt: skip
     bs.add_argument("--drop-caches", action="store_true",
@@ -280,6 +286,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
                 compile=args.compile,
+                compile_rows=tuple(args.compile_rows),
             ),
         )
     )
@@ -304,6 +311,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             alone=not args.no_alone,
             replicas=args.replicas if args.ray else None,
             experts_subset=tuple(args.experts_subset) if args.experts_subset else None,
+            compile_rows=tuple(args.compile_rows),
         )
     )
     if args.plot:

@@ -56,6 +56,7 @@ class BenchServeArgs:
     expert_load: Path | None = None  # --ray: the servers' --expert-load (measured load per expert)
     compile: str = defaults.COMPILE  # the servers' --compile; steps are built before any timing
     experts_subset: tuple[int, ...] | None = None  # requests over the first N experts, for each N
+    compile_rows: tuple[int, ...] = ()  # the servers' --compile-rows
 
 
 def drop_page_cache() -> None:
@@ -96,6 +97,8 @@ class _Server:
             "--port", str(self.port), "--policy", policy, "--max-queue", str(max(256, a.requests)),
             "--max-wait", str(a.max_wait), "--compile", a.compile,
         ]  # fmt: skip
+        if a.compile_rows:
+            self.cmd += ["--compile-rows", ",".join(map(str, a.compile_rows))]
         if a.device_budget:
             self.cmd += ["--device-budget", str(a.device_budget)]
         if a.host_budget:
@@ -274,7 +277,7 @@ def compile_state(summary: dict[str, Any]) -> dict[str, Any]:
     states: dict[str, int] = {}
     for state in summary.get("experts", {}).values():
         states[state] = states.get(state, 0) + 1
-    keys = ("policy", "compiled_steps", "compiled_prefills", "recompiles")
+    keys = ("policy", "compiled_steps", "compiled_row_steps", "row_steps", "compiled_prefills", "recompiles")
     return {k: summary.get(k) for k in keys} | {"experts_by_state": states}
 
 

@@ -72,6 +72,14 @@ POLICIES = defaults.COMPILE_POLICIES
 BACKENDS = ("auto", "aot", "dynamo")  # who compiles: see CompiledSteps.backend_for
 
 
+def check_rows(rows: tuple[int, ...]) -> tuple[int, ...]:
+    """The one check of `--compile-rows`: batch sizes from 2 to aot.MAX_ROWS."""
+    bad = [r for r in rows if not 2 <= r <= aot.MAX_ROWS]
+    if bad:
+        raise ConfigError(f"--compile-rows {bad[0]}: give batch sizes from 2 to {aot.MAX_ROWS}")
+    return tuple(sorted(set(rows)))
+
+
 def check_policy(policy: str) -> str:
     """The one check of a `--compile` value (the engine's config and `CompiledSteps` both ask)."""
     if policy not in POLICIES:
@@ -110,11 +118,22 @@ def graphs_built() -> int:
 class CompiledSteps:
     """Which architectures have a compiled decode step ready, and the background compiles."""
 
-    def __init__(self, policy: str = "auto", bundle_root: Path | None = None, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        policy: str = "auto",
+        bundle_root: Path | None = None,
+        backend: str = "auto",
+        rows: tuple[int, ...] = (),
+    ) -> None:
+        """`rows`: the batch sizes above one that also get an ahead-of-time step of their own
+        (`serve --compile-rows`); a batch of another size runs eagerly."""
         self.policy = check_policy(policy)
         if backend not in BACKENDS:
             raise ConfigError(f"compile backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.backend = backend
+        self.rows = check_rows(rows)
+        self.row_steps: dict[str, dict[int, Any]] = {}  # architecture key -> rows -> aot.AotStep
+        self.compiled_row_steps = 0  # decode steps of several rows the compiled code ran
         self.bundle_root = bundle_root  # where a build process reads an expert (the ahead-of-time step)
         self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
         self.aot: dict[str, Any] = {}  # architecture key -> its loaded ahead-of-time step (aot.AotStep)
@@ -202,17 +221,33 @@ class CompiledSteps:
         with self._lock:
             self.prefills[key] = (prefill, aot.PREFILL_FROM[form])
         log.info("compiled prefill ready for %s", expert or key)
+        self._load_rows(key, model, expert)
+
+    def _load_rows(self, key: str, model: nn.Module, expert: str) -> None:
+        """The steps for the batch sizes in `rows`, one by one, each usable once it is loaded."""
+        for rows in self.rows:
+            if self.closed:
+                return
+            try:
+                step = self._package(key, model, expert, f"decode-rows{rows}")
+            except Exception as e:
+                if not self.closed:
+                    log.warning("%d-row steps of %s stay eager: %s", rows, key, first_line(e))
+                continue
+            with self._lock:
+                self.row_steps.setdefault(key, {})[rows] = step
+            log.info("compiled %d-row decode step ready for %s", rows, expert or key)
 
     def _package(self, key: str, model: nn.Module, expert: str, part: str) -> Any:
         """`key`'s loaded `part` package, built in a child process if no earlier process did (a
         package that fails to load is rebuilt once), checked on `model`; raises if it cannot be."""
         path = aot.package_path(key, part)
-        columns = 1 if part == "decode" else aot.MIN_PREFILL + 1
+        columns = 1 if part.startswith("decode") else aot.MIN_PREFILL + 1
 
         def checked() -> Any:
             aot.verify(path)  # sealed by this user's builder, bytes unchanged: only then loaded
             step = aot.AotStep(path)
-            step.check(model, columns)  # and it computes what the eager forward computes
+            step.check(model, columns, aot.rows_of(part))  # and it computes what eager computes
             return step
 
         if path.is_file():
@@ -265,6 +300,7 @@ class CompiledSteps:
             self.state[key] = "eager"
             self.aot.pop(key, None)
             self.prefills.pop(key, None)
+            self.row_steps.pop(key, None)
         log.warning("decode step of %s stays eager: %s", key, why)
 
     def prefill_from(self, key: str) -> int | None:
@@ -293,8 +329,13 @@ class CompiledSteps:
     def step(
         self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache, expert: str = ""
     ) -> torch.Tensor:
-        """One decode step, compiled if `key` is ready, else eager; logits [rows, vocab]."""
-        if not self.ready(key, model, expert) or cache.rows > self.max_rows(model):
+        """One decode step, compiled if `key` is ready (and, ahead of time, has a step for this
+        many rows), else eager; logits [rows, vocab]."""
+        if not self.ready(key, model, expert):
+            return run_step(model, ids, cache, None)
+        if cache.rows > 1 and key in self.aot:
+            return self._rows_step(key, model, ids, cache)
+        if cache.rows > self.max_rows(model):
             return run_step(model, ids, cache, None)
         aot = self.aot.get(key)
         try:
@@ -314,6 +355,22 @@ class CompiledSteps:
         if built > self._built_when_ready:
             self.recompiles += built - self._built_when_ready
             self._built_when_ready = built
+        return logits
+
+    def _rows_step(self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A batch of several rows: its own ahead-of-time step where one is loaded, else eager. One
+        that raises is dropped (that size runs eagerly from then on) and the step is redone eagerly."""
+        step = self.row_steps.get(key, {}).get(cache.rows)
+        if step is None:
+            return run_step(model, ids, cache, None)
+        try:
+            logits: torch.Tensor = step(model, ids, cache)
+        except Exception as e:
+            with self._lock:
+                self.row_steps.get(key, {}).pop(cache.rows, None)
+            log.warning("%d-row steps of %s stay eager: the step raised (%s)", cache.rows, key, first_line(e))
+            return run_step(model, ids, cache, None)
+        self.compiled_row_steps += 1
         return logits
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle.manifest import Bundle
-from wallbreak.coe.engine.compiled import CompiledSteps, check_policy
+from wallbreak.coe.engine.compiled import CompiledSteps, check_policy, check_rows
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.engine.scheduler import Scheduler
@@ -105,6 +105,7 @@ class EngineConfig:
     prefill_chunk: int = defaults.PREFILL_CHUNK
     compile: str = defaults.COMPILE
     compile_backend: str = "auto"  # auto | aot | dynamo: see compiled.CompiledSteps.backend_for
+    compile_rows: tuple[int, ...] = ()  # batch sizes > 1 with an ahead-of-time step of their own
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
@@ -114,6 +115,7 @@ class EngineConfig:
         if self.kv_budget <= 0 or self.prefill_chunk < 1:
             raise ConfigError("the KV budget and the prefill chunk must be positive")
         check_policy(self.compile)
+        check_rows(self.compile_rows)
 
 
 @dataclass
@@ -148,7 +150,9 @@ class Engine:
             raise ConfigError(f"no tokenizer facts for expert(s) {', '.join(missing)}")
         self.tokenizers = tokenizers
         self.scheduler = Scheduler(self.config.policy, self.config.max_batch, self.config.max_wait_s)
-        self.steps = CompiledSteps(self.config.compile, bundle.root, self.config.compile_backend)
+        self.steps = CompiledSteps(
+            self.config.compile, bundle.root, self.config.compile_backend, self.config.compile_rows
+        )
         self.layouts = {e.name: e.layout_key for e in tiers.entries}
         self.listeners: list[EngineListener] = []
         self.batches: dict[str, Batch] = {}
@@ -238,9 +242,16 @@ class Engine:
             "experts": {e: state.get(k, "not run yet") for e, k in self.layouts.items()},
             "prefill_compiled": sorted(e for e, k in self.layouts.items() if self.steps.prefill_from(k)),
             "compiled_steps": self.steps.compiled_steps,
+            "compiled_row_steps": self.steps.compiled_row_steps,
+            "row_steps": self._row_steps(),
             "compiled_prefills": self.steps.compiled_prefills,
             "recompiles": self.steps.recompiles,
         }
+
+    def _row_steps(self) -> dict[str, list[int]]:
+        """Per expert, the batch sizes above one its compiled steps serve now."""
+        have = self.steps.row_steps
+        return {e: sorted(have[k]) for e, k in self.layouts.items() if have.get(k)}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to `timeout`), fail the rest, stop the thread."""
