@@ -53,6 +53,10 @@ def test_synth_like_experts_are_distinct_verify_and_carry_topics(tied_src: Path,
         assert e.dtype == "int8" and e.config["hidden_size"] == src_cfg["hidden_size"]
         assert e.description == topics.description(i) and list(e.examples) == topics.examples(i)
         assert sum(t.name.startswith("lm_head") for t in e.tensors) == 0  # tied: the table is stored once
+    from wallbreak.coe.tokenization import load_tokenizers
+
+    toks = load_tokenizers(b, [b.expert(n) for n in names])
+    assert toks["ft-000"].tokenizer is toks["ft-002"].tokenizer  # the same files: loaded once
     generation = b.generation
     again = synth_like_bundle(out, tied_src, experts=4, dtype="int8", prefix="ft")
     b2 = Bundle.open(out)

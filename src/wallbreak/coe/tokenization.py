@@ -74,13 +74,17 @@ class ExpertTokenizer:
         cls, bundle: Bundle, entry: ExpertEntry, shared: dict[Any, Any] | None = None
     ) -> ExpertTokenizer:
         """`shared`: tokenizers already loaded, by their files' checksums; experts whose tokenizer
-        files are the same bytes (fine-tunes of one base) share one object, loaded once."""
+        files are the same bytes (fine-tunes of one base) share one object, loaded once. Sharing
+        trusts the checksums, so the files are checked against them first (a damaged file is then
+        this expert's error, not another's tokenizer served in its place)."""
         from transformers import AutoTokenizer  # deferred: loads transformers
 
         tok_dir = bundle.tokenizer_path(entry.name)
         if tok_dir is None:
             raise ConfigError(f"expert {entry.name!r} has no tokenizer in the bundle; it cannot be served")
         same = tuple(sorted(entry.tokenizer_files.items())) if entry.tokenizer_files else None
+        if shared is not None and same:
+            bundle.verify_tokenizer(entry.name)
         tok = shared.get(same) if shared is not None and same else None
         if tok is None:
             tok = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -323,10 +323,16 @@ class Bundle:
                         f"expert {name!r}: tensor {t.name!r} is corrupt (checksum {got[:12]}..., "
                         f"manifest says {t.sha256[:12]}...) in {self.blob_path(name)}"
                     )
-            for fname, digest in e.tokenizer_files.items():
-                p = self.root / str(e.tokenizer_dir) / fname
-                if hashlib.sha256(p.read_bytes()).hexdigest() != digest:
-                    raise BundleError(f"expert {name!r}: tokenizer file {fname!r} is corrupt ({p})")
+            self.verify_tokenizer(name)
+
+    def verify_tokenizer(self, name: str) -> None:
+        """Check the expert's tokenizer files against their checksums; BundleError naming the first
+        bad one."""
+        e = self.expert(name)
+        for fname, digest in e.tokenizer_files.items():
+            p = self.root / str(e.tokenizer_dir) / fname
+            if hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+                raise BundleError(f"expert {name!r}: tokenizer file {fname!r} is corrupt ({p})")
 
 
 def _validate_schema(raw: Any, mpath: Path) -> None:
