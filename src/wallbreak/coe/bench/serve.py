@@ -287,16 +287,10 @@ def build_steps(a: BenchServeArgs, experts: list[str]) -> None:
     if a.compile == "off":
         return
     print("bench serve: building the compiled steps first (wallbreak bundle compile) ...", file=sys.stderr)
-    cmd = [
-        sys.executable,
-        "-m",
-        "wallbreak.cli",
-        "bundle",
-        "compile",
-        str(a.bundle),
-        "--experts",
-        ",".join(experts),
-    ]
+    cmd = [sys.executable, "-m", "wallbreak.cli", "bundle", "compile", str(a.bundle),
+           "--experts", ",".join(experts)]  # fmt: skip
+    if a.compile_rows:
+        cmd += ["--rows", ",".join(map(str, a.compile_rows))]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise ConfigError(f"building the compiled steps failed: {done.stdout.strip().splitlines()[-1:]}")
