@@ -42,7 +42,7 @@ def replica_admin(live: LiveBundle, op: str, name: str, *args: Any) -> dict[str,
     """One residency ask on a replica, answered as data (exceptions do not cross Ray as types):
     {"result": ..., "state": ...} or {"error": kind, "message": ...}."""
     fns: dict[str, Any] = {"pin": live.pin, "unpin": live.unpin, "load": live.load, "unload": live.unload,
-           "keep_alive": live.keep_alive, "describe": lambda n: None}  # fmt: skip
+           "keep_alive": live.keep_alive}  # fmt: skip
     if op not in fns:
         return {"error": "config", "message": f"unknown admin operation {op!r}"}
     try:
