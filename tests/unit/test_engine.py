@@ -174,6 +174,17 @@ def test_ours_charges_each_candidate_its_switch() -> None:
     assert sch.choose(None, {}, costs.__getitem__) == "cold"
 
 
+def test_ours_ranks_a_request_that_arrived_at_time_zero_as_the_oldest() -> None:
+    """A clock may read 0.0 (a simulated one does): that is a time, not a missing one."""
+    now = [0.0]
+    sch = Scheduler(POLICIES["ours"], max_batch=4, max_wait_s=5.0, clock=lambda: now[0])
+    sch.submit(make_req("first", 0.0))
+    now[0] = 1.0
+    sch.submit(make_req("second", 1.0))
+    now[0] = 2.0  # neither is overdue yet
+    assert sch.choose(None, {}) == "first"
+
+
 def test_fcfs_lru_runs_one_request_at_a_time_in_arrival_order() -> None:
     sch = Scheduler(POLICIES["fcfs-lru"], max_batch=16, max_wait_s=2.0)
     for i, e in enumerate("abab"):

@@ -160,7 +160,8 @@ class Scheduler:
 
         def rank(e: str) -> tuple[float, int]:
             size = len(self.waiting.get(e, ())) + active.get(e, 0)
-            return ((self._oldest(e) or now) + switch_cost(e), -size)
+            t = self._oldest(e)
+            return ((now if t is None else t) + switch_cost(e), -size)
 
         return min(work, key=rank)
 
