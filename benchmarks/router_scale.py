@@ -1,7 +1,8 @@
 """The router at many experts: fit it on a `bundle synth --like` bundle's examples (its topics'
-prompts, four per expert), then score it on held-out phrasings of the same topics (two per
-expert), against plain k-nearest-neighbours over the same encoder's embeddings of the same
-examples. Reports fit time, top-1 accuracy, and routing latency (one prompt at a time, p50/p99).
+prompts, four per expert), then score it on two held-out sets: other phrasings that name the topic
+(two per expert), and a question that names neither the topic nor a word of it (one per expert),
+each against plain k-nearest-neighbours over the same encoder's embeddings of the same examples.
+Reports fit time, top-1 accuracy, and routing latency (one prompt at a time, p50/p99).
 Writes the fitted router into the bundle (a server on it routes with it). Prints one JSON object.
 
     python benchmarks/router_scale.py BUNDLE [--methods logreg,knn,...] [--no-fit]
@@ -68,11 +69,13 @@ def main() -> None:
     bundle = Bundle.open(args.bundle)
     router = Router.load(bundle)
     train = [Example(p, n) for n in bundle.names for p in bundle.expert(n).examples]
-    test = [Example(p, n) for n in bundle.names for p in topics.heldout(topic_index(bundle, n))]
-    scored = evaluate(router, test)
+    sets = {"named": topics.heldout, "unnamed": topics.heldout_unnamed}
     keys = ("method", "n", "accuracy", "p50_ms", "p99_ms", "batch32_prompts_per_s")
-    out["router"] = {k: scored[k] for k in keys}
-    out["knn_same_embeddings"] = {f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)}
+    for label, prompts in sets.items():
+        test = [Example(p, n) for n in bundle.names for p in prompts(topic_index(bundle, n))]
+        scored = evaluate(router, test)
+        out[f"router_{label}"] = {k: scored[k] for k in keys}
+        out[f"knn_{label}"] = {f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)}
     print(json.dumps(out))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,15 @@ def test_writing_many_experts_is_streamed(tmp_path: Path) -> None:
     one, eight = peak(1), peak(8)
     assert len(Bundle.open(tmp_path / "b8").names) == 8
     assert eight - one < 2 * expert_bytes, (one, eight, expert_bytes)
+
+
+def test_the_unnamed_held_out_questions_never_name_their_topic() -> None:
+    """One per topic, distinct, and sharing no word stem (5 letters) of 4+ letters with the topic's
+    name: a router scored on them cannot route by matching the name."""
+    assert len(topics.UNNAMED_HELDOUT) == len(topics.TOPICS)
+    assert len(set(topics.UNNAMED_HELDOUT)) == len(topics.TOPICS)
+    for i, name in enumerate(topics.TOPICS):
+        (question,) = topics.heldout_unnamed(i)
+        stems = [w[:5] for w in re.findall(r"[a-z]+", name) if len(w) >= 4]
+        assert not [s for s in stems if s in question.lower()], (name, question)
+    assert topics.heldout_unnamed(len(topics.TOPICS)) == topics.heldout_unnamed(0)  # numbered repeats
