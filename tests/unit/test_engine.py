@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import Collector, make_engine, run, running_engine
+from wallbreak.coe.bench.serve import steps_by_rows
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import POLICIES, Engine, Request, SamplingParams
+from wallbreak.coe.engine.engine import EngineStats
 from wallbreak.coe.engine.kv import decode_attention, write_columns
 from wallbreak.coe.engine.scheduler import Scheduler
 
@@ -39,6 +42,20 @@ def test_batched_greedy_decoding_equals_decoding_alone(engine: Engine) -> None:
     for c in together:
         assert c.done.wait(30) and c.finish == "length"
     assert [c.tokens for c in together] == alone
+    # Every decode step was timed under its rows and path, batches under their own row counts.
+    public = json.loads(json.dumps(engine.stats.public()))
+    cells = public["step_seconds"]
+    assert sum(n for n, _ in cells.values()) == public["steps"]
+    assert sum(int(k.split("/")[0]) * n for k, (n, _) in cells.items()) == public["tokens"]
+    rows = max(cells, key=lambda k: int(k.split("/")[0]))
+    assert int(rows.split("/")[0]) >= 2 and all(secs > 0 for _, secs in cells.values())
+    fleet = EngineStats()
+    fleet.add(public)
+    fleet.add(public)  # two replicas' figures sum, cell by cell
+    assert fleet.steps == 2 * public["steps"] and fleet.step_seconds[rows][0] == 2 * cells[rows][0]
+    by_rows = steps_by_rows({}, cells)
+    assert by_rows[rows]["steps"] == cells[rows][0]
+    assert sum(c["token_share"] for c in by_rows.values()) == pytest.approx(1.0, abs=0.01)
 
 
 def test_stop_strings_end_generation_without_emitting_them(engine: Engine) -> None:

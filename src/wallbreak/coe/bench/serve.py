@@ -260,6 +260,7 @@ def _one_run(
         res["requests_by_expert"] = h1.get("requests_by_expert", {})  # what a next --expert-load reads
     res["switch_s"] = dt
     res["mean_batch"] = (e1["tokens"] - e0["tokens"]) / max(1, e1["steps"] - e0["steps"])
+    res["steps_by_rows"] = steps_by_rows(e0.get("step_seconds", {}), e1.get("step_seconds", {}))
     read = t1["bytes_disk_to_host"] - t0["bytes_disk_to_host"]
     ahead = t1["bytes_disk_to_host_prefetch"] - t0["bytes_disk_to_host_prefetch"]
     res["disk_read_bytes"] = read
@@ -269,6 +270,21 @@ def _one_run(
     res["compile"] = compile_state(h1.get("compile", {}))
     res["tiers"] = t1
     return res
+
+
+def steps_by_rows(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, Any]:
+    """The timed run's decode steps by rows and path ("2/compiled"): how many, their mean
+    milliseconds, and the share of the run's tokens they made."""
+    cells = {}
+    for cell, (n1, s1) in after.items():
+        n0, s0 = before.get(cell, (0, 0.0))
+        if n1 > n0:
+            cells[cell] = (int(n1 - n0), s1 - s0, int(cell.split("/")[0]) * (n1 - n0))
+    tokens = sum(t for _, _, t in cells.values()) or 1
+    return {
+        cell: {"steps": n, "ms_per_step": round(1e3 * secs / n, 2), "token_share": round(t / tokens, 3)}
+        for cell, (n, secs, t) in sorted(cells.items(), key=lambda kv: (int(kv[0].split("/")[0]), kv[0]))
+    }
 
 
 def compile_state(summary: dict[str, Any]) -> dict[str, Any]:

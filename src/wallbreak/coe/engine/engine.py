@@ -125,6 +125,32 @@ class EngineStats:
     switch_bytes: int = 0  # bytes the switches themselves moved (not what a prefetch moved earlier)
     steps: int = 0
     tokens: int = 0
+    # "rows/path" (path: compiled or eager) -> [steps, seconds]: what a decode step of that many
+    # rows cost while serving, beside what `benchmarks/step_table.py` measures apart
+    step_seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def record_step(self, rows: int, compiled: bool, seconds: float) -> None:
+        if rows <= 0:
+            return
+        cell = self.step_seconds.setdefault(f"{rows}/{'compiled' if compiled else 'eager'}", [0, 0.0])
+        cell[0] += 1
+        cell[1] += seconds
+
+    def add(self, public: dict[str, Any]) -> None:
+        """Add another engine's `public()` figures to these (a fleet's sum over its replicas)."""
+        for k, v in public.items():
+            if k == "step_seconds":
+                for cell, (n, secs) in v.items():
+                    mine = self.step_seconds.setdefault(cell, [0, 0.0])
+                    mine[0] += n
+                    mine[1] += secs
+            elif hasattr(self, k):
+                setattr(self, k, getattr(self, k) + v)
+
+    def public(self) -> dict[str, Any]:
+        """A copy safe to serialise from another thread (the engine thread adds step cells)."""
+        cells = dict(self.step_seconds)  # one C-level copy: atomic under the GIL
+        return self.__dict__ | {"step_seconds": {k: list(v) for k, v in cells.items()}}
 
 
 class EngineListener(Protocol):
@@ -318,7 +344,11 @@ class Engine:
                 self._admit(batch, lease.model)
                 if not len(batch):
                     break
+                ran = self.steps.compiled_steps + self.steps.compiled_row_steps
+                t_step = time.perf_counter()
                 n = batch.step(lease.model)
+                compiled = self.steps.compiled_steps + self.steps.compiled_row_steps > ran
+                self.stats.record_step(n, compiled, time.perf_counter() - t_step)
                 self.stats.steps += 1
                 self.stats.tokens += n
                 for listener in self.listeners:

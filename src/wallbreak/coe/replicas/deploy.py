@@ -122,7 +122,7 @@ class ReplicaServer:
             "active": self.engine.active(),
             "kv_bytes": self.engine.kv_bytes(),
             "retrying": self.engine.retry_summary(),
-            "engine": dict(self.engine.stats.__dict__),
+            "engine": self.engine.stats.public(),
             "tiers": self.tiers.stats.summary(),
             "experts": expert_states(self.live),
         }

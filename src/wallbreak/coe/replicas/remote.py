@@ -257,8 +257,7 @@ class RemoteEngine:
     def _sum_stats(self) -> None:
         engine, tiers = EngineStats(), TierStats()
         for st in self.statuses.values():
-            for k, v in st.get("engine", {}).items():
-                setattr(engine, k, getattr(engine, k) + v)
+            engine.add(st.get("engine", {}))
             t = st.get("tiers", {})
             for kind in ("hits", "misses", "evictions"):
                 for tier, n in t.get(kind, {}).items():

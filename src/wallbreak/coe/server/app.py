@@ -175,7 +175,7 @@ def add_status_routes(
             "queue": engine.queue_depth(),
             "active": engine.active(),
             "kv_bytes": engine.kv_bytes(),
-            "engine": dict(engine.stats.__dict__),
+            "engine": engine.stats.public(),
             "compile": engine.compile_summary(),
             "tiers": engine.tiers.stats.summary(),
         }
