@@ -426,8 +426,12 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
         key = comp.layouts[expert]
         deadline = time.monotonic() + 600
         while 2 not in comp.steps.row_steps.get(key, {}):
+            assert comp.compile_summary()["warming"] == 1  # the loader is still at work
             assert time.monotonic() < deadline, "building the two-row step took over 10 minutes"
             time.sleep(0.5)
+        while comp.compile_summary()["warming"]:  # its thread ends just after the last package
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert serve(comp, jobs, 12, together=True) == want
         assert comp.steps.compiled_row_steps > 0
         assert comp.compile_summary()["row_steps"][expert] == [2]

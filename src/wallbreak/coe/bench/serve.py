@@ -35,6 +35,7 @@ from wallbreak.common.plots import save_figure
 from wallbreak.errors import ConfigError
 
 PROMPT = "Tell me something about the weather, the sea, and the mountains today."
+SETTLE_TIMEOUT_S = 900.0  # a build from nothing takes minutes on 2 cores; bench serve builds them first
 
 
 @dataclass(kw_only=True)
@@ -114,6 +115,17 @@ class _Server:
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/health", timeout=30) as r:
             return dict(json.loads(r.read()))
+
+    def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> float | None:
+        """Wait until no compiled step is being built, loaded or checked (the warm-up's first uses
+        start that work, in the server, on the cores the timed run needs); seconds waited, or None
+        if it was still going after `timeout_s` (the run's `compile` state then says so)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if not self.health().get("compile", {}).get("warming"):
+                return round(time.monotonic() - t0, 1)
+            time.sleep(0.25)
+        return None
 
     def __enter__(self) -> _Server:
         # stdout: Ray prints its own status lines there, which must not mix with the bench's JSON.
@@ -242,6 +254,7 @@ def _one_run(
         drop_page_cache()
     with _Server(a, policy, replicas) as srv:
         drive(srv.url, seq[: min(len(seq), concurrency)], concurrency, 2)  # warm-up: first loads
+        settled_s = srv.settle()
         h0 = srv.health()
         res = drive(srv.url, seq, concurrency, a.max_tokens)
         h1 = srv.health()
@@ -267,7 +280,7 @@ def _one_run(
     res["disk_read_by_prefetch"] = ahead / read if read else None
     read_s = t1.get("disk_to_host_s", 0.0) - t0.get("disk_to_host_s", 0.0)
     res["disk_read_gbps"] = round(read / read_s / 1e9, 3) if read_s > 0 else None  # while reading
-    res["compile"] = compile_state(h1.get("compile", {}))
+    res["compile"] = compile_state(h1.get("compile", {})) | {"settled_s": settled_s}
     res["tiers"] = t1
     return res
 

@@ -143,6 +143,9 @@ class CompiledSteps:
         # architecture key -> its loaded ahead-of-time prefill, and the shortest chunk it runs
         self.prefills: dict[str, tuple[Any, int]] = {}
         self.builds: set[subprocess.Popen[bytes]] = set()  # build processes running now
+        # architectures whose packages are being built, loaded or checked now (a thread each): that
+        # work takes the cores, so a benchmark waits for 0 before it times anything
+        self.warming = 0
         self.closed = False
         self.recompiles = 0  # graphs built after an architecture was ready (should stay 0)
         self.compiled_steps = 0  # decode steps the compiled code ran
@@ -185,6 +188,7 @@ class CompiledSteps:
                     self.state[key] = "eager"
                     return False
                 self.state[key] = "compiling"
+                self.warming += 1
                 threading.Thread(
                     target=self._warm, args=(key, model, expert), name=f"wb-compile-{key[:24]}", daemon=True
                 ).start()
@@ -193,11 +197,15 @@ class CompiledSteps:
 
     def _warm(self, key: str, model: nn.Module, expert: str) -> None:
         torch.set_grad_enabled(False)
-        if self.backend_for(model) == "aot":
-            self._load_aot(key, model, expert)
-            return
-        with _gil_handed_back_often():
-            self._compile(key, model)
+        try:
+            if self.backend_for(model) == "aot":
+                self._load_aot(key, model, expert)
+                return
+            with _gil_handed_back_often():
+                self._compile(key, model)
+        finally:
+            with self._lock:
+                self.warming -= 1
 
     def _load_aot(self, key: str, model: nn.Module, expert: str) -> None:
         """Load `key`'s ahead-of-time decode step (building it first if no earlier process did),

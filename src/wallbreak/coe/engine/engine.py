@@ -272,6 +272,7 @@ class Engine:
             "row_steps": self._row_steps(),
             "compiled_prefills": self.steps.compiled_prefills,
             "recompiles": self.steps.recompiles,
+            "warming": self.steps.warming,  # architectures still building, loading or checking
         }
 
     def _row_steps(self) -> dict[str, list[int]]:
