@@ -17,7 +17,9 @@ from helpers import make_engine, make_tiny_llama_folder
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.engine import Engine, aot
 from wallbreak.coe.engine import compiled as compiled_mod
-from wallbreak.coe.engine.step import forward
+from wallbreak.coe.engine.kv import KVCache
+from wallbreak.coe.engine.step import forward, run_step
+from wallbreak.coe.tiers.device import load_standalone
 
 
 @pytest.fixture
@@ -435,6 +437,17 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
         assert serve(comp, jobs, 12, together=True) == want
         assert comp.steps.compiled_row_steps > 0
         assert comp.compile_summary()["row_steps"][expert] == [2]
+        # Fed a column of a wider batch (a view whose rows are 3 apart), each row still gets its
+        # own token: the compiled code checks no strides, and it once read row 0's next column.
+        step, model = comp.steps.row_steps[key][2], load_standalone(Bundle.open(four_llamas), expert)
+        wide = torch.tensor([[5, 6, 7], [90, 91, 92]])
+        viewed, packed, eager = (KVCache.for_model(model) for _ in range(3))
+        for c in (viewed, packed, eager):
+            c.open_rows(2)
+        for i in range(3):
+            got = step(model, wide[:, i : i + 1], viewed)
+            assert torch.equal(got, step(model, wide[:, i : i + 1].clone(), packed))
+            assert torch.equal(got.argmax(-1), run_step(model, wide[:, i : i + 1], eager, None).argmax(-1))
         assert aot.package_path(key, "decode-rows2") in packages(cache)
         publish(cache, store)
     finally:

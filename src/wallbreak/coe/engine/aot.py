@@ -512,6 +512,10 @@ class AotStep:
         """Feed one row its next ids [1, q] (q = 1 for a decode package; a prefill package takes
         q >= MIN_PREFILL), into blocks made now if none exist yet; the last column's logits [1, vocab]."""
         self.bind(model)
+        # The compiled code indexes its inputs by the strides it was built with (contiguous) and
+        # checks none: a view such as ids[:, i:i+1] of a wider batch would feed rows past the first
+        # other rows' tokens, silently.
+        ids = ids.contiguous()
         q = ids.shape[1]
         masks, positions = cache.step_inputs(q, ids.device, next(model.parameters()).dtype, whole=True)
         cache.ensure_blocks(model)  # after step_inputs, which set the capacity q needs
