@@ -267,8 +267,6 @@ def test_the_compiled_prefill_serves_compact_prompts_as_eager_does(
     """int4 (some layers dense in the package, some through the kernel): one row's chunks through
     the package, shorter chunks eagerly, several prompts admitted together each prefilled alone."""
     from wallbreak.coe.bundle.importers import import_expert
-    from wallbreak.coe.engine.kv import KVCache
-    from wallbreak.coe.tiers.device import load_standalone
 
     monkeypatch.setitem(aot.PREFILL_FROM, "int4", 8)  # reached by prompts a tiny test can afford
     bundle = tmp_path / "b"
@@ -319,8 +317,6 @@ def test_one_prefill_package_serves_every_expert_of_its_architecture(
     """Two int8 experts of one architecture share a package; each call reads the weights of the
     model it is given (the loader is pointed again when they change), never the last one's."""
     from wallbreak.coe.bundle.importers import import_expert
-    from wallbreak.coe.engine.kv import KVCache
-    from wallbreak.coe.tiers.device import load_standalone
 
     bundle = tmp_path / "b"
     for seed, name in ((7, "a"), (8, "b")):
@@ -359,7 +355,6 @@ def test_only_a_sealed_package_of_this_user_that_computes_the_eager_logits_is_lo
     from safetensors.torch import load_file, save_file
 
     from wallbreak.coe.bundle.importers import import_expert
-    from wallbreak.coe.tiers.device import load_standalone
 
     bundle = tmp_path / "b"
     hf = make_tiny_llama_folder(tmp_path / "hf", seed=4)
