@@ -70,7 +70,7 @@ def main() -> int:
 
     agree: dict[tuple[int, str], float] = {}
     distance: dict[tuple[int, str], float] = {}
-    vocab = int(model.get_input_embeddings().num_embeddings)
+    vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     for rows, kind in cells:  # each path against eager, same inputs: greedy token and distribution
         same, tv = [], []
