@@ -140,7 +140,7 @@ def add_serve_parser(verbs: Any) -> None:
     sv.add_argument("--compile-rows", type=ints, default=[], metavar="N,N,...",
                     help="on the CPU, also a compiled decode step for batches of exactly these sizes "
                          "(2 to 16), built after the one-row step; other sizes run eagerly "
-                         "(docs/benchmarks.md: 2 to 4 rows won, 8 and 16 did not)")  # fmt: skip
+                         "(docs/benchmarks.md: 2 to 4 rows won most, 16 lost)")  # fmt: skip
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
                          "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip

@@ -39,7 +39,7 @@ int4 1.79x/2.03x, int8 1.45x/1.56x, fp32 1.81x/1.61x, bf16 1.52x/1.50x. At eight
 step did not win for any form (0.60x to 0.88x in-process; int4 built ahead of time with dynamic
 rows, 1.04x at 8 rows and 0.93x at 16), so on the CPU it runs single rows by default. Packages
 built for a fixed number of rows did win at 2 to 4 rows (`benchmarks/step_table.py --buckets`,
-SmolLM2 int8: 1.37-1.52x eager at 2 and 1.24-1.32x at 4; 1.08-1.10x at 8, slower at 16); serving
+SmolLM2 int8: 1.35-1.52x eager at 2 and 1.12-1.32x at 4; 1.08-1.21x at 8, slower at 16); serving
 150 experts, a compiled 2-row step cost 1.23-1.26 one-row steps where an eager one cost 2.0-2.1
 (the bench's `steps_by_rows`). So `serve --compile-rows 2,3,4` adds one package per such size,
 after the prefill (`rows`).
