@@ -436,13 +436,13 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
         # own token: the compiled code checks no strides, and it once read row 0's next column.
         step, model = comp.steps.row_steps[key][2], load_standalone(Bundle.open(four_llamas), expert)
         wide = torch.tensor([[5, 6, 7], [90, 91, 92]])
-        viewed, packed, eager = (KVCache.for_model(model) for _ in range(3))
-        for c in (viewed, packed, eager):
+        viewed, packed, ref = (KVCache.for_model(model) for _ in range(3))
+        for c in (viewed, packed, ref):
             c.open_rows(2)
         for i in range(3):
             got = step(model, wide[:, i : i + 1], viewed)
             assert torch.equal(got, step(model, wide[:, i : i + 1].clone(), packed))
-            assert torch.equal(got.argmax(-1), run_step(model, wide[:, i : i + 1], eager, None).argmax(-1))
+            assert torch.equal(got.argmax(-1), run_step(model, wide[:, i : i + 1], ref, None).argmax(-1))
         assert aot.package_path(key, "decode-rows2") in packages(cache)
         publish(cache, store)
     finally:
