@@ -30,8 +30,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from wallbreak.coe.engine.request import Request
 from wallbreak.coe.engine.scheduler import Scheduler
 from wallbreak.coe.policy import POLICIES
 
@@ -83,16 +84,9 @@ class _Request:
 class MostRows(Scheduler):
     """The next expert is the one with the most rows (waiting and running), unless one is overdue."""
 
-    def _choose_switch_aware(
-        self, current: str | None, work: set[str], active: dict[str, int], switch_cost: Callable[[str], float]
+    def _next_by_rank(
+        self, work: set[str], active: dict[str, int], switch_cost: Callable[[str], float], now: float
     ) -> str:
-        if current is not None and active.get(current):
-            return super()._choose_switch_aware(current, work, active, switch_cost)
-        now = self.clock()
-        overdue = [(t, e) for e in work if (t := self._oldest(e)) is not None and now - t > self.max_wait_s]
-        if overdue:
-            return min(overdue)[1]
-
         def rank(e: str) -> tuple[int, float]:
             t = self._oldest(e)
             return (len(self.waiting.get(e, ())) + active.get(e, 0), -(now if t is None else t))
@@ -119,12 +113,13 @@ def simulate(
     sched.clock = lambda: now[0]
     sent, steps, rows_run = [0], [0], [0]
     latencies: list[float] = []
-    batches: dict[str, list[_Request]] = {}
+    batches: dict[str, list[Any]] = {}  # the scheduler's requests are _Request here
 
     def send() -> None:
         if sent[0] < w.requests:
             sent[0] += 1
-            sched.submit(_Request(f"e{rng.choices(range(w.experts), weights)[0]}", now[0], w.max_tokens))
+            req = _Request(f"e{rng.choices(range(w.experts), weights)[0]}", now[0], w.max_tokens)
+            sched.submit(cast(Request, req))  # the fields the scheduler reads, and a count of tokens left
 
     for _ in range(w.clients):
         send()
@@ -198,8 +193,8 @@ def main() -> int:
                     make = functools.partial(Scheduler, policy, max_wait_s=a.max_wait)
                     cell[name] = averaged(make, costs, rows, w, a.seeds)
                 for wait in (float(x) for x in a.patience.split(",")):
-                    make = functools.partial(MostRows, POLICIES["ours"], max_wait_s=wait)
-                    cell[f"most-rows patience {wait:g}s"] = averaged(make, costs, rows, w, a.seeds)
+                    most = functools.partial(MostRows, POLICIES["ours"], max_wait_s=wait)
+                    cell[f"most-rows patience {wait:g}s"] = averaged(most, costs, rows, w, a.seeds)
                 out.append(cell)
     print(json.dumps({"prediction": True, "free_switches": True, "zipf": a.zipf, "cells": out}))
     return 0

@@ -130,20 +130,20 @@ class EngineStats:
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def record_step(self, rows: int, compiled: bool, seconds: float) -> None:
-        if rows <= 0:
-            return
-        cell = self.step_seconds.setdefault(f"{rows}/{'compiled' if compiled else 'eager'}", [0, 0.0])
-        cell[0] += 1
-        cell[1] += seconds
+        if rows > 0:
+            self._add_steps(f"{rows}/{'compiled' if compiled else 'eager'}", 1, seconds)
+
+    def _add_steps(self, cell: str, steps: float, seconds: float) -> None:
+        mine = self.step_seconds.setdefault(cell, [0, 0.0])
+        mine[0] += steps
+        mine[1] += seconds
 
     def add(self, public: dict[str, Any]) -> None:
         """Add another engine's `public()` figures to these (a fleet's sum over its replicas)."""
         for k, v in public.items():
             if k == "step_seconds":
                 for cell, (n, secs) in v.items():
-                    mine = self.step_seconds.setdefault(cell, [0, 0.0])
-                    mine[0] += n
-                    mine[1] += secs
+                    self._add_steps(cell, n, secs)
             elif hasattr(self, k):
                 setattr(self, k, getattr(self, k) + v)
 

@@ -157,6 +157,13 @@ class Scheduler:
         overdue = [(t, e) for e in work if (t := self._oldest(e)) is not None and now - t > self.max_wait_s]
         if overdue:
             return min(overdue)[1]
+        return self._next_by_rank(work, active, switch_cost, now)
+
+    def _next_by_rank(
+        self, work: set[str], active: dict[str, int], switch_cost: Callable[[str], float], now: float
+    ) -> str:
+        """With none overdue: the oldest work after charging each candidate its switch (ties: the
+        bigger batch)."""
 
         def rank(e: str) -> tuple[float, int]:
             size = len(self.waiting.get(e, ())) + active.get(e, 0)
