@@ -118,7 +118,10 @@ def simulate(
     def send() -> None:
         if sent[0] < w.requests:
             sent[0] += 1
-            req = _Request(f"e{rng.choices(range(w.experts), weights)[0]}", now[0], w.max_tokens)
+            # Arrivals a nanosecond apart in sending order: no two ages tie, so no choice falls to
+            # the iteration order of a set of names, which string hashing changes from run to run.
+            arrived = now[0] + sent[0] * 1e-9
+            req = _Request(f"e{rng.choices(range(w.experts), weights)[0]}", arrived, w.max_tokens)
             sched.submit(cast(Request, req))  # the fields the scheduler reads, and a count of tokens left
 
     for _ in range(w.clients):
