@@ -104,7 +104,7 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
     code, text, _ = run(
         capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--device-budget", str(2 * size + 4096),
         "--requests", "6", "--concurrency", "3", "--max-tokens", "4", "--no-alone", "--compile", "off",
-        "--experts-subset", "2,3", "--plot", str(plot), "--json",
+        "--experts-subset", "2,3", "--plot", str(plot), "--json", "--huge-pages", "off",
     )  # fmt: skip
     assert code == 0
     out = json.loads(text)
@@ -119,6 +119,7 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
                     "compile"}  # fmt: skip
             assert keys <= set(p) and p["failed"] == 0
             assert p["compile"]["policy"] == "off"
+            assert p["tiers"]["host_memory"]["huge_pages"] is False  # the servers got --huge-pages off
     assert plot.stat().st_size > 0
     code, _, err = run(
         capsys, "bench", "serve", "--bundle", str(synth_bundle_dir), "--experts-subset", "2,99"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -83,6 +84,8 @@ def test_histograms_fill_with_traffic(bundle: Path) -> None:
         health = json.loads(http("GET", f"{s.url}/health")[2])
         assert moved == health["engine"]["switch_bytes"]
         assert moved <= health["tiers"]["bytes_disk_to_host"] + health["tiers"]["bytes_host_to_device"]
+        arena = health["tiers"]["host_memory"]  # huge pages are asked for by default
+        assert arena["huge_pages"] is hasattr(mmap, "MADV_HUGEPAGE") and 0 < arena["used"] <= arena["budget"]
 
 
 def test_logprobs_through_the_official_client(server: ServerThread) -> None:

@@ -126,6 +126,13 @@ def add_serve_parser(verbs: Any) -> None:
         "larger than RAM), off",
     )
     sv.add_argument(
+        "--huge-pages",
+        default=defaults.HUGE_PAGES,
+        choices=defaults.HUGE_PAGES_MODES,
+        help="ask the kernel for 2 MiB pages under the host arena, which on the CPU is where experts "
+        "decode from (default %(default)s; /health's tiers.host_memory says what the kernel gave)",
+    )
+    sv.add_argument(
         "--kv-budget",
         help="KV cache all batches together (paused ones too) may grow to; past it, new requests wait "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
@@ -207,6 +214,8 @@ def _bench_serve_parser(bench: Any) -> None:
                     help="the servers' --compile-rows (built before timing, as the other steps)")  # fmt: skip
     bs.add_argument("--direct-io", choices=defaults.DIRECT_IO_MODES,
                     help="the servers' --direct-io (on: every miss reads disk)")  # fmt: skip
+    bs.add_argument("--huge-pages", choices=defaults.HUGE_PAGES_MODES,
+                    help="the servers' --huge-pages (default: theirs)")  # fmt: skip
     bs.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache before each server (root): cold disk")  # fmt: skip
     bs.add_argument("--ray", action="store_true",
@@ -279,6 +288,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_body=parse_size(args.max_body, "--max-body") if args.max_body else defaults.MAX_BODY,
             device=args.device,
             direct_io=args.direct_io,
+            huge_pages=args.huge_pages,
             engine=EngineConfig(
                 policy=serving_policy(args.policy, args.scheduler, args.eviction, args.prefetch),
                 max_batch=args.max_batch,

@@ -18,6 +18,8 @@ DEVICE = "cpu"
 REPLICAS = 2  # serve --ray: replica deployments
 DIRECT_IO_MODES = ("auto", "on", "off")  # O_DIRECT disk reads: when the blob is not cached, always, never
 DIRECT_IO = "auto"
+HUGE_PAGES_MODES = ("on", "off")  # transparent huge pages under the host arena (coe/tiers/host.py)
+HUGE_PAGES = "on"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
 # The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes (so

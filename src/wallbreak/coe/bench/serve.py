@@ -53,6 +53,7 @@ class BenchServeArgs:
     max_wait: float = defaults.MAX_WAIT_S
     drop_caches: bool = False  # start every server with the bundle out of the page cache (root)
     direct_io: str | None = None  # the servers' --direct-io
+    huge_pages: str | None = None  # the servers' --huge-pages
     replicas: int | None = None  # --ray: compare 1 replica with this many, each with the same budgets
     expert_load: Path | None = None  # --ray: the servers' --expert-load (measured load per expert)
     compile: str = defaults.COMPILE  # the servers' --compile; steps are built before any timing
@@ -106,6 +107,8 @@ class _Server:
             self.cmd += ["--host-budget", str(a.host_budget)]
         if a.direct_io:
             self.cmd += ["--direct-io", a.direct_io]
+        if a.huge_pages:
+            self.cmd += ["--huge-pages", a.huge_pages]
         if replicas:
             self.cmd += ["--ray", "--replicas", str(replicas)]
             if a.expert_load:

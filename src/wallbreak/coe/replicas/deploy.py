@@ -123,7 +123,7 @@ class ReplicaServer:
             "kv_bytes": self.engine.kv_bytes(),
             "retrying": self.engine.retry_summary(),
             "engine": self.engine.stats.public(),
-            "tiers": self.tiers.stats.summary(),
+            "tiers": self.tiers.stats.summary() | {"host_memory": self.tiers.host_memory()},
             "experts": expert_states(self.live),
         }
 

@@ -61,6 +61,10 @@ class _Tiers:
         self.stats = TierStats()
         self.keep_alive: Any = None  # (version key, seconds) -> None
 
+    def host_memory(self) -> dict[str, Any]:
+        """Each replica has its own host arena: /health shows it under `replicas[i].tiers`."""
+        return {}
+
     def set_keep_alive(self, expert: str, seconds: float | None) -> None:
         if self.keep_alive is None:
             raise ConfigError("this deployment does not take it")

@@ -177,7 +177,7 @@ def add_status_routes(
             "kv_bytes": engine.kv_bytes(),
             "engine": engine.stats.public(),
             "compile": engine.compile_summary(),
-            "tiers": engine.tiers.stats.summary(),
+            "tiers": engine.tiers.stats.summary() | {"host_memory": engine.tiers.host_memory()},
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -43,11 +43,15 @@ class ServeOptions:
     max_body: int = defaults.MAX_BODY
     device: str = defaults.DEVICE
     direct_io: str = defaults.DIRECT_IO  # O_DIRECT disk reads: auto (when not cached), on, off
+    huge_pages: str = defaults.HUGE_PAGES  # 2 MiB pages under the host arena: on, off
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if self.direct_io not in defaults.DIRECT_IO_MODES:
             raise ConfigError(f"--direct-io {self.direct_io!r}: choose {', '.join(defaults.DIRECT_IO_MODES)}")
+        if self.huge_pages not in defaults.HUGE_PAGES_MODES:
+            allowed = ", ".join(defaults.HUGE_PAGES_MODES)
+            raise ConfigError(f"--huge-pages {self.huge_pages!r}: choose {allowed}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if self.max_body < 1024:
@@ -130,6 +134,7 @@ def build(
             device=opts.device,
             policy=opts.engine.policy.eviction,
             direct=opts.direct_io,  # type: ignore[arg-type]  # checked in ServeOptions
+            huge_pages=opts.huge_pages == "on",
         ),
     )
     try:

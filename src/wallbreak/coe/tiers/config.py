@@ -29,6 +29,7 @@ class TierConfig:
     prefetch_workers: int = 2
     # None: alias slots on CPU (a switch re-points views into the host arena), copies on CUDA.
     alias_slots: bool | None = None
+    huge_pages: bool = True  # ask the kernel for 2 MiB pages under the host arena (tiers/host.py)
 
     def __post_init__(self) -> None:
         if self.host_budget <= 0:

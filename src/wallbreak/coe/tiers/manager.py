@@ -82,7 +82,8 @@ class TierManager:
                 f"host budget {format_bytes(config.host_budget)} is smaller than expert {biggest.name!r} "
                 f"({format_bytes(biggest.total_bytes)}); raise --host-budget"
             )
-        self.arena = HostArena(config.host_budget, pin=self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        self.arena = HostArena(config.host_budget, pin=cuda, huge_pages=config.huge_pages)
         self.alias = config.alias
         # An alias slot holds its expert's host extent, so the host budget also bounds the slots.
         budget = min(config.device_budget, self.arena.budget) if self.alias else config.device_budget
@@ -347,6 +348,16 @@ class TierManager:
                 "device_bytes": self.pool.bytes,
                 "device_budget": self.pool.budget,
             }
+
+    def host_memory(self) -> dict[str, Any]:
+        """The host arena for /health: its budget, what is used, and what the kernel backs with
+        huge pages (`huge_bytes` None where /proc cannot say)."""
+        return {
+            "budget": self.arena.budget,
+            "used": self.arena.used,
+            "huge_pages": self.arena.huge_pages,
+            "huge_bytes": self.arena.huge_bytes(),
+        }
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
