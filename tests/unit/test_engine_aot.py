@@ -432,6 +432,9 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
         assert serve(comp, jobs, 12, together=True) == want
         assert comp.steps.compiled_row_steps > 0
         assert comp.compile_summary()["row_steps"][expert] == [2]
+        # Both paths of two rows were timed while serving (each warms up on 4 steps), and one runs.
+        two = comp.compile_summary()["row_paths"][key]["sizes"]["2"]
+        assert two["compiled_ms"] > 0 and two["eager_ms"] > 0 and two["runs"] in ("compiled", "eager")
         # Fed a column of a wider batch (a view whose rows are 3 apart), each row still gets its
         # own token: the compiled code checks no strides, and it once read row 0's next column.
         step, model = comp.steps.row_steps[key][2], load_standalone(Bundle.open(four_llamas), expert)

@@ -42,7 +42,8 @@ built for a fixed number of rows did win at 2 to 4 rows (`benchmarks/step_table.
 SmolLM2 int8: 1.35-1.52x eager at 2 and 1.12-1.32x at 4; 1.08-1.21x at 8, slower at 16); serving
 150 experts, a compiled 2-row step cost 1.23-1.26 one-row steps where an eager one cost 2.0-2.1
 (the bench's `steps_by_rows`). So `serve --compile-rows 2,3,4` adds one package per such size,
-after the prefill (`rows`).
+after the prefill (`rows`). Whether a batch of that size then runs its package or eagerly is
+chosen by what each path has cost while serving (`engine.path_costs`).
 - `auto` (default): every expert at every batch size on CUDA; on the CPU every expert at one row,
   by the build process (never by tracing in this process).
 - `on`: as auto, and on the CPU at one row whichever backend.
@@ -68,6 +69,7 @@ from torch import nn
 from wallbreak.coe import defaults
 from wallbreak.coe.engine import aot
 from wallbreak.coe.engine.kv import KVCache
+from wallbreak.coe.engine.path_costs import PathCosts
 from wallbreak.coe.engine.step import decode_logits, run_step
 from wallbreak.errors import ConfigError, first_line
 
@@ -139,6 +141,7 @@ class CompiledSteps:
         self.rows = check_rows(rows)
         self.row_steps: dict[str, dict[int, Any]] = {}  # architecture key -> rows -> aot.AotStep
         self.compiled_row_steps = 0  # decode steps of several rows the compiled code ran
+        self.path_costs = PathCosts()  # a batch of several rows: compiled or eager, by measured cost
         self.bundle_root = bundle_root  # where a build process reads an expert (the ahead-of-time step)
         self.state: dict[str, str] = {}  # architecture key -> compiling | ready | eager
         self.aot: dict[str, Any] = {}  # architecture key -> its loaded ahead-of-time step (aot.AotStep)
@@ -247,6 +250,7 @@ class CompiledSteps:
                 if not self.closed:
                     log.warning("%d-row steps of %s stay eager: %s", rows, key, first_line(e))
                 continue
+            self.path_costs.forget(key, rows)  # a new package: its costs are measured afresh
             with self._lock:
                 self.row_steps.setdefault(key, {})[rows] = step
             log.info("compiled %d-row decode step ready for %s", rows, expert or key)
@@ -371,18 +375,28 @@ class CompiledSteps:
         return logits
 
     def _rows_step(self, key: str, model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """A batch of several rows: its own ahead-of-time step where one is loaded, else eager. One
-        that raises is dropped (that size runs eagerly from then on) and the step is redone eagerly."""
-        step = self.row_steps.get(key, {}).get(cache.rows)
+        """A batch of several rows: its own ahead-of-time step where one is loaded and has been the
+        cheaper path here (`path_costs`), else eager. One that raises is dropped (that size runs
+        eagerly from then on) and the step is redone eagerly."""
+        rows = cache.rows
+        step = self.row_steps.get(key, {}).get(rows)
         if step is None:
             return run_step(model, ids, cache, None)
+        path = self.path_costs.choose(key, rows)
+        t0 = time.perf_counter()
+        if path == "eager":
+            logits = run_step(model, ids, cache, None)
+            self.path_costs.record(key, rows, path, time.perf_counter() - t0)
+            return logits
         try:
-            logits: torch.Tensor = step(model, ids, cache)
+            logits = step(model, ids, cache)
         except Exception as e:
             with self._lock:
-                self.row_steps.get(key, {}).pop(cache.rows, None)
-            log.warning("%d-row steps of %s stay eager: the step raised (%s)", cache.rows, key, first_line(e))
+                self.row_steps.get(key, {}).pop(rows, None)
+            self.path_costs.forget(key, rows)
+            log.warning("%d-row steps of %s stay eager: the step raised (%s)", rows, key, first_line(e))
             return run_step(model, ids, cache, None)
+        self.path_costs.record(key, rows, path, time.perf_counter() - t0)
         self.compiled_row_steps += 1
         return logits
 

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -270,6 +271,7 @@ class Engine:
             "compiled_steps": self.steps.compiled_steps,
             "compiled_row_steps": self.steps.compiled_row_steps,
             "row_steps": self._row_steps(),
+            "row_paths": self._row_paths(),
             "compiled_prefills": self.steps.compiled_prefills,
             "recompiles": self.steps.recompiles,
             "warming": self.steps.warming,  # architectures still building, loading or checking
@@ -279,6 +281,12 @@ class Engine:
         """Per expert, the batch sizes above one its compiled steps serve now."""
         have = self.steps.row_steps
         return {e: sorted(have[k]) for e, k in self.layouts.items() if have.get(k)}
+
+    def _row_paths(self) -> dict[str, dict[str, Any]]:
+        """Per architecture (its experts counted): each row size's measured ms per step, compiled
+        and eager, and the path it runs now."""
+        counts = Counter(self.layouts.values())
+        return {k: {"experts": counts[k], "sizes": v} for k, v in self.steps.path_costs.summary().items()}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is in flight (up to `timeout`), fail the rest, stop the thread."""
