@@ -21,6 +21,7 @@ def test_each_path_is_timed_first_then_the_cheaper_runs_with_rare_exploring() ->
     assert ran[:6] == ["compiled"] * 3 + ["eager"] * 3
     assert ran[6:].count("eager") == 4  # one step in 8 explores the dearer path
     assert costs.summary()["k"]["2"] == {"compiled_ms": 10.0, "eager_ms": 20.0, "runs": "compiled"}
+    assert costs.costs("k", 2) == {"compiled": 0.010, "eager": 0.020}
 
 
 def test_a_package_slower_than_eager_stops_running() -> None:
@@ -32,11 +33,20 @@ def test_a_package_slower_than_eager_stops_running() -> None:
 
 
 def test_the_choice_follows_a_path_whose_cost_changes() -> None:
-    costs = PathCosts(explore_every=4, warm=2, weight=0.5)
+    costs = PathCosts(explore_every=4, warm=2, window=3)
     run(costs, {"compiled": 0.010, "eager": 0.020}, 20)
     assert costs.cheaper("k", 2) == "compiled"
     run(costs, {"compiled": 0.040, "eager": 0.020}, 20)  # say, another process took a core's cache
     assert costs.cheaper("k", 2) == "eager"
+
+
+def test_one_slow_first_call_does_not_hand_the_size_to_eager() -> None:
+    """A package's first call in a process can take many steps' time; the choice must not hang on it."""
+    costs = PathCosts(explore_every=64, warm=4)
+    costs.record("k", 3, "compiled", 0.400)  # the first call
+    ran = run(costs, {"compiled": 0.017, "eager": 0.025}, 3 + 4 + 100, rows=3)
+    assert ran[:7] == ["compiled"] * 3 + ["eager"] * 4
+    assert ran[7:].count("eager") == 1
 
 
 def test_sizes_and_architectures_are_measured_apart_and_forgotten_with_their_package() -> None:
