@@ -305,11 +305,13 @@ def steps_by_rows(before: dict[str, list[float]], after: dict[str, list[float]])
 
 def compile_state(summary: dict[str, Any]) -> dict[str, Any]:
     """A server's compile state in short: its policy, how many experts' decode steps are in each
-    state, and the steps it ran compiled (a build still running means the figure is not clean)."""
+    state, the steps it ran compiled (a build still running means the figure is not clean), and
+    what each row size's paths cost at the end."""
     states: dict[str, int] = {}
     for state in summary.get("experts", {}).values():
         states[state] = states.get(state, 0) + 1
-    keys = ("policy", "compiled_steps", "compiled_row_steps", "row_steps", "compiled_prefills", "recompiles")
+    keys = ("policy", "compiled_steps", "compiled_row_steps", "row_steps", "row_paths", "compiled_prefills",
+            "recompiles")  # fmt: skip
     return {k: summary.get(k) for k in keys} | {"experts_by_state": states}
 
 
