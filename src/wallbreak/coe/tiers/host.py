@@ -7,8 +7,9 @@ a first-fit allocator, so disk reads can land in it with O_DIRECT.
 
 On the CPU the arena is also where the experts being served are read from (alias slots), so every
 decode step streams an expert's weights from it. Asked for transparent huge pages (`madvise`), the
-arena's 2 MiB pages cut the TLB misses of that stream: the compiled one-row step of SmolLM2 int8 ran
-1.1-1.2x faster on 2 MiB pages than on 4 KiB ones (docs/benchmarks.md). Where the kernel's THP
+arena's 2 MiB pages cut the TLB misses of that stream: in an interleaved probe the compiled one-row
+step of SmolLM2 int8 ran 1.1-1.2x faster on 2 MiB pages than on 4 KiB ones; serving, at most 3%
+(docs/benchmarks.md). Where the kernel's THP
 setting is `never`, the advice does nothing and `huge_bytes()` says so.
 """
 
