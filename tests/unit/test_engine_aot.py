@@ -219,6 +219,14 @@ def test_the_package_is_keyed_by_layout_and_torch(cache: Path) -> None:
         compiled_mod.CompiledSteps("on", cache, backend="fast")
 
 
+def test_bundle_compile_names_few_experts_and_counts_many() -> None:
+    from wallbreak.cli.bundle import _listed
+
+    assert _listed(["a", "b"]) == "a, b"
+    many = [f"smol-{i:03d}" for i in range(150)]
+    assert _listed(many) == "150 experts (smol-000 ... smol-149)"
+
+
 def test_bundle_compile_builds_ahead_of_serving(
     tmp_path: Path, cache: Path, store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -408,8 +416,8 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
     four_llamas: Path, cache: Path, store: Path
 ) -> None:
     """`--compile-rows 2`: after the one-row step (and prefill), a package for batches of exactly two
-    rows is built, checked against eager on two different rows, and serves two-row steps; batches
-    of other sizes stay eager."""
+    rows is built, checked against eager on two different rows, and serves two-row steps; a batch
+    of three is cut into runs of two and one."""
     seed(cache, store)
     expert = "llama-0"
     jobs = [(expert, [5, 6, 7, 8]), (expert, [90, 91, 92, 93])]
@@ -435,6 +443,12 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
         # Both paths of two rows were timed while serving (each warms up on 4 steps), and one runs.
         two = comp.compile_summary()["row_paths"][key]["sizes"]["2"]
         assert two["compiled_ms"] > 0 and two["eager_ms"] > 0 and two["runs"] in ("compiled", "eager")
+        # Three rows, with a package for two: cut into 2 + 1 over views of the batch's cache, the
+        # tokens eager gives, and timed against eager as a size of its own.
+        three = [*jobs, (expert, [40, 41, 42, 43])]
+        want3 = serve(eager, three, 12, together=True)
+        assert serve(comp, three, 12, together=True) == want3
+        assert comp.compile_summary()["row_paths"][key]["sizes"]["3"]["compiled_ms"] > 0
         # Fed a column of a wider batch (a view whose rows are 3 apart), each row still gets its
         # own token: the compiled code checks no strides, and it once read row 0's next column.
         step, model = comp.steps.row_steps[key][2], load_standalone(Bundle.open(four_llamas), expert)

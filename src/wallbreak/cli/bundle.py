@@ -169,13 +169,21 @@ def compile_bundle(bundle: Any, experts: list[str] | None, rows: tuple[int, ...]
     for e in chosen:
         by_layout.setdefault(e.layout_key, []).append(e)
     for layout, entries in by_layout.items():
-        listed = ", ".join(e.name for e in entries)
+        listed = _listed([e.name for e in entries])
         parts = ["decode"]
         if entries[0].dtype in aot.PREFILL_FROM:
             parts.append("prefill")
         parts += [f"decode-rows{r}" for r in check_rows(rows)]
         for part in parts:
             _compile_part(bundle, entries[0].name, listed, layout, part)
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    """The experts sharing a layout, for one progress line: every name when few, else a count
+    with the first and last (a bundle of 150 fine-tunes would print 150 names per line)."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{len(names)} experts ({names[0]} ... {names[-1]})"
 
 
 def _compile_part(bundle: Any, expert: str, listed: str, layout: str, part: str) -> None:
