@@ -229,3 +229,43 @@ def test_blocks_made_ahead_match_the_ones_a_forward_makes(
         for (ka, va), (kb, vb) in zip(a, b, strict=True):
             assert ka.shape == kb.shape == va.shape == vb.shape and ka.dtype == kb.dtype == vb.dtype
             assert not ka.any() and ka.is_inference()  # empty, and made as a forward makes them
+
+
+def test_a_step_through_row_views_writes_the_batch_cache_as_one_step(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """`KVCache.row_views` (a batch cut into runs for the compiled row steps): stepping each run
+    through its view gives the logits of one step over the whole batch and leaves the same keys
+    and values in the batch's own blocks, also when that step must first grow them."""
+    from wallbreak.coe.engine.kv import KVCache
+    from wallbreak.coe.engine.step import forward, run_step
+
+    for name in ("llama", "gemma"):  # gemma: sliding layers
+        import_expert(sources[name], name, tmp_path / name, dtype="int8")
+        model = load_standalone(Bundle.open(tmp_path / name), name)
+        lengths = [64, 10, 30]  # the longest fills a 64-column block: the next column grows it
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 200, (3, 64), generator=gen)
+        cache = KVCache.for_model(model)
+        cache.open_rows(3)
+        forward(model, ids, cache)
+        cache.set_lengths(lengths)
+        whole = cache.copy_rows([0, 1, 2])
+        nxt = torch.tensor([[7], [8], [9]])
+        want = run_step(model, nxt, whole, None)
+        views = cache.row_views([2, 1])
+        got = torch.cat([run_step(model, nxt[:2], views[0], None), run_step(model, nxt[2:], views[1], None)])
+        cache.advance(1)
+        # bf16 logits: a batch of other rows may round otherwise in the last place, no more
+        assert (got.float() - want.float()).abs().max() <= 2e-2
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+        assert cache.lengths == whole.lengths == [65, 11, 31]
+        assert cache.capacity == whole.capacity == 128
+        mine, theirs = cache.blocks(), whole.blocks()
+        assert mine is not None and theirs is not None
+        for (k, v), (wk, wv) in zip(mine, theirs, strict=True):
+            for row, n in enumerate(cache.lengths):
+                assert torch.allclose(k[row, :, :n], wk[row, :, :n], atol=2e-2)
+                assert torch.allclose(v[row, :, :n], wv[row, :, :n], atol=2e-2)
+    with pytest.raises(ValueError, match="do not split a cache of 3"):
+        cache.row_views([2, 2])

@@ -58,3 +58,12 @@ def test_sizes_and_architectures_are_measured_apart_and_forgotten_with_their_pac
     assert chosen == ("eager", "compiled", "compiled")
     costs.forget("a", 2)  # a new package for that size: measured afresh, compiled first
     assert costs.choose("a", 2) == "compiled" and "2" not in costs.summary()["a"]
+
+
+def test_a_batch_is_cut_into_the_largest_runs_that_have_a_compiled_step() -> None:
+    from wallbreak.coe.engine.compiled import split_rows
+
+    assert split_rows(5, {2, 3, 4}) == [4, 1]
+    assert split_rows(9, {4}) == [4, 4, 1]
+    assert split_rows(7, {2, 3, 4}) == [4, 3]
+    assert split_rows(3, set()) == [1, 1, 1]  # one row always has its step

@@ -324,6 +324,27 @@ class KVCache(Cache):
         self.lengths += other.lengths
 
     @torch.inference_mode()
+    def row_views(self, sizes: Sequence[int], q: int = 1) -> list[KVCache]:
+        """Caches over consecutive runs of this cache's rows, `sizes` rows each, sharing its blocks:
+        what a step writes through one lands here. The blocks are grown for `q` more columns first,
+        so no view ever resizes (that would leave this cache's blocks behind). This cache's
+        lengths stay as they are: `advance` it once every view has run."""
+        if sum(sizes) != self.rows or min(sizes, default=0) < 1:
+            raise ValueError(f"row views of {list(sizes)} rows do not split a cache of {self.rows}")
+        self._grow(max(self.lengths) + q)
+        views, start = [], 0
+        for n in sizes:
+            view = KVCache(self.config, self.attn_impl)
+            view.lengths, view.capacity = self.lengths[start : start + n], self.capacity
+            for mine, theirs in zip(self._layers(), view._layers(), strict=True):
+                if mine.keys is not None and mine.values is not None:
+                    theirs.keys, theirs.values = mine.keys[start : start + n], mine.values[start : start + n]
+                    theirs.is_initialized = True
+            views.append(view)
+            start += n
+        return views
+
+    @torch.inference_mode()
     def copy_rows(self, keep: Sequence[int]) -> KVCache:
         """A new cache holding copies of these rows (this one is left as it is)."""
         out = KVCache(self.config, self.attn_impl)
