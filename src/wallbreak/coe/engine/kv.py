@@ -201,9 +201,12 @@ class KVCache(Cache):
         cache = cls.for_model(model)
         cache.capacity = blocks[0][0].shape[2]
         cache.write_index = write_index
-        for layer, (k, v) in zip(cache._layers(), blocks, strict=True):
-            layer.keys, layer.values, layer.is_initialized = k, v, True
+        cache._hold(blocks)
         return cache
+
+    def _hold(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer, (k, v) in zip(self._layers(), blocks, strict=True):
+            layer.keys, layer.values, layer.is_initialized = k, v, True
 
     def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Every layer's (keys, values), or None before the first forward made them."""
@@ -332,14 +335,14 @@ class KVCache(Cache):
         if sum(sizes) != self.rows or min(sizes, default=0) < 1:
             raise ValueError(f"row views of {list(sizes)} rows do not split a cache of {self.rows}")
         self._grow(max(self.lengths) + q)
+        blocks = self.blocks()
+        if blocks is None:
+            raise ValueError("a cache has no rows to view before its first forward")
         views, start = [], 0
         for n in sizes:
             view = KVCache(self.config, self.attn_impl)
             view.lengths, view.capacity = self.lengths[start : start + n], self.capacity
-            for mine, theirs in zip(self._layers(), view._layers(), strict=True):
-                if mine.keys is not None and mine.values is not None:
-                    theirs.keys, theirs.values = mine.keys[start : start + n], mine.values[start : start + n]
-                    theirs.is_initialized = True
+            view._hold([(k[start : start + n], v[start : start + n]) for k, v in blocks])
             views.append(view)
             start += n
         return views

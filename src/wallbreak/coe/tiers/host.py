@@ -9,8 +9,8 @@ On the CPU the arena is also where the experts being served are read from (alias
 decode step streams an expert's weights from it. Asked for transparent huge pages (`madvise`), the
 arena's 2 MiB pages cut the TLB misses of that stream: in an interleaved probe the compiled one-row
 step of SmolLM2 int8 ran 1.1-1.2x faster on 2 MiB pages than on 4 KiB ones; serving, at most 3%
-(docs/benchmarks.md). Where the kernel's THP
-setting is `never`, the advice does nothing and `huge_bytes()` says so.
+(docs/benchmarks.md). Where the kernel's THP setting is `never`, the advice does nothing and
+`huge_bytes()` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import mmap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from wallbreak.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PAGE = 4096
+# /proc/self/smaps walks every mapping's page tables (about 10 ms in a serving process): /health,
+# on the event loop, reads the huge-page figure at most this often
+HUGE_BYTES_MAX_AGE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class HostArena:
             self.pinned = _register_pinned(self.buffer)
         self._free: list[tuple[int, int]] = [(0, self.budget)]  # sorted (offset, nbytes)
         self.used = 0
+        self._huge_bytes: tuple[float, int | None] | None = None  # (when read, bytes)
 
     def view(self, ext: Extent) -> torch.Tensor:
         return self.buffer[ext.offset : ext.offset + ext.nbytes]
@@ -90,8 +95,18 @@ class HostArena:
             del self._free[i]
 
     def huge_bytes(self) -> int | None:
-        """Bytes of the arena the kernel backs with huge pages now (None where /proc cannot say)."""
-        return huge_bytes_in(self.buffer.data_ptr(), self.budget)
+        """Bytes of the arena the kernel backs with huge pages, as read at most
+        `HUGE_BYTES_MAX_AGE_S` ago (None where /proc cannot say)."""
+        now = time.monotonic()
+        if self._huge_bytes is None or now - self._huge_bytes[0] > HUGE_BYTES_MAX_AGE_S:
+            self._huge_bytes = (now, huge_bytes_in(self.buffer.data_ptr(), self.budget))
+        return self._huge_bytes[1]
+
+    def summary(self) -> dict[str, int | bool | None]:
+        """Its budget, what is used, whether huge pages were asked for, and what the kernel backs
+        with them (`huge_bytes`)."""
+        return {"budget": self.budget, "used": self.used, "huge_pages": self.huge_pages,
+                "huge_bytes": self.huge_bytes()}  # fmt: skip
 
     def close(self) -> None:
         if self.pinned:

@@ -350,14 +350,8 @@ class TierManager:
             }
 
     def host_memory(self) -> dict[str, Any]:
-        """The host arena for /health: its budget, what is used, and what the kernel backs with
-        huge pages (`huge_bytes` None where /proc cannot say)."""
-        return {
-            "budget": self.arena.budget,
-            "used": self.arena.used,
-            "huge_pages": self.arena.huge_pages,
-            "huge_bytes": self.arena.huge_bytes(),
-        }
+        """The host arena for /health (`HostArena.summary`)."""
+        return self.arena.summary()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
