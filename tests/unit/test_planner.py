@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wallbreak.cli import main
@@ -135,6 +135,14 @@ def topologies(draw: st.DrawFn) -> str:
     batch=st.sampled_from([64, 128, 512]),
     micro=st.sampled_from([1, 2, 4]),
 )
+@example(  # Megatron's even split of these dims is 0.5% faster on paper but overflows stage 0's memory
+    text="gpu: {name: G, peak_tflops: 312, memory_gib: 80}\nclusters:\n  - {name: c0, nodes: 3, "
+    "gpus_per_node: 4, nic: {kind: infiniband, gbps: 200, count: 4, latency_us: 1}}\n"
+    "inter_cluster: {kind: ethernet, gbps: 10, latency_us: 100}\n",
+    model="gpt-7.5b",
+    batch=64,
+    micro=4,
+)
 def test_holmes_is_never_predicted_worse_than_megatron(text: str, model: str, batch: int, micro: int) -> None:
     topo = parse_topology(text, "random")
     m, t = ModelSpec.preset(model), TrainingSpec(global_batch=batch, micro_batch=micro)
@@ -145,7 +153,9 @@ def test_holmes_is_never_predicted_worse_than_megatron(text: str, model: str, ba
     meg = plan(topo, m, t, placement="megatron", tp=h.tp, pp=h.pp, dp=h.dp)
     check_invariants(h, m.layers)
     check_invariants(meg, m.layers)
-    assert h.predicted.iteration_s <= meg.predicted.iteration_s * (1 + 1e-9)
+    assert h.predicted.fits
+    if meg.predicted.fits:  # a plan that overflows a GPU's memory is no rival, however fast on paper
+        assert h.predicted.iteration_s <= meg.predicted.iteration_s * (1 + 1e-9)
 
 
 def test_impossible_requests_name_the_constraint() -> None:
