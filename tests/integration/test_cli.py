@@ -134,6 +134,8 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
         (["bench", "serve", "--bundle", "B", "--concurrency", "16,x"], "give whole numbers"),
         (["serve", "--policy", "nope"], "invalid choice: 'nope'"),
         (["serve", "--prefetch", "maybe"], "give on or off"),
+        (["serve", "--compile-rows", "1,2"], "1: give batch sizes from 2 to 16 (comma-separated), built or"),
+        (["serve", "--compile-rows", "some"], "'some': give batch sizes from 2 to 16"),
     ],
 )
 def test_bad_serving_arguments_are_one_line(

@@ -462,6 +462,23 @@ def test_a_compiled_step_for_two_rows_serves_batches_of_two_as_eager_does(
             assert torch.equal(got.argmax(-1), run_step(model, wide[:, i : i + 1], ref, None).argmax(-1))
         assert aot.package_path(key, "decode-rows2") in packages(cache)
         publish(cache, store)
+        # `built` (the default) serves the row packages an earlier build left in the cache and
+        # builds none; `none` serves none.
+        before = {p: p.stat().st_mtime_ns for p in packages(cache)}
+        for rows, sizes in (("built", [2]), ("none", [])):
+            later, tiers_l = make_engine(four_llamas, compile="on", compile_rows=rows)
+            later.start()
+            try:
+                wait_ready(later, expert)
+                while later.compile_summary()["warming"]:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                assert later.compile_summary()["row_steps"].get(expert, []) == sizes
+                assert serve(later, three, 12, together=True) == want3
+            finally:
+                later.stop(timeout=5)
+                tiers_l.close()
+        assert {p: p.stat().st_mtime_ns for p in packages(cache)} == before
     finally:
         for eng, tiers in ((eager, tiers_e), (comp, tiers_c)):
             eng.stop(timeout=5)

@@ -17,12 +17,21 @@ from wallbreak.coe.bench.serve import run_bench_serve as bench_serve
 from wallbreak.coe.bench.switch import BenchSwitchArgs, format_bench_switch
 from wallbreak.coe.bench.switch import run_bench_switch as bench_switch
 from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.engine.compiled import Rows, parse_rows
 from wallbreak.coe.policy import EVICTIONS, POLICIES, SCHEDULERS, serving_policy
 from wallbreak.coe.replicas.placement import read_load
 from wallbreak.coe.router import FitOptions, Router, fit_router, read_examples
 from wallbreak.coe.router.evaluate import evaluate
 from wallbreak.errors import ConfigError
 from wallbreak.units import format_bytes, parse_size
+
+
+def row_sizes(text: str) -> Rows:
+    """`serve --compile-rows`: sizes, `built` or `none` (the check is compiled.check_rows')."""
+    try:
+        return parse_rows(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--compile-rows ")) from None
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
@@ -144,10 +153,13 @@ def add_serve_parser(verbs: Any) -> None:
                          f"(default {defaults.COMPILE})")  # fmt: skip
     sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                     help="the same as --compile off")  # fmt: skip
-    sv.add_argument("--compile-rows", type=ints, default=[], metavar="N,N,...",
+    sv.add_argument("--compile-rows", type=row_sizes, default=defaults.COMPILE_ROWS,
+                    metavar="N,N,...|built|none",
                     help="on the CPU, also a compiled decode step for batches of exactly these sizes "
-                         "(2 to 16), built after the one-row step; other sizes run eagerly "
-                         "(docs/benchmarks.md: 2 to 4 rows won most, 16 lost)")  # fmt: skip
+                         "(2 to 16), built after the one-row step if missing; a larger batch is cut "
+                         "into runs of them. built: the sizes `bundle compile --rows` left in the cache, "
+                         f"building none; none: no row steps (default {defaults.COMPILE_ROWS}; "
+                         "docs/benchmarks.md: 2 to 4 rows won most, 16 lost)")  # fmt: skip
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
                          "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip
@@ -296,7 +308,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 kv_budget=parse_size(args.kv_budget, "--kv-budget") if args.kv_budget else defaults.KV_BUDGET,
                 compile=args.compile,
-                compile_rows=tuple(args.compile_rows),
+                compile_rows=args.compile_rows,
             ),
         )
     )

@@ -22,6 +22,10 @@ HUGE_PAGES_MODES = ("on", "off")  # transparent huge pages under the host arena 
 HUGE_PAGES = "on"
 COMPILE_POLICIES = ("auto", "on", "all", "off")  # compiled decode steps: see coe/engine/compiled.py
 COMPILE = "auto"  # every expert: on CUDA at every batch size; on the CPU at one row, built ahead of time
+# Compiled steps for batches of several rows on the CPU (`serve --compile-rows`): the sizes given
+# (built if missing), `built` (those `bundle compile --rows` left in the cache; none is built while
+# serving, each costing about a minute of both cores) or `none`.
+COMPILE_ROWS = "built"
 # The default bundle's stored form (`bundle import --dtype`). int8: a quarter of fp32's bytes (so
 # 4x the experts per budget, and quicker switches) for +1.4% perplexity on SmolLM2 and none on
 # Gemma-3; on the CPU it decodes 1.25-1.4x fp32 at batch 1 (docs/benchmarks.md, "Expert execution").

@@ -99,8 +99,8 @@ class _Server:
             "--port", str(self.port), "--policy", policy, "--max-queue", str(max(256, a.requests)),
             "--max-wait", str(a.max_wait), "--compile", a.compile,
         ]  # fmt: skip
-        if a.compile_rows:
-            self.cmd += ["--compile-rows", ",".join(map(str, a.compile_rows))]
+        # given, or none: a figure must not depend on which packages an earlier run left in the cache
+        self.cmd += ["--compile-rows", ",".join(map(str, a.compile_rows)) or "none"]
         if a.device_budget:
             self.cmd += ["--device-budget", str(a.device_budget)]
         if a.host_budget:

@@ -81,12 +81,32 @@ POLICIES = defaults.COMPILE_POLICIES
 BACKENDS = ("auto", "aot", "dynamo")  # who compiles: see CompiledSteps.backend_for
 
 
-def check_rows(rows: tuple[int, ...]) -> tuple[int, ...]:
-    """The one check of `--compile-rows`: batch sizes from 2 to aot.MAX_ROWS."""
+ROW_WORDS = ("built", "none")  # `--compile-rows` other than sizes: see defaults.COMPILE_ROWS
+Rows = tuple[int, ...] | str  # batch sizes (built if missing), or one of ROW_WORDS
+
+
+def check_rows(rows: Rows) -> Rows:
+    """The one check of `--compile-rows`: batch sizes from 2 to aot.MAX_ROWS, `built` or `none`."""
+    allowed = f"give batch sizes from 2 to {aot.MAX_ROWS} (comma-separated), {' or '.join(ROW_WORDS)}"
+    if isinstance(rows, str):
+        if rows not in ROW_WORDS:
+            raise ConfigError(f"--compile-rows {rows!r}: {allowed}")
+        return rows
     bad = [r for r in rows if not 2 <= r <= aot.MAX_ROWS]
     if bad:
-        raise ConfigError(f"--compile-rows {bad[0]}: give batch sizes from 2 to {aot.MAX_ROWS}")
+        raise ConfigError(f"--compile-rows {bad[0]}: {allowed}")
     return tuple(sorted(set(rows)))
+
+
+def parse_rows(text: str) -> Rows:
+    """`--compile-rows` as typed: `2,3,4`, `built` or `none`."""
+    word = text.strip().lower()
+    if word in ROW_WORDS:
+        return word
+    try:
+        return check_rows(tuple(int(n) for n in text.split(",") if n.strip()))
+    except ValueError:
+        return check_rows(text)  # neither sizes nor a word: the one message
 
 
 def check_policy(policy: str) -> str:
@@ -132,15 +152,19 @@ class CompiledSteps:
         policy: str = "auto",
         bundle_root: Path | None = None,
         backend: str = "auto",
-        rows: tuple[int, ...] = (),
+        rows: Rows = (),
     ) -> None:
         """`rows`: the batch sizes above one that also get an ahead-of-time step of their own
-        (`serve --compile-rows`); a batch of another size runs eagerly."""
+        (`serve --compile-rows`), built if missing; `built`: the sizes whose packages are already in
+        the cache (`bundle compile --rows`), building none; `none`. A batch of another size is cut
+        into runs of those sizes (`split_rows`) or runs eagerly."""
         self.policy = check_policy(policy)
         if backend not in BACKENDS:
             raise ConfigError(f"compile backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.backend = backend
-        self.rows = check_rows(rows)
+        rows = check_rows(rows)
+        self.rows: tuple[int, ...] = () if isinstance(rows, str) else rows
+        self.use_built_rows = rows == "built"
         self.row_steps: dict[str, dict[int, Any]] = {}  # architecture key -> rows -> aot.AotStep
         self.compiled_row_steps = 0  # decode steps of several rows the compiled code ran
         self.path_costs = PathCosts()  # a batch of several rows: compiled or eager, by measured cost
@@ -242,13 +266,21 @@ class CompiledSteps:
         log.info("compiled prefill ready for %s", expert or key)
         self._load_rows(key, model, expert)
 
+    def row_sizes(self, key: str) -> list[tuple[int, bool]]:
+        """The batch sizes `key` gets a row step for, each with whether it may be built here: those
+        asked for, or (`built`) those whose package an earlier build left in the cache."""
+        if not self.use_built_rows:
+            return [(r, True) for r in self.rows]
+        found = [r for r in range(2, aot.MAX_ROWS + 1) if aot.package_path(key, f"decode-rows{r}").is_file()]
+        return [(r, False) for r in found]
+
     def _load_rows(self, key: str, model: nn.Module, expert: str) -> None:
-        """The steps for the batch sizes in `rows`, one by one, each usable once it is loaded."""
-        for rows in self.rows:
+        """The steps for the batch sizes of `row_sizes`, one by one, each usable once it is loaded."""
+        for rows, may_build in self.row_sizes(key):
             if self.closed:
                 return
             try:
-                step = self._package(key, model, expert, f"decode-rows{rows}")
+                step = self._package(key, model, expert, f"decode-rows{rows}", build=may_build)
             except Exception as e:
                 if not self.closed:
                     log.warning("%d-row steps of %s stay eager: %s", rows, key, first_line(e))
@@ -258,9 +290,10 @@ class CompiledSteps:
                 self.row_steps.setdefault(key, {})[rows] = step
             log.info("compiled %d-row decode step ready for %s", rows, expert or key)
 
-    def _package(self, key: str, model: nn.Module, expert: str, part: str) -> Any:
+    def _package(self, key: str, model: nn.Module, expert: str, part: str, build: bool = True) -> Any:
         """`key`'s loaded `part` package, built in a child process if no earlier process did (a
-        package that fails to load is rebuilt once), checked on `model`; raises if it cannot be."""
+        package that fails to load is rebuilt once; with `build` False, never), checked on `model`;
+        raises if it cannot be."""
         path = aot.package_path(key, part)
         columns = 1 if part.startswith("decode") else aot.MIN_PREFILL + 1
 
@@ -276,7 +309,11 @@ class CompiledSteps:
             except aot.UnsafeCache:
                 raise
             except Exception as e:
+                if not build:
+                    raise
                 log.warning("compiled step %s is not used (%s); rebuilding it", path.name, first_line(e))
+        if not build:
+            raise RuntimeError(f"no package {path.name} in the cache")
         if self.closed:
             raise RuntimeError("the engine stopped")
         assert self.bundle_root is not None

@@ -31,7 +31,7 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle.manifest import Bundle
-from wallbreak.coe.engine.compiled import CompiledSteps, check_policy, check_rows
+from wallbreak.coe.engine.compiled import CompiledSteps, Rows, check_policy, check_rows
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.engine.scheduler import Scheduler
@@ -106,7 +106,7 @@ class EngineConfig:
     prefill_chunk: int = defaults.PREFILL_CHUNK
     compile: str = defaults.COMPILE
     compile_backend: str = "auto"  # auto | aot | dynamo: see compiled.CompiledSteps.backend_for
-    compile_rows: tuple[int, ...] = ()  # batch sizes > 1 with an ahead-of-time step of their own
+    compile_rows: Rows = defaults.COMPILE_ROWS  # batch sizes > 1 with an ahead-of-time step of their own
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
