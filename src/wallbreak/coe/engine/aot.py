@@ -55,6 +55,7 @@ from torch import nn
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle import compact
 from wallbreak.coe.bundle.manifest import DTYPE_NAMES, Bundle
+from wallbreak.coe.cores import intra_op_threads
 from wallbreak.coe.engine.kv import DECODE_ATTENTION, MIN_CAPACITY, KVCache, forward_kwargs
 from wallbreak.coe.engine.step import decode_logits, forward
 from wallbreak.coe.tiers.device import load_standalone
@@ -103,8 +104,9 @@ PREFILL_FROM = {"int8": MIN_PREFILL, "int4": 64, "bfloat16": MIN_PREFILL, "float
 
 def package_path(layout: str, part: str = "decode") -> Path:
     """The package of one architecture, byte layout and part, for this torch, CPU and format."""
-    # threads: fp32 linears are split one block per core into the graph (coe/tiers/cpu_linear.py)
-    cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
+    # threads: fp32 linears are split one block per core into the graph (coe/tiers/cpu_linear.py);
+    # the engine thread's count, not the calling thread's (a loader thread keeps to one: coe/cores.py)
+    cpu = f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{intra_op_threads()}"
     stem, ident = layout, f"{layout}|{torch.__version__}|{cpu}|{FORMAT}"
     if part != "decode":  # decode packages keep the names they had before there were parts
         stem, ident = f"{layout}-{part}", f"{ident}|{part}"

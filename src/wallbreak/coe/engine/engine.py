@@ -31,6 +31,7 @@ from torch import nn
 
 from wallbreak.coe import defaults
 from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.cores import take_all_cores
 from wallbreak.coe.engine.compiled import CompiledSteps, Rows, check_policy, check_rows
 from wallbreak.coe.engine.request import Event, Request
 from wallbreak.coe.engine.runner import Batch
@@ -129,6 +130,7 @@ class EngineStats:
     # "rows/path" (path: compiled or eager) -> [steps, seconds]: what a decode step of that many
     # rows cost while serving, beside what `benchmarks/step_table.py` measures apart
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
+    intra_op_threads: int = 0  # torch's threads under the engine thread's steps (0 until it runs)
 
     def record_step(self, rows: int, compiled: bool, seconds: float) -> None:
         if rows > 0:
@@ -316,6 +318,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        take_all_cores()  # the decode steps' thread alone runs torch's intra-op threads (coe/cores.py)
+        self.stats.intra_op_threads = torch.get_num_threads()
         while not self._stop:
             expert = self.scheduler.choose(self.current, self._active_map(), self.tiers.switch_seconds)
             if expert is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from wallbreak.coe.bundle.manifest import Bundle
 from wallbreak.coe.catalog import Catalog
+from wallbreak.coe.cores import keep_to_one_core
 from wallbreak.coe.engine import Event, ExpertUnavailable, QueueFull, SamplingParams
 from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.live import LiveBundle
@@ -55,6 +56,7 @@ class ReplicaServer:
 
     def __init__(self, index: int, opts: ServeOptions) -> None:
         self.index = index
+        keep_to_one_core()  # only the engine thread runs torch's intra-op threads (coe/cores.py)
         self.engine, _, self.tiers, tokenizers = build(opts, with_router=False)
         catalog = Catalog(self.engine.experts, tokenizers, None)
         self.live = LiveBundle.local(self.engine.bundle, self.engine, self.tiers, catalog, routes=False)

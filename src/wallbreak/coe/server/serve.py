@@ -17,6 +17,7 @@ from wallbreak.coe.bundle import importers
 from wallbreak.coe.bundle.manifest import MANIFEST, Bundle
 from wallbreak.coe.bundle.writer import sweep
 from wallbreak.coe.catalog import Catalog
+from wallbreak.coe.cores import keep_to_one_core, on_all_cores
 from wallbreak.coe.engine import Engine, EngineConfig, aot
 from wallbreak.coe.live import LiveBundle
 from wallbreak.coe.router import FitOptions, Router, fit_router
@@ -122,7 +123,7 @@ def sweep_leftovers(root: Path) -> None:
 def build(
     opts: ServeOptions, with_router: bool = True
 ) -> tuple[Engine, Router | None, TierManager, dict[str, ExpertTokenizer]]:
-    root = opts.bundle if opts.bundle is not None else ensure_default_bundle()
+    root = opts.bundle if opts.bundle is not None else on_all_cores(ensure_default_bundle)
     sweep_leftovers(root)
     bundle = Bundle.open(root, lenient=True)
     host, device = default_budgets(bundle, opts.host_budget, opts.device_budget)
@@ -192,6 +193,8 @@ def make_app(opts: ServeOptions):  # type: ignore[no-untyped-def]
 
 def serve(opts: ServeOptions) -> None:
     import uvicorn  # deferred: loads uvicorn
+
+    keep_to_one_core()  # before any torch work: only the engine thread runs torch's intra-op threads
 
     # A compiled step built in the background takes CPU for a minute or more: say when it starts
     # and ends, without --verbose.

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wallbreak.coe.cores import intra_op_threads
+
 MAX_ROWS = 32  # up to this many rows the split product wins (measured above); past it, plain linear
 
 
@@ -51,7 +53,7 @@ def parts_for(out_features: int, threads: int) -> int:
 
 def split_linears(model: nn.Module) -> int:
     """Make every fp32 `nn.Linear` of a CPU model a `SplitLinear`, in place; returns how many."""
-    threads = torch.get_num_threads()
+    threads = intra_op_threads()  # the engine thread's, which runs the model (coe/cores.py)
     n = 0
     for mod in model.modules():
         if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu":

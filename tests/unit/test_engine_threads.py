@@ -1,0 +1,82 @@
+"""Only the engine thread runs torch's intra-op threads in a serving process (coe/cores.py).
+
+Run in a child process: the rule changes process-wide torch settings that the rest of the suite
+must not inherit. The child is given two OpenMP threads whatever the machine's cores, so a team
+(one more OS thread) is visible in /proc/self/task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, os, sys, threading, time
+import torch
+from wallbreak.coe import cores
+
+cores.keep_to_one_core()  # what `wallbreak serve` does first
+from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.engine import Engine, EngineConfig, Request, SamplingParams
+from wallbreak.coe.tiers import TierConfig, TierManager
+from wallbreak.coe.tokenization import load_tokenizers
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def matmul():
+    a = torch.randn(256, 256)
+    return float((a @ a).sum())
+
+bundle = Bundle.open(sys.argv[1])
+size = max(e.total_bytes for e in bundle.experts.values())
+tiers = TierManager(bundle, TierConfig(host_budget=4 * size, device_budget=2 * size))
+engine = Engine(bundle, tiers, load_tokenizers(bundle, tiers.entries), EngineConfig(compile="off"))
+engine.start()
+finished = threading.Event()
+req = Request(expert=bundle.names[0], prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=4),
+              emit=lambda ev: finished.set() if ev.finish_reason or ev.error else None)
+engine.submit(req)
+assert finished.wait(120), "the request did not finish"
+out = {"main": torch.get_num_threads(), "engine": engine.stats.intra_op_threads}
+time.sleep(0.5)
+before = tasks()
+seen, hold = {}, threading.Event()
+
+def other():  # an HTTP worker that routes a prompt, say: it lives on after its work
+    seen["other"] = torch.get_num_threads()
+    matmul()
+    hold.wait()
+
+t = threading.Thread(target=other)
+t.start()
+time.sleep(0.5)
+out["tasks_added_by_other"] = tasks() - before
+out["on_all_cores"] = cores.on_all_cores(torch.get_num_threads)
+late = threading.Thread(target=lambda: seen.__setitem__("late", torch.get_num_threads()))
+late.start(); late.join()
+hold.set(); t.join()
+engine.stop(timeout=5)
+tiers.close()
+print(json.dumps(out | seen))
+"""
+
+
+def test_only_the_engine_thread_runs_an_openmp_team(synth_bundle_dir: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(synth_bundle_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["engine"] == 2  # the decode steps run on both threads
+    assert got["main"] == 1 and got["other"] == 1 and got["late"] == 1  # every other thread: one
+    assert got["tasks_added_by_other"] == 1  # the thread itself, and no team of its own
+    assert got["on_all_cores"] == 2  # a start-up job may have both, on a thread that ends
