@@ -5,7 +5,10 @@ each against plain k-nearest-neighbours over the same encoder's embeddings of th
 Reports fit time, top-1 accuracy, and routing latency (one prompt at a time, p50/p99).
 Writes the fitted router into the bundle (a server on it routes with it). Prints one JSON object.
 
-    python benchmarks/router_scale.py BUNDLE [--methods logreg,knn,...] [--no-fit]
+    python benchmarks/router_scale.py BUNDLE [--methods logreg,knn,...] [--no-fit] [--threads 2,1]
+
+`--threads`: score the router with each of these torch intra-op thread counts in turn (`serve`
+routes on one: coe/cores.py); the default scores once, with torch's own count.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import torch
 
 from wallbreak.coe.bundle import topics
 from wallbreak.coe.bundle.manifest import Bundle
@@ -56,6 +60,7 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--methods", default=",".join(METHODS), help="the fit's candidates, comma-separated")
     ap.add_argument("--no-fit", action="store_true", help="score the router the bundle already has")
+    ap.add_argument("--threads", default="", help="intra-op thread counts to score with, comma-separated")
     args = ap.parse_args()
     bundle = Bundle.open(args.bundle)
     out: dict[str, object] = {"experts": len(bundle.names)}
@@ -71,11 +76,18 @@ def main() -> None:
     train = [Example(p, n) for n in bundle.names for p in bundle.expert(n).examples]
     sets = {"named": topics.heldout, "unnamed": topics.heldout_unnamed}
     keys = ("method", "n", "accuracy", "p50_ms", "p99_ms", "batch32_prompts_per_s")
-    for label, prompts in sets.items():
-        test = [Example(p, n) for n in bundle.names for p in prompts(topic_index(bundle, n))]
-        scored = evaluate(router, test)
-        out[f"router_{label}"] = {k: scored[k] for k in keys}
-        out[f"knn_{label}"] = {f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)}
+    counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
+    for threads in counts:
+        torch.set_num_threads(threads)
+        tag = f"_threads{threads}" if args.threads else ""
+        for label, prompts in sets.items():
+            test = [Example(p, n) for n in bundle.names for p in prompts(topic_index(bundle, n))]
+            scored = evaluate(router, test)
+            out[f"router_{label}{tag}"] = {k: scored[k] for k in keys}
+            if threads == counts[0]:
+                out[f"knn_{label}"] = {
+                    f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)
+                }
     print(json.dumps(out))
 
 
