@@ -26,7 +26,7 @@ from wallbreak.errors import ConfigError
 from wallbreak.units import format_bytes, parse_size
 
 
-def row_sizes(text: str) -> Rows:
+def rows_arg(text: str) -> Rows:
     """`serve --compile-rows`: sizes, `built` or `none` (the check is compiled.check_rows')."""
     try:
         return parse_rows(text)
@@ -89,6 +89,24 @@ def add_router_parsers(verbs: Any) -> None:
     rt.add_argument("--json", action="store_true")
 
 
+def _compile_args(sv: argparse.ArgumentParser) -> None:
+    """`serve`'s compiled-step options (the engine's `compile` and `compile_rows`)."""
+    sv.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=defaults.COMPILE,
+                    help="compiled decode steps, built in the background while serving: auto (every "
+                         "expert; on the CPU at batch size 1, built once by a child process into the "
+                         "cache directory), on (as auto), all (every batch size where it can), off "
+                         f"(default {defaults.COMPILE})")  # fmt: skip
+    sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                    help="the same as --compile off")  # fmt: skip
+    sv.add_argument("--compile-rows", type=rows_arg, default=defaults.COMPILE_ROWS,
+                    metavar="N,N,...|built|none",
+                    help="on the CPU, also a compiled decode step for batches of exactly these sizes "
+                         "(2 to 16), built after the one-row step if missing; a larger batch is cut "
+                         "into runs of them. built: the sizes `bundle compile --rows` left in the cache, "
+                         f"building none; none: no row steps (default {defaults.COMPILE_ROWS}; "
+                         "docs/benchmarks.md: 2 to 4 rows won most, 16 lost)")  # fmt: skip
+
+
 def add_serve_parser(verbs: Any) -> None:
     sv = verbs.add_parser("serve", help="OpenAI-compatible server over a bundle of experts")
     sv.add_argument("--bundle", type=Path, help="bundle directory (default: build the default bundle once)")
@@ -146,20 +164,7 @@ def add_serve_parser(verbs: Any) -> None:
         help="KV cache all batches together (paused ones too) may grow to; past it, new requests wait "
         f"(default {format_bytes(defaults.KV_BUDGET)})",
     )
-    sv.add_argument("--compile", choices=defaults.COMPILE_POLICIES, default=defaults.COMPILE,
-                    help="compiled decode steps, built in the background while serving: auto (every "
-                         "expert; on the CPU at batch size 1, built once by a child process into the "
-                         "cache directory), on (as auto), all (every batch size where it can), off "
-                         f"(default {defaults.COMPILE})")  # fmt: skip
-    sv.add_argument("--no-compile", dest="compile", action="store_const", const="off",
-                    help="the same as --compile off")  # fmt: skip
-    sv.add_argument("--compile-rows", type=row_sizes, default=defaults.COMPILE_ROWS,
-                    metavar="N,N,...|built|none",
-                    help="on the CPU, also a compiled decode step for batches of exactly these sizes "
-                         "(2 to 16), built after the one-row step if missing; a larger batch is cut "
-                         "into runs of them. built: the sizes `bundle compile --rows` left in the cache, "
-                         f"building none; none: no row steps (default {defaults.COMPILE_ROWS}; "
-                         "docs/benchmarks.md: 2 to 4 rows won most, 16 lost)")  # fmt: skip
+    _compile_args(sv)
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve from replicas on Ray Serve: a local Ray on 127.0.0.1, or the cluster at "
                          "ADDRESS (from `ray start`); needs pip install 'wallbreak[ray]'")  # fmt: skip

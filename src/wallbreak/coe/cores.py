@@ -51,14 +51,15 @@ def keep_to_one_core() -> None:
     torch.set_num_threads(1)
 
 
-def take_all_cores() -> None:
+def take_all_cores() -> int:
     """The calling thread (the engine's) runs torch's kernels on every core; in a process that
     keeps to one core, threads started later still get one (the default is set back by a helper
-    thread, which leaves this one's alone)."""
+    thread, which leaves this one's alone). Returns the thread's count."""
     torch.set_num_threads(intra_op_threads())
-    torch.get_num_threads()  # torch fixes a thread's count at its first call: make this it
+    n = torch.get_num_threads()  # torch fixes a thread's count at its first call: make this it
     if _kept_to_one:
         _back_to_one()
+    return n
 
 
 def _back_to_one() -> None:
@@ -75,7 +76,7 @@ def on_all_cores(fn: Callable[[], T]) -> T:
     err: list[BaseException] = []
 
     def run() -> None:
-        torch.set_num_threads(intra_op_threads())
+        take_all_cores()
         try:
             out.append(fn())
         except BaseException as e:  # raised again in the caller
@@ -84,8 +85,6 @@ def on_all_cores(fn: Callable[[], T]) -> T:
     t = threading.Thread(target=run, name="wb-all-cores")
     t.start()
     t.join()
-    if _kept_to_one:
-        _back_to_one()
     if err:
         raise err[0]
     return out[0]

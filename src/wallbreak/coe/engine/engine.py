@@ -318,8 +318,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        take_all_cores()  # the decode steps' thread alone runs torch's intra-op threads (coe/cores.py)
-        self.stats.intra_op_threads = torch.get_num_threads()
+        # the decode steps' thread alone runs torch's intra-op threads (coe/cores.py)
+        self.stats.intra_op_threads = take_all_cores()
         while not self._stop:
             expert = self.scheduler.choose(self.current, self._active_map(), self.tiers.switch_seconds)
             if expert is None:
