@@ -120,3 +120,94 @@ def test_what_replicas_cannot_take_is_refused_by_name(synth_bundle_dir: Path, pa
     remote = RemoteEngine(bundle, [], Placement.spread([expert], 1), max_queue=8)
     with pytest.raises(ConfigError, match="not available with Ray replicas"):
         remote.submit(EngineRequest(expert, [1, 2], params, lambda ev: None))
+
+
+class Held:
+    """A replica deployment whose only replica has died: Ray Serve holds the call, no event comes."""
+
+    def __init__(self) -> None:
+        self.generate = self
+        self.cancelled = 0
+
+    def options(self, stream: bool) -> Held:
+        return self
+
+    def remote(self, *args: object) -> Held:
+        return self
+
+    def __aiter__(self) -> Held:
+        return self
+
+    async def __anext__(self) -> Event:
+        await asyncio.Event().wait()  # never set: Ray waits for the restarted replica
+        raise AssertionError("unreachable")
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+
+def test_a_call_held_for_a_dead_replica_moves_once_the_replica_is_marked_down(synth_bundle_dir: Path) -> None:
+    """A request sent to replica 0 just after it died (before any relay saw the death) would wait
+    for Ray to restart it; once another relay marks replica 0 down, it goes to replica 1."""
+    bundle = Bundle.open(synth_bundle_dir)
+    expert = bundle.names[0]
+    prompt = [1, 2, 3]
+    held = Held()
+    remote = RemoteEngine(bundle, [held, Replica(prompt, None)], Placement.spread([expert], 1), max_queue=8)
+    remote.placement = Placement(2, {expert: [0]})
+    got: list[Event] = []
+
+    async def go() -> None:
+        done = asyncio.Event()
+
+        def emit(ev: Event) -> None:
+            got.append(ev)
+            if ev.finish_reason:
+                done.set()
+
+        params = SamplingParams(max_tokens=len(TOKENS), temperature=0)
+        remote.submit(EngineRequest(expert, prompt, params, emit))
+        await asyncio.sleep(1.0)
+        assert got == [] and remote.retries == 0 and remote.placement.inflight == [1, 0]  # it waits
+        remote.placement.mark_down(0)  # what a relay does when its stream from replica 0 fails
+        await asyncio.wait_for(done.wait(), 30)
+
+    asyncio.run(go())
+    assert remote.retries == 1 and held.cancelled == 1
+    assert [t for ev in got for t in ev.tokens] == TOKENS and got[-1].finish_reason == "length"
+
+
+def test_a_drain_counts_requests_from_their_arrival_and_refuses_new_ones(synth_bundle_dir: Path) -> None:
+    """SIGTERM through Ray: the drain waits for requests still being parsed or routed (not yet
+    relayed), not only those a replica is generating for; /health polls do not count."""
+    from wallbreak.coe.engine import ExpertUnavailable
+    from wallbreak.coe.replicas.remote import CountRequests
+
+    bundle = Bundle.open(synth_bundle_dir)
+    expert = bundle.names[0]
+    remote = RemoteEngine(bundle, [], Placement.spread([expert], 1), max_queue=8)
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        seen.append(scope["path"])
+        if scope["path"] != "/health":
+            await release.wait()
+
+    counted = CountRequests(app, remote)
+
+    async def go() -> None:
+        slow = asyncio.ensure_future(counted({"type": "http", "path": "/v1/completions"}, None, None))
+        await asyncio.sleep(0.05)
+        await counted({"type": "http", "path": "/health"}, None, None)
+        in_flight, quiet_s = remote.drain()
+        assert in_flight == 1 and 0 <= quiet_s < 5
+        assert remote.health()["requests_in_flight"] == 1
+        with pytest.raises(ExpertUnavailable, match="shutting down"):
+            remote.submit(EngineRequest(expert, [1], SamplingParams(), lambda ev: None))
+        release.set()
+        await slow
+        assert remote.drain()[0] == 0
+
+    asyncio.run(go())
+    assert seen == ["/v1/completions", "/health"]

@@ -36,7 +36,7 @@ from wallbreak.coe.engine import Request as EngineRequest
 from wallbreak.coe.live import LiveBundle
 from wallbreak.coe.replicas.fleet import FleetSide, expert_states, replica_admin
 from wallbreak.coe.replicas.placement import Placement, read_load
-from wallbreak.coe.replicas.remote import RemoteEngine, ReplicaCollector
+from wallbreak.coe.replicas.remote import CountRequests, RemoteEngine, ReplicaCollector
 from wallbreak.coe.router import Router
 from wallbreak.coe.server.serve import ServeOptions, build, ensure_default_bundle
 from wallbreak.coe.tokenization import load_tokenizers
@@ -171,6 +171,7 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
     )
     app.state.metrics.registry.register(ReplicaCollector(remote))
     install_admin(app, live, opts.admin_key)
+    app.add_middleware(CountRequests, engine=remote)  # outermost: a drain waits for every answer
     live.start()  # the ingress lives as long as its process: the watcher is a daemon thread
     return app
 
@@ -178,11 +179,11 @@ def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] 
 _INGRESS: list[Any] = []  # the ingress replica's RemoteEngine, once its app is built (in that process)
 
 
-def drain_ingress() -> int:
-    """In the ingress process: stop taking requests; how many are still being relayed."""
-    for remote in _INGRESS:
-        remote.draining = True
-    return sum(remote.queue_depth() for remote in _INGRESS)
+def drain_ingress() -> tuple[int, float]:
+    """In the ingress process: stop taking requests; (requests still being answered, seconds since
+    the last arrived)."""
+    states = [remote.drain() for remote in _INGRESS]
+    return sum(n for n, _ in states), min((quiet for _, quiet in states), default=float("inf"))
 
 
 def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
@@ -205,8 +206,8 @@ def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] |
         def __init__(self, *replica_handles: Any) -> None:
             self.replica_handles = replica_handles  # bound so that Serve deploys them with the app
 
-        def drain(self) -> int:
-            """Refuse new requests (503); the requests still in flight."""
+        def drain(self) -> tuple[int, float]:
+            """Refuse new requests (503); (requests in flight, seconds since the last arrived)."""
             return drain_ingress()
 
     ingress: Any = serve.deployment(
@@ -220,15 +221,19 @@ def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] |
 
 
 DRAIN_S = 30.0  # what SIGTERM waits for in-flight requests, as `wallbreak serve` does
+QUIET_S = 1.0  # a drain ends once no request has reached the ingress for this long
 
 
 def _drain(ingress: Any) -> None:
     """New requests get a 503 and in-flight ones finish (up to DRAIN_S) before Serve shuts down: its
-    own shutdown closes the proxy's connections at once, in-flight answers and all."""
+    own shutdown closes the proxy's connections at once, in-flight answers and all. It waits for a
+    quiet second too, so that a request the proxy took just before the signal gets its 503 rather
+    than a closed connection."""
     deadline = time.monotonic() + DRAIN_S
     while time.monotonic() < deadline:
         try:
-            if ingress.drain.remote().result(timeout_s=5) == 0:
+            in_flight, quiet_s = ingress.drain.remote().result(timeout_s=5)
+            if in_flight == 0 and quiet_s >= QUIET_S:
                 time.sleep(0.5)  # the last answers' bytes are still on their way through the proxy
                 return
         except Exception as e:  # the ingress is gone: nothing is left to wait for

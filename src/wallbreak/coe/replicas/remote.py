@@ -32,7 +32,7 @@ from wallbreak.coe.tiers.config import TierStats
 from wallbreak.errors import ConfigError, without_paths
 
 log = logging.getLogger(__name__)
-POLL_S = 0.25  # how often a relay checks whether its client went away
+POLL_S = 0.25  # how often a relay checks whether its client went away (and its replica is still up)
 REFRESH_S = 2.0  # how stale replica statuses may be before a routing decision refreshes them
 
 
@@ -81,6 +81,8 @@ class RemoteEngine:
         self.statuses: dict[int, dict[str, Any]] = {}
         self.retries = 0  # requests moved to another replica after a failure
         self.draining = False  # SIGTERM: new requests get a 503, in-flight ones finish
+        self.answering = 0  # HTTP requests the ingress is answering (`CountRequests`), not /health
+        self.last_arrival = 0.0  # time.monotonic() when the last of them arrived
         self._refreshed = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self.by_key: Counter[str] = Counter()  # version key -> requests being relayed
@@ -117,6 +119,13 @@ class RemoteEngine:
 
     def queue_depth(self) -> int:
         return sum(self.placement.inflight)
+
+    def drain(self) -> tuple[int, float]:
+        """Refuse new requests from now on; (requests still being answered, seconds since the last
+        arrived). A request counts from its first byte at the ingress to its last byte sent, so one
+        still being parsed, routed or waiting for a replica counts too."""
+        self.draining = True
+        return max(self.answering, len(self._tasks)), time.monotonic() - self.last_arrival
 
     def active(self) -> int:
         return sum(int(s.get("active", 0)) for s in self.statuses.values())
@@ -172,7 +181,8 @@ class RemoteEngine:
         """Stream one replica's events into the request; ReplicaFailed if the replica fails."""
         import ray  # deferred: loads ray
 
-        params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
+        start = len(produced)
+        params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - start)
         gen = (
             self.handles[r]
             .options(stream=True)
@@ -183,10 +193,18 @@ class RemoteEngine:
             nxt = asyncio.ensure_future(it.__anext__())
             while not nxt.done():
                 await asyncio.wait({nxt}, timeout=POLL_S)
-                if not nxt.done() and req.cancelled.is_set():
+                if nxt.done():
+                    break
+                if req.cancelled.is_set():
                     nxt.cancel()
                     gen.cancel()
                     return
+                if r in self.placement.down and len(produced) == start:
+                    # Ray Serve holds a call to a deployment whose only replica died until Ray has
+                    # restarted it (a minute on a busy host): move it to a replica that is up.
+                    nxt.cancel()
+                    gen.cancel()
+                    raise ReplicaFailed("it went down before this request's first token")
             try:
                 ev: Event = nxt.result()
             except StopAsyncIteration:
@@ -292,6 +310,7 @@ class RemoteEngine:
                 }
                 for i in range(len(self.handles))
             ],
+            "requests_in_flight": self.answering,
             "retried_requests": self.retries,
             "requests_by_expert": dict(sorted(self.placement.requests.items())),  # for --expert-load
         }
@@ -318,3 +337,22 @@ class ReplicaCollector(Collector):
                     held.add_metric([str(i), e, tier], 1.0)
         yield up
         yield held
+
+
+class CountRequests:
+    """ASGI middleware on the ingress: counts the requests it is answering (all but /health and
+    /metrics, which a monitor may poll all through a drain) into `RemoteEngine.answering`."""
+
+    def __init__(self, app: Any, engine: RemoteEngine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in ("/health", "/metrics"):
+            await self.app(scope, receive, send)
+            return
+        self.engine.answering += 1
+        self.engine.last_arrival = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.engine.answering -= 1
