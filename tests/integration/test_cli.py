@@ -136,6 +136,8 @@ def test_bench_serve_runs_every_policy_and_prints_the_documented_json(
         (["serve", "--prefetch", "maybe"], "give on or off"),
         (["serve", "--compile-rows", "1,2"], "1: give batch sizes from 2 to 16 (comma-separated), built or"),
         (["serve", "--compile-rows", "some"], "'some': give batch sizes from 2 to 16"),
+        (["serve", "--replica-cpus", "2"], "--replica-cpus sizes Ray replicas; use it with --ray"),
+        (["serve", "--ray", "--replica-cpus", "0"], "'0': give a whole number of CPUs, at least 1"),
     ],
 )
 def test_bad_serving_arguments_are_one_line(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,9 @@ def test_health_and_metrics_report_the_replicas_and_their_experts(server: RaySer
     placed = sorted(e for r in h["replicas"] for e in r["placed"])
     assert placed == ["expert-00", "expert-01", "expert-02", "expert-03"]  # spread, each once
     assert any(r["device"] for r in h["replicas"])  # the earlier test's experts are held
+    # Each replica reserved its share of the cores, and Ray gave its torch that many threads.
+    cpus = float(re.search(r"replica\(s\) of ([0-9.]+) CPU", server.log.read_text())[1])  # type: ignore[index]
+    assert [r["intra_op_threads"] for r in h["replicas"]] == [max(1, int(cpus))] * 2, h["replicas"]
     status, _, text = http("GET", f"{server.url}/metrics")
     assert status == 200 and 'wallbreak_replica_up{replica="0"} 1.0' in text
     assert "wallbreak_replica_expert{" in text

@@ -95,3 +95,20 @@ def test_the_table_counts_requests_once_each_for_the_next_spread() -> None:
         p.started(r, e)
         p.finished(r, e)
     assert p.requests == {"a": 2, "b": 1}
+
+
+def test_replicas_split_the_clusters_cpus_and_each_fits_a_node() -> None:
+    from wallbreak.coe.replicas.deploy import replica_cpus
+
+    assert replica_cpus([2.0], 1) == 2.0  # one replica: every core, not Ray's one-thread default
+    assert replica_cpus([2.0], 2) == 1.0
+    assert replica_cpus([16.0, 4.0], 2) == 8.0  # both fit on the 16-core node, 10 each would not
+    assert replica_cpus([16.0, 4.0], 5) == 4.0
+    assert replica_cpus([2.0], 3) == 0.66  # more replicas than cores: shares, one thread each
+    assert replica_cpus([16.0, 4.0], 2, asked=4) == 4.0
+    with pytest.raises(ConfigError, match=r"--replicas 2 with --replica-cpus 3 do not fit .*\(2 CPUs\)"):
+        replica_cpus([2.0], 2, asked=3)
+    with pytest.raises(ConfigError, match="--replica-cpus must be at least 1, got 0"):
+        replica_cpus([2.0], 1, asked=0)
+    with pytest.raises(ConfigError, match="no node with a CPU"):
+        replica_cpus([0.0], 1)

@@ -34,6 +34,13 @@ def rows_arg(text: str) -> Rows:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--compile-rows ")) from None
 
 
+def cpus_arg(text: str) -> int:
+    """`serve --replica-cpus`: a whole number of CPUs (whether the nodes have them, Ray is asked)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of CPUs, at least 1")
+    return int(text)
+
+
 def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
@@ -171,6 +178,9 @@ def add_serve_parser(verbs: Any) -> None:
     sv.add_argument("--replicas", type=int, default=defaults.REPLICAS,
                     help="with --ray: replica deployments, each with these budgets "
                          f"(default {defaults.REPLICAS})")  # fmt: skip
+    sv.add_argument("--replica-cpus", type=cpus_arg, metavar="N",
+                    help="with --ray: CPUs each replica reserves and runs torch's threads on (default: "
+                         "the Ray cluster's CPUs split evenly over the replicas)")  # fmt: skip
     sv.add_argument("--expert-load", type=Path, metavar="FILE",
                     help="with --ray: spread experts over replicas by measured load: a saved /health "
                          "of an earlier deployment (its requests_by_expert), or {expert: requests} "
@@ -289,10 +299,16 @@ def run_serve(args: argparse.Namespace) -> int:
         from wallbreak.coe.replicas.deploy import serve_ray  # deferred: loads transformers
 
         run = functools.partial(
-            serve_ray, address=args.ray or None, replicas=args.replicas, expert_load=args.expert_load
+            serve_ray,
+            address=args.ray or None,
+            replicas=args.replicas,
+            expert_load=args.expert_load,
+            cpus=args.replica_cpus,
         )
     elif args.expert_load is not None:
         raise ConfigError("--expert-load places experts on Ray replicas; use it with --ray")
+    elif args.replica_cpus is not None:
+        raise ConfigError("--replica-cpus sizes Ray replicas; use it with --ray")
     run(
         ServeOptions(
             bundle=args.bundle,

@@ -3,7 +3,8 @@
 - **Replicas** (`replica-0` ... `replica-{N-1}`, one Ray Serve deployment each, so the ingress can
   address each one): each runs `wallbreak serve`'s own engine (tiers with their own budgets,
   per-expert batching, prefetch) over the same bundle path, and streams the engine's events.
-  Ray restarts a replica that dies.
+  Ray restarts a replica that dies. Each reserves its share of the cluster's CPUs
+  (`replica_cpus`), and Ray sets OMP_NUM_THREADS to it, so torch's threads match the cores.
 - **Ingress** (`ingress`, exposed over HTTP by Ray Serve's proxy): the very FastAPI app of
   `wallbreak serve` (OpenAI endpoints, errors, auth, router), over a `RemoteEngine` that relays
   each request to the replica the placement table picks (`placement.py`), and retries elsewhere
@@ -186,13 +187,46 @@ def drain_ingress() -> tuple[int, float]:
     return sum(n for n, _ in states), min((quiet for _, quiet in states), default=float("inf"))
 
 
-def deployment_graph(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
-    """The Ray Serve application: the ingress, bound to the N replica deployments it relays to."""
+def replica_cpus(node_cpus: list[float], replicas: int, asked: int | None = None) -> float:
+    """The CPUs each replica reserves: `asked` (--replica-cpus), checked against the nodes, or the
+    cluster's whole CPUs split evenly, no more per replica than lets all N fit on the nodes (less
+    than one each when there are more replicas than CPUs). Ray sets a replica's OMP_NUM_THREADS to
+    this (at least 1): a replica that reserves none gets one thread, whatever the node has."""
+    whole = [int(c) for c in node_cpus if c >= 1]
+    total = sum(whole)
+    if not whole:
+        raise ConfigError("the Ray cluster has no node with a CPU")
+
+    def fit(per: int) -> int:
+        return sum(c // per for c in whole)
+
+    if asked is not None:
+        if asked < 1:
+            raise ConfigError(f"--replica-cpus must be at least 1, got {asked}")
+        if fit(asked) < replicas:
+            raise ConfigError(
+                f"--replicas {replicas} with --replica-cpus {asked} do not fit the Ray cluster's nodes "
+                f"({', '.join(map(str, whole))} CPUs); ask for fewer of either"
+            )
+        return float(asked)
+    if total < replicas:
+        return int(100 * total / replicas) / 100  # shares of a core: one thread each
+    per = total // replicas
+    while fit(per) < replicas:
+        per -= 1
+    return float(per)
+
+
+def deployment_graph(
+    opts: ServeOptions, replicas: int, load: dict[str, float] | None = None, cpus: float = 1.0
+) -> Any:
+    """The Ray Serve application: the ingress, bound to the N replica deployments it relays to, each
+    reserving `cpus` (`replica_cpus`)."""
     from ray import serve  # deferred: loads ray
 
     replica: Any = serve.deployment(
         ReplicaServer,
-        ray_actor_options={"num_cpus": 0},  # the engine uses the cores it finds; Ray need not count them
+        ray_actor_options={"num_cpus": cpus},  # and Ray sets OMP_NUM_THREADS to it
         max_ongoing_requests=opts.engine.max_queue + opts.engine.max_batch,
         graceful_shutdown_timeout_s=30,
         health_check_period_s=5,
@@ -243,10 +277,15 @@ def _drain(ingress: Any) -> None:
 
 
 def serve_ray(
-    opts: ServeOptions, address: str | None, replicas: int, expert_load: Path | None = None
+    opts: ServeOptions,
+    address: str | None,
+    replicas: int,
+    expert_load: Path | None = None,
+    cpus: int | None = None,
 ) -> None:
     """Deploy on the local Ray (address None: start one on 127.0.0.1) or a cluster, then block.
-    `expert_load`: measured requests per expert for the initial spread (`placement.read_load`)."""
+    `expert_load`: measured requests per expert for the initial spread (`placement.read_load`);
+    `cpus`: what each replica reserves (None: `replica_cpus` splits the cluster's)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     try:
@@ -267,10 +306,12 @@ def serve_ray(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.set())
     try:
+        nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        per = replica_cpus(nodes, replicas, cpus)
         serve.start(http_options={"host": opts.host, "port": opts.port})
-        serve.run(deployment_graph(opts, replicas, load), name=APP, route_prefix="/")
+        serve.run(deployment_graph(opts, replicas, load, per), name=APP, route_prefix="/")
         print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 through Ray Serve, {replicas} "
-              "replica(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
+              f"replica(s) of {per:g} CPU(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()
         print("wallbreak: draining in-flight requests", file=sys.stderr, flush=True)
         _drain(serve.get_app_handle(APP))

@@ -307,6 +307,7 @@ class RemoteEngine:
                     "in_flight": self.placement.inflight[i],
                     "placed": self.placement.experts_of(i),
                     **{k: v for k, v in self.statuses.get(i, {}).items() if k in ("device", "host", "pid")},
+                    "intra_op_threads": self.statuses.get(i, {}).get("engine", {}).get("intra_op_threads"),
                 }
                 for i in range(len(self.handles))
             ],
