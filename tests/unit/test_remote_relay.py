@@ -76,6 +76,19 @@ class Replica:
         return Stream(events, die=False)
 
 
+class Answer(list[Event]):
+    """A request's events as the HTTP layer gets them (its `emit`); `done` is set at its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = asyncio.Event()
+
+    def __call__(self, ev: Event) -> None:
+        self.append(ev)
+        if ev.finish_reason:
+            self.done.set()
+
+
 @pytest.mark.parametrize("die_after", [1, 3, 6, 13])
 def test_text_held_back_survives_a_replica_that_dies(synth_bundle_dir: Path, die_after: int) -> None:
     bundle = Bundle.open(synth_bundle_dir)
@@ -88,19 +101,12 @@ def test_text_held_back_survives_a_replica_that_dies(synth_bundle_dir: Path, die
     prompt = [1, 2, 3]
     handles = [Replica(prompt, die_after), Replica(prompt, None)]
     remote = RemoteEngine(bundle, handles, Placement.spread([expert], 2), max_queue=8)
-    got: list[Event] = []
+    got = Answer()
 
     async def go() -> None:
-        done = asyncio.Event()
-
-        def emit(ev: Event) -> None:
-            got.append(ev)
-            if ev.finish_reason:
-                done.set()
-
         params = SamplingParams(max_tokens=len(TOKENS), temperature=0)
-        remote.submit(EngineRequest(expert, prompt, params, emit, tok.stream(stop)))
-        await asyncio.wait_for(done.wait(), 30)
+        remote.submit(EngineRequest(expert, prompt, params, got, tok.stream(stop)))
+        await asyncio.wait_for(got.done.wait(), 30)
 
     asyncio.run(go())
     assert remote.retries == 1
@@ -155,22 +161,15 @@ def test_a_call_held_for_a_dead_replica_moves_once_the_replica_is_marked_down(sy
     held = Held()
     remote = RemoteEngine(bundle, [held, Replica(prompt, None)], Placement.spread([expert], 1), max_queue=8)
     remote.placement = Placement(2, {expert: [0]})
-    got: list[Event] = []
+    got = Answer()
 
     async def go() -> None:
-        done = asyncio.Event()
-
-        def emit(ev: Event) -> None:
-            got.append(ev)
-            if ev.finish_reason:
-                done.set()
-
         params = SamplingParams(max_tokens=len(TOKENS), temperature=0)
-        remote.submit(EngineRequest(expert, prompt, params, emit))
+        remote.submit(EngineRequest(expert, prompt, params, got))
         await asyncio.sleep(1.0)
         assert got == [] and remote.retries == 0 and remote.placement.inflight == [1, 0]  # it waits
         remote.placement.mark_down(0)  # what a relay does when its stream from replica 0 fails
-        await asyncio.wait_for(done.wait(), 30)
+        await asyncio.wait_for(got.done.wait(), 30)
 
     asyncio.run(go())
     assert remote.retries == 1 and held.cancelled == 1
