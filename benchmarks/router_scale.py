@@ -76,18 +76,18 @@ def main() -> None:
     train = [Example(p, n) for n in bundle.names for p in bundle.expert(n).examples]
     sets = {"named": topics.heldout, "unnamed": topics.heldout_unnamed}
     keys = ("method", "n", "accuracy", "p50_ms", "p99_ms", "batch32_prompts_per_s")
-    counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
-    for threads in counts:
+    tests = {
+        label: [Example(p, n) for n in bundle.names for p in prompts(topic_index(bundle, n))]
+        for label, prompts in sets.items()
+    }
+    for label, test in tests.items():
+        out[f"knn_{label}"] = {f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)}
+    for threads in [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         tag = f"_threads{threads}" if args.threads else ""
-        for label, prompts in sets.items():
-            test = [Example(p, n) for n in bundle.names for p in prompts(topic_index(bundle, n))]
+        for label, test in tests.items():
             scored = evaluate(router, test)
             out[f"router_{label}{tag}"] = {k: scored[k] for k in keys}
-            if threads == counts[0]:
-                out[f"knn_{label}"] = {
-                    f"k={k}": round(knn_accuracy(router, train, test, k), 4) for k in (1, 5)
-                }
     print(json.dumps(out))
 
 

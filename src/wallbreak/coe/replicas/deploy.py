@@ -193,7 +193,6 @@ def replica_cpus(node_cpus: list[float], replicas: int, asked: int | None = None
     than one each when there are more replicas than CPUs). Ray sets a replica's OMP_NUM_THREADS to
     this (at least 1): a replica that reserves none gets one thread, whatever the node has."""
     whole = [int(c) for c in node_cpus if c >= 1]
-    total = sum(whole)
     if not whole:
         raise ConfigError("the Ray cluster has no node with a CPU")
 
@@ -209,6 +208,7 @@ def replica_cpus(node_cpus: list[float], replicas: int, asked: int | None = None
                 f"({', '.join(map(str, whole))} CPUs); ask for fewer of either"
             )
         return float(asked)
+    total = sum(whole)
     if total < replicas:
         return int(100 * total / replicas) / 100  # shares of a core: one thread each
     per = total // replicas
