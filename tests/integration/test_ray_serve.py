@@ -118,8 +118,12 @@ def test_health_and_metrics_report_the_replicas_and_their_experts(server: RaySer
     placed = sorted(e for r in h["replicas"] for e in r["placed"])
     assert placed == ["expert-00", "expert-01", "expert-02", "expert-03"]  # spread, each once
     assert any(r["device"] for r in h["replicas"])  # the earlier test's experts are held
-    # Each replica reserved its share of the cores, and Ray gave its torch that many threads.
-    cpus = float(re.search(r"replica\(s\) of ([0-9.]+) CPU", server.log.read_text())[1])  # type: ignore[index]
+    # Each replica reserved the share of the cores that the driver said (before it deployed), and Ray
+    # gave its torch that many threads.
+    said = re.search(r"deploying 2 replica\(s\) of ([0-9.]+) CPU", server.log.read_text())
+    assert said is not None, server.log.read_text()[-3000:]
+    cpus = float(said[1])
+    assert cpus > 0 and [r["cpus"] for r in h["replicas"]] == [cpus] * 2, h["replicas"]
     assert [r["intra_op_threads"] for r in h["replicas"]] == [max(1, int(cpus))] * 2, h["replicas"]
     status, _, text = http("GET", f"{server.url}/metrics")
     assert status == 200 and 'wallbreak_replica_up{replica="0"} 1.0' in text

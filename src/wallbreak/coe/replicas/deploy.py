@@ -119,6 +119,7 @@ class ReplicaServer:
         return {
             "index": self.index,
             "pid": os.getpid(),
+            "cpus": _reserved_cpus(),
             "device": sorted({s["expert"] for s in snap["slots"] if s["expert"]}),
             "host": sorted(snap["host"]),
             "queue": self.engine.queue_depth(),
@@ -140,6 +141,15 @@ class ReplicaServer:
             self.live.stop()
             engine.stop()
             self.tiers.close()
+
+
+def _reserved_cpus() -> float | None:
+    """The CPUs Ray reserved for this replica's actor (None outside Ray)."""
+    import ray  # deferred: loads ray
+
+    if not ray.is_initialized():
+        return None
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
 
 
 def build_ingress_app(opts: ServeOptions, replicas: int, load: dict[str, float] | None = None) -> Any:
@@ -308,10 +318,13 @@ def serve_ray(
     try:
         nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         per = replica_cpus(nodes, replicas, cpus)
+        # Said before the deploy: /health may answer before serve.run returns.
+        said = f"wallbreak: deploying {replicas} replica(s) of {per:g} CPU(s) each"
+        print(said, file=sys.stderr, flush=True)
         serve.start(http_options={"host": opts.host, "port": opts.port})
         serve.run(deployment_graph(opts, replicas, load, per), name=APP, route_prefix="/")
-        print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 through Ray Serve, {replicas} "
-              f"replica(s) of {per:g} CPU(s) (model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"wallbreak: serving on http://{opts.host}:{opts.port}/v1 through Ray Serve "
+              "(model 'coe' routes)", file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()
         print("wallbreak: draining in-flight requests", file=sys.stderr, flush=True)
         _drain(serve.get_app_handle(APP))

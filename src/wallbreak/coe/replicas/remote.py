@@ -49,6 +49,9 @@ def with_text(req: EngineRequest, ev: Event) -> Event:
     return dataclasses.replace(ev, text=text)
 
 
+SHOWN = ("device", "host", "pid", "cpus")  # what /health repeats from each replica's status
+
+
 class ReplicaFailed(Exception):
     """The replica could not serve the call (dead, restarting or unreachable); try another."""
 
@@ -306,7 +309,7 @@ class RemoteEngine:
                     "up": i not in self.placement.down,
                     "in_flight": self.placement.inflight[i],
                     "placed": self.placement.experts_of(i),
-                    **{k: v for k, v in self.statuses.get(i, {}).items() if k in ("device", "host", "pid")},
+                    **{k: v for k, v in self.statuses.get(i, {}).items() if k in SHOWN},
                     "intra_op_threads": self.statuses.get(i, {}).get("engine", {}).get("intra_op_threads"),
                 }
                 for i in range(len(self.handles))
