@@ -31,9 +31,10 @@ lint: venv
 # The emulator's tests (marked netns) need root and iproute2; they skip, saying why, where those are missing.
 # Two workers, a test file each at a time (pytest-xdist): the suite is half waiting on child processes
 # (compilers, torchrun, servers), so two keep both cores busy; a file keeps its module fixtures, and the
-# emulator's and Ray's tests (a file each) never run beside themselves. TEST_WORKERS=0 runs in one process.
+# emulator's and Ray's tests (a file each) never run beside themselves. Files are handed out in the order
+# tests/conftest.py gives (longest first), not xdist's own by test count. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: lint
 	$(PYTEST) -m "not gpu"

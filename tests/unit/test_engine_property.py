@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,6 +70,19 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(arch_bundle_dir: Path) -> Iterator[World]:
+    """The two experts, stepped on this thread with one intra-op thread: these models are too small
+    to gain from more, and beside the suite's other worker two threads on two cores made libgomp's
+    team sleep between the many short parallel regions of a step (the module took 257 s in `make
+    test` on the 2-core CPU machine, 31 s on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield from _world(arch_bundle_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _world(arch_bundle_dir: Path) -> Iterator[World]:
     bundle = Bundle.open(arch_bundle_dir)
     total = sum(e.total_bytes for e in bundle.experts.values()) + (1 << 20)
     with TierManager(bundle, TierConfig(host_budget=total, device_budget=total)) as tiers:
