@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wallbreak.coe.bundle.manifest import Bundle
+from wallbreak.coe.cores import intra_op_threads
 from wallbreak.coe.engine import Event, Request, SamplingParams
 from wallbreak.coe.engine.runner import Batch
 from wallbreak.coe.tiers import TierConfig, TierManager
@@ -74,6 +75,7 @@ def world(arch_bundle_dir: Path) -> Iterator[World]:
     to gain from more, and beside the suite's other worker two threads on two cores made libgomp's
     team sleep between the many short parallel regions of a step (the module took 257 s in `make
     test` on the 2-core CPU machine, 31 s on one thread)."""
+    intra_op_threads()  # read first: the process's own count, which `split_linears` uses from now on
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
