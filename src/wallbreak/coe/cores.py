@@ -17,6 +17,8 @@ in `serve`), and the engine thread, where the decode and prefill steps run, take
 count that a thread gets on its first call into torch, so after the engine thread has taken its
 cores, a short-lived helper thread sets that back to one for every thread started later (HTTP
 workers that route prompts, prefetch, package checks), without touching the caller's own count.
+The thread that compiles the in-process torch.compile step takes every core too: Dynamo guards a
+graph on the calling thread's count, so one traced on a one-thread helper recompiles on the engine.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from wallbreak.coe import defaults
+from wallbreak.coe.cores import take_all_cores
 from wallbreak.coe.engine import aot
 from wallbreak.coe.engine.kv import KVCache
 from wallbreak.coe.engine.path_costs import PathCosts
@@ -233,6 +234,9 @@ class CompiledSteps:
             if self.backend_for(model) == "aot":
                 self._load_aot(key, model, expert)
                 return
+            # Dynamo guards its graphs on the calling thread's intra-op thread count: trace with the
+            # engine thread's (every core, coe/cores.py), or its first compiled step recompiles.
+            take_all_cores()
             with _gil_handed_back_often():
                 self._compile(key, model)
         finally:
