@@ -65,17 +65,18 @@ print(json.dumps(out | seen))
 """
 
 
-def test_only_the_engine_thread_runs_an_openmp_team(synth_bundle_dir: Path) -> None:
+def run_child(script: str, bundle: Path, timeout: float) -> dict:
+    """`script` in a child process with two OpenMP threads; the JSON it printed last."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(synth_bundle_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", script, str(bundle)], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_only_the_engine_thread_runs_an_openmp_team(synth_bundle_dir: Path) -> None:
+    got = run_child(CHILD, synth_bundle_dir, timeout=300)
     assert got["engine"] == 2  # the decode steps run on both threads
     assert got["main"] == 1 and got["other"] == 1 and got["late"] == 1  # every other thread: one
     assert got["tasks_added_by_other"] == 1  # the thread itself, and no team of its own
@@ -128,14 +129,5 @@ def test_a_step_compiled_in_the_background_is_not_recompiled_on_the_engine_threa
     """torch.compile's graphs are guarded on the calling thread's intra-op thread count, and in a
     serving process only the engine thread has every core: the background compile must trace with
     the engine thread's count, or the first compiled step recompiles on the engine thread."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    done = subprocess.run(
-        [sys.executable, "-c", DYNAMO_CHILD, str(synth_bundle_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = run_child(DYNAMO_CHILD, synth_bundle_dir, timeout=600)
     assert got["compiled_steps"] > 0 and got["recompiles"] == 0, got
