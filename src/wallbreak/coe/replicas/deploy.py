@@ -57,6 +57,7 @@ class ReplicaServer:
 
     def __init__(self, index: int, opts: ServeOptions) -> None:
         self.index = index
+        self.cpus = _reserved_cpus()  # fixed for the actor's life
         keep_to_one_core()  # only the engine thread runs torch's intra-op threads (coe/cores.py)
         self.engine, _, self.tiers, tokenizers = build(opts, with_router=False)
         catalog = Catalog(self.engine.experts, tokenizers, None)
@@ -119,7 +120,7 @@ class ReplicaServer:
         return {
             "index": self.index,
             "pid": os.getpid(),
-            "cpus": _reserved_cpus(),
+            "cpus": self.cpus,
             "device": sorted({s["expert"] for s in snap["slots"] if s["expert"]}),
             "host": sorted(snap["host"]),
             "queue": self.engine.queue_depth(),
